@@ -1,0 +1,178 @@
+"""ONNX Runtime vs PyTorch eager, and int8 vs fp32, for an exported student on the CPU.
+
+Measures, at one batch size (default 32) and one thread count (default 2):
+
+* ORT fp32 vs PyTorch eager throughput (images/s), side by side;
+* int8 (static QDQ, per-channel) vs fp32: test top-1, size ratio, p50 latency ratio at batch 1;
+* optionally fp16, and int8 with int8 activations (S8S8) next to the default U8S8;
+
+and prints a Markdown table. Either build a student (``--arch``, untrained unless ``--checkpoint``;
+accuracies of an untrained model are chance level, only the speed and size columns mean something)
+or point at an existing run folder (``--onnx-dir``; then PyTorch eager is measured only when
+``--arch`` is given too).
+
+On a shared, oversubscribed machine PyTorch's OpenMP threads spin-wait on each other and eager
+throughput at 2 threads can collapse by 10x or more (ORT suffers less); the header prints the load
+average, and ``--threads 1`` gives the steadiest comparison.
+
+    python benchmarks/bench_export.py --arch mobilenet_v2 \\
+        --data ../shared/data/cifar100-real/cifar100_train40k_test10k.npz --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgedistill import export as E  # noqa: E402
+from edgedistill.models import build_student, load_checkpoint  # noqa: E402
+from edgedistill.recipe import ValidateConfig  # noqa: E402
+from edgedistill.validate import validate_onnx_file, validate_variants  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"
+
+
+def load_npz(path: Path, num_test: int, num_calib: int, seed: int):
+    """Class-balanced test subset and calibration images as (N, 3, H, W) float32 in [0, 1]."""
+    with np.load(path) as d:
+        y_test, y_train = d["y_test"].astype(np.int64), d["y_train"].astype(np.int64)
+        ti = np.sort(E.class_balanced_sample(y_test, num_test, seed))
+        ci = E.class_balanced_sample(y_train, num_calib, seed + 1)
+        x_test, x_cal = d["x_test"][ti], d["x_train"][ci]
+        names = [str(c) for c in d["class_names"]] if "class_names" in d.files else None
+    nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0  # noqa: E731
+    num_classes = int(max(y_test.max(), y_train.max()) + 1)
+    return nchw(x_test), y_test[ti], nchw(x_cal), names or [f"class{i}" for i in range(num_classes)]
+
+
+def build(args, num_classes: int):
+    """The student to measure: untrained, or with weights from a state_dict / ``student.pt``."""
+    ck = load_checkpoint(args.checkpoint) if args.checkpoint else {}
+    mean, std = ck.get("mean", CIFAR_MEAN), ck.get("std", CIFAR_STD)
+    model = build_student(args.arch, num_classes, image_size=args.image_size, mean=mean, std=std, width=args.width)
+    if args.checkpoint:
+        state = ck.get("model", ck)
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if hasattr(v, "shape")})
+    return model.eval()
+
+
+def fmt_size(n):
+    return "–" if n is None else f"{n / 2**20:.2f} MB"
+
+
+def fmt(v, spec):
+    return "–" if v is None else spec.format(v)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model")
+    src.add_argument("--arch", help="student to build (e.g. mobilenet_v2); needed for the PyTorch eager column")
+    src.add_argument("--checkpoint", type=Path, help="student state_dict / student.pt to load into --arch")
+    src.add_argument("--onnx-dir", type=Path, help="existing folder with student.onnx (+ student.int8.onnx …)")
+    src.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=".npz with x_train/y_train/x_test/y_test (NHWC uint8)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="throughput batch size")
+    p.add_argument("--num-test", type=int, default=1000, help="class-balanced test images for top-1")
+    p.add_argument("--calib", type=int, default=256, help="class-balanced calibration images for int8")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--latency-runs", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per throughput measurement")
+    p.add_argument("--fp16", action="store_true", help="also build and measure the fp16 variant")
+    p.add_argument("--s8s8", action="store_true", help="also quantize with int8 activations (S8S8) for comparison")
+    p.add_argument("--out-dir", type=Path, help="keep the built variants here (default: a temp folder, removed at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.arch and not args.onnx_dir:
+        p.error("give --arch (build a student) or --onnx-dir (use exported files), or both")
+    if not args.data.exists():
+        p.error(f"--data {args.data} does not exist")
+
+    t0 = time.perf_counter()
+    x_test, y_test, x_cal, class_names = load_npz(args.data, args.num_test, args.calib, args.seed)
+    if x_test.shape[2] != args.image_size:
+        p.error(f"the data is {x_test.shape[2]} px; this script does not resize (use --image-size {x_test.shape[2]})")
+    cfg = ValidateConfig(threads=args.threads, throughput_batch=args.batch, parity_batches=[1, args.batch],
+                         latency_runs=args.latency_runs)
+    tmp = None
+    model = build(args, len(class_names)) if args.arch else None
+    notes = []
+    if args.onnx_dir:
+        out = args.onnx_dir
+        variants = {k: out / f for k, f in E.VARIANT_FILES.items() if (out / f).exists()}
+    else:
+        out = args.out_dir or Path(tmp := tempfile.mkdtemp(prefix="bench-export-"))
+        out.mkdir(parents=True, exist_ok=True)
+        meta = E.onnx_metadata(class_names, args.image_size, CIFAR_MEAN, CIFAR_STD, "benchmark")
+        t = time.perf_counter()
+        info = E.export_onnx(model, out / E.VARIANT_FILES["fp32"], image_size=args.image_size, metadata=meta)
+        notes.append(f"fp32 export: {info['exporter']} exporter, opset {info['opset']}, {time.perf_counter() - t:.1f} s")
+        variants = {"fp32": out / E.VARIANT_FILES["fp32"], "int8": out / E.VARIANT_FILES["int8"]}
+        t = time.perf_counter()
+        E.quantize_int8(variants["fp32"], variants["int8"], x_cal, args.calib_method)
+        notes.append(f"int8 ({E.INT8_ACTIVATION_TYPE} activations, {args.calib_method}, {len(x_cal)} images): "
+                     f"{time.perf_counter() - t:.1f} s")
+        if args.s8s8:
+            variants["int8-s8s8"] = out / "student.int8-s8s8.onnx"
+            E.quantize_int8(variants["fp32"], variants["int8-s8s8"], x_cal, args.calib_method, activation_type="qint8")
+        if args.fp16:
+            variants["fp16"] = out / E.VARIANT_FILES["fp16"]
+            E.convert_fp16(variants["fp32"], variants["fp16"])
+
+    if model is not None:
+        res = validate_variants(model, variants, x_test, y_test, cfg, throughput_seconds=args.seconds)
+    else:
+        res = {"torch_top1": None, "torch_images_per_second": None, "variants": {}}
+        for name, path in variants.items():
+            res["variants"][name] = validate_onnx_file(path, x_test, y_test, cfg, name=name,
+                                                       throughput_seconds=args.seconds)["variants"][name]
+
+    eager = res.get("torch_images_per_second")
+    v = res["variants"]
+    load = " · load avg {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    print(f"\n### {args.arch or args.onnx_dir} · {args.image_size} px · batch {args.batch} · {args.threads} threads · "
+          f"{len(x_test)} test images · {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'untrained' if args.arch else 'exported files'}{load}\n")
+    print("| variant | size | top-1 % | Δ top-1 vs fp32 | p50 ms (b=1) | img/s (b={}) | vs PyTorch eager | vs ORT fp32 |".format(args.batch))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if eager:
+        print(f"| PyTorch eager | – | {fmt(res['torch_top1'], '{:.2f}')} | – | – | {eager:,.0f} | 1.00x | – |")
+    ref = v.get("fp32", {})
+    for name, r in v.items():
+        ips = r.get("images_per_second")
+        d = (r["test_top1"] - ref["test_top1"]) if r.get("test_top1") is not None and ref.get("test_top1") is not None else None
+        print(f"| {name} | {fmt_size(r.get('size_bytes'))} | {fmt(r.get('test_top1'), '{:.2f}')} | {fmt(d, '{:+.2f}')} | "
+              f"{fmt(r.get('latency_ms_p50'), '{:.3f}')} | {fmt(ips, '{:,.0f}')} | "
+              f"{fmt(ips / eager if ips and eager else None, '{:.2f}x')} | "
+              f"{fmt(ips / ref['images_per_second'] if ips and ref.get('images_per_second') else None, '{:.2f}x')} |")
+    for q in (n for n in v if n.startswith("int8")):
+        r = v[q]
+        if r.get("size_bytes") and ref.get("size_bytes") and r.get("latency_ms_p50") and ref.get("latency_ms_p50"):
+            print(f"\n{q} vs fp32: size ratio {r['size_bytes'] / ref['size_bytes']:.2f}, "
+                  f"p50 latency ratio {r['latency_ms_p50'] / ref['latency_ms_p50']:.2f}, "
+                  f"top-1 {r['test_top1'] - ref['test_top1']:+.2f} points, "
+                  f"agreement with PyTorch top-1 {fmt(r.get('top1_agreement'), '{:.3f}')}")
+    if "fp32" in v and v["fp32"].get("max_abs_diff") is not None:
+        print(f"fp32 parity: max |ORT − PyTorch| = {v['fp32']['max_abs_diff']:.2e}")
+    for n in notes:
+        print(f"- {n}")
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"- total {time.perf_counter() - t0:.0f} s" + ("" if tmp else f"; files in {out}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

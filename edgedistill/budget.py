@@ -1,0 +1,278 @@
+"""The cost of HE-DA and the choice of its fraction ``r`` under a compute budget. Pure Python, no torch.
+
+HE-DA (Energy KD paper, Knowledge-Based Systems 296 (2024) 111911) adds one extra mixed sample per selected
+sample, so an epoch processes ``(1 + r)·N`` samples instead of N; the paper's best accuracy is at r = 0.4–0.5,
+and the cost grows linearly with r. This module predicts that cost from *measured* components and picks the
+largest r in a range whose prediction fits the user's budget.
+
+The model (per rank; with ``world_size`` ranks each processes ``n_train / world_size`` samples an epoch and
+the global batch is ``batch_size · world_size``)::
+
+    steps            = ceil(n_train / (batch_size · world_size))
+    epoch_seconds(r) = steps · fixed_per_step
+                     + (n_train / world_size) · (student_step_per_sample + teacher_per_sample)
+                     + (r · n_train / world_size) · (student_step_per_sample + teacher_per_sample + augment_per_sample)
+                     + eval_seconds
+
+An ordinary sample costs the teacher's forward pass and the student's step; an extra mixed sample costs the
+same plus building it. Selecting r·N samples is true for every selection mode (``high``, ``low``, ``mixed`` =
+r/2 + r/2); ordinary full-data augmentation (``all``) is r = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+DEFAULT_CURVE_RS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+
+_REL_TOL = 1e-9  # "fits" tolerance: prediction <= budget · (1 + _REL_TOL) + _ABS_TOL
+_ABS_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured cost components, in seconds (per rank)."""
+
+    n_train: int
+    batch_size: int
+    student_step_per_sample: float  # student forward + backward + its share of the optimizer step
+    teacher_per_sample: float  # teacher forward
+    augment_per_sample: float  # building one mixed sample
+    fixed_per_step: float  # data loading and other per-step overhead
+    eval_seconds: float = 0.0  # test evaluation per epoch, as measured for this layout (not divided by world_size)
+    world_size: int = 1
+
+    def __post_init__(self):
+        for name in ("n_train", "batch_size", "world_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("student_step_per_sample", "teacher_per_sample", "augment_per_sample", "fixed_per_step", "eval_seconds"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 seconds, got {v!r}")
+        if self.epoch_seconds(0.0) <= 0:
+            raise ValueError("the cost model predicts a plain epoch of 0 seconds; at least one cost must be > 0")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / (self.batch_size * self.world_size))
+
+    def extra_samples(self, r: float) -> float:
+        """HE-DA extra (mixed) samples per epoch over all ranks: ``r · n_train`` (r = 1 for selection ``all``)."""
+        return _check_r(r) * self.n_train
+
+    def epoch_seconds(self, r: float) -> float:
+        """Predicted wall time of one epoch (per rank) with fraction ``r``."""
+        per_rank = self.n_train / self.world_size
+        plain = self.student_step_per_sample + self.teacher_per_sample
+        extra = plain + self.augment_per_sample
+        return (
+            self.steps_per_epoch * self.fixed_per_step
+            + per_rank * plain
+            + self.extra_samples(r) / self.world_size * extra
+            + self.eval_seconds
+        )
+
+    def overhead(self, r: float) -> float:
+        """Extra time relative to no augmentation: ``epoch_seconds(r) / epoch_seconds(0) − 1``."""
+        return self.epoch_seconds(r) / self.epoch_seconds(0.0) - 1.0
+
+    def total_minutes(self, r: float, epochs: int) -> float:
+        """Predicted training time in minutes for ``epochs`` epochs."""
+        return _check_epochs(epochs) * self.epoch_seconds(r) / 60.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The fraction chosen under a budget.
+
+    ``fraction`` is None when even the bottom of the range does not fit; the ``predicted_*`` values are then
+    those of the bottom of the range (what the cheapest allowed setting would cost).
+    """
+
+    fraction: float | None
+    reason: str
+    predicted_epoch_seconds: float
+    predicted_overhead: float
+    predicted_total_minutes: float
+
+
+def choose_fraction(
+    cost: CostModel,
+    *,
+    epochs: int,
+    max_overhead: float | None = None,
+    max_minutes: float | None = None,
+    lo: float = 0.1,
+    hi: float = 0.5,
+    step: float = 0.01,
+) -> Choice:
+    """The largest r on the grid ``lo, lo + step, …, hi`` whose prediction fits the budget.
+
+    Give exactly one budget: ``max_overhead`` (extra time relative to no augmentation, e.g. 0.15 = +15 %) or
+    ``max_minutes`` (total training time). "Fits" is ``prediction <= budget`` up to a relative tolerance of
+    1e-9. ``hi`` is always a candidate even when ``hi − lo`` is not a multiple of ``step``. The choice is the
+    maximum of the set of fitting grid points, and a larger budget only adds points to that set, so the chosen
+    r never decreases when the budget grows.
+    """
+    if (max_overhead is None) == (max_minutes is None):
+        raise ValueError("give exactly one of max_overhead or max_minutes")
+    _check_epochs(epochs)
+    if max_overhead is not None:
+        budget, kind = _check_budget(max_overhead, "max_overhead"), "overhead"
+        predict = cost.overhead
+    else:
+        budget, kind = _check_budget(max_minutes, "max_minutes"), "minutes"
+        predict = lambda r: cost.total_minutes(r, epochs)  # noqa: E731
+    grid = fraction_grid(lo, hi, step)
+
+    def fits(r: float) -> bool:
+        return predict(r) <= budget * (1.0 + _REL_TOL) + _ABS_TOL
+
+    fitting = [r for r in grid if fits(r)]
+    chosen = max(fitting) if fitting else None
+    at = lo if chosen is None else chosen
+    shown = _fmt(kind)
+    if chosen is None:
+        reason = (
+            f"no fraction in [{lo:g}, {hi:g}] fits: even r={lo:g} is predicted at {shown(predict(lo))} "
+            f"> max_{kind} {shown(budget)}"
+        )
+    else:
+        nxt = next((r for r in grid if r > chosen), None)
+        why = "the top of the range" if nxt is None else f"r={nxt:g} would need {shown(predict(nxt))}"
+        reason = (
+            f"r={chosen:g}: the largest fraction in [{lo:g}, {hi:g}] (step {step:g}) predicted within "
+            f"max_{kind} {shown(budget)} ({shown(predict(chosen))}; {why})"
+        )
+    return Choice(
+        fraction=chosen,
+        reason=reason,
+        predicted_epoch_seconds=cost.epoch_seconds(at),
+        predicted_overhead=cost.overhead(at),
+        predicted_total_minutes=cost.total_minutes(at, epochs),
+    )
+
+
+def fraction_grid(lo: float, hi: float, step: float) -> list[float]:
+    """``lo, lo + step, …`` up to ``hi`` (inclusive, and ``hi`` itself always last), rounded to 1e-10."""
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"need 0 <= lo <= hi <= 1, got lo={lo!r}, hi={hi!r}")
+    if not (step > 0 and math.isfinite(step)):
+        raise ValueError(f"step must be > 0, got {step!r}")
+    n = math.floor((hi - lo) / step + 1e-9)
+    grid = [round(lo + k * step, 10) for k in range(n + 1)]
+    grid = [r for r in grid if r < hi - 1e-12]
+    return grid + [hi]
+
+
+def curve(cost: CostModel, epochs: int, rs=DEFAULT_CURVE_RS) -> list[dict]:
+    """Predicted cost at a few fractions, for reports: rows of r, epoch_seconds, overhead, total_minutes."""
+    return [
+        {
+            "r": float(r),
+            "epoch_seconds": cost.epoch_seconds(r),
+            "overhead": cost.overhead(r),
+            "total_minutes": cost.total_minutes(r, epochs),
+        }
+        for r in rs
+    ]
+
+
+def from_step_timings(
+    n_train: int,
+    batch_size: int,
+    plain_step_seconds: float,
+    extra_step_seconds: float,
+    extras_per_step: int,
+    augment_seconds_per_sample: float,
+    teacher_seconds_per_sample: float,
+    eval_seconds: float = 0.0,
+    world_size: int = 1,
+) -> CostModel:
+    """A :class:`CostModel` from two kinds of timed training step (per rank, seconds per step).
+
+    * ``plain_step_seconds`` — an ordinary distillation step on ``batch_size`` samples (teacher forward,
+      student forward/backward, optimizer step, data loading), no extra samples: ``P = fixed + B·(s + t)``;
+    * ``extra_step_seconds`` — the same step with ``extras_per_step`` extra mixed samples (teacher and student
+      run on them too): ``X = P + e·(s + t + a)``;
+    * ``teacher_seconds_per_sample`` (t) and ``augment_seconds_per_sample`` (a) are timed on their own.
+
+    The marginal cost of an extra sample is measured by difference, ``m = (X − P) / e``; the student's share
+    is what the teacher and the augmentation leave of it, ``s = m − t − a``; the per-step overhead is what
+    the samples leave of the plain step, ``fixed = P − B·(s + t)``. The model then reproduces both measured
+    steps exactly. Timing noise can push ``s`` or ``fixed`` below 0; they are then clamped to 0 with a
+    warning (the prediction is then no longer exact; time more steps).
+    """
+    if isinstance(extras_per_step, bool) or not isinstance(extras_per_step, numbers.Integral) or extras_per_step < 1:
+        raise ValueError(f"extras_per_step must be a positive integer, got {extras_per_step!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, v in (
+        ("plain_step_seconds", plain_step_seconds),
+        ("extra_step_seconds", extra_step_seconds),
+        ("augment_seconds_per_sample", augment_seconds_per_sample),
+        ("teacher_seconds_per_sample", teacher_seconds_per_sample),
+    ):
+        if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 seconds, got {v!r}")
+    t, a = float(teacher_seconds_per_sample), float(augment_seconds_per_sample)
+    marginal = (extra_step_seconds - plain_step_seconds) / extras_per_step
+    student = marginal - t - a
+    if student < 0:
+        warnings.warn(
+            f"timed extra samples cost {marginal:.3g} s each, less than teacher + augmentation "
+            f"({t + a:.3g} s); student step cost clamped to 0",
+            stacklevel=2,
+        )
+        student = 0.0
+    fixed = plain_step_seconds - batch_size * (student + t)
+    if fixed < 0:
+        warnings.warn(
+            f"the plain step ({plain_step_seconds:.3g} s) is shorter than its samples' predicted cost "
+            f"({batch_size * (student + t):.3g} s); per-step overhead clamped to 0",
+            stacklevel=2,
+        )
+        fixed = 0.0
+    return CostModel(
+        n_train=n_train,
+        batch_size=batch_size,
+        student_step_per_sample=student,
+        teacher_per_sample=t,
+        augment_per_sample=a,
+        fixed_per_step=fixed,
+        eval_seconds=float(eval_seconds),
+        world_size=world_size,
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_r(r: float) -> float:
+    r = float(r)
+    if not (0.0 <= r <= 1.0):
+        raise ValueError(f"fraction r must be in [0, 1], got {r!r}")
+    return r
+
+
+def _check_epochs(epochs: int) -> int:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    return epochs
+
+
+def _check_budget(v: float, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _fmt(kind: str):
+    if kind == "overhead":
+        return lambda v: f"{100 * v:+.1f}%"
+    return lambda v: f"{v:.1f} min"

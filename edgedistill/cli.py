@@ -1,0 +1,147 @@
+"""Command line: parses arguments, calls the pipeline, and owns every exit code. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from edgedistill import __version__
+from edgedistill.console import console, setup_logging
+from edgedistill.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed
+
+RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+
+
+def common(fn):
+    """Options every pipeline command takes."""
+
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
+    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True, help="Parent folder of the run folder.")
+    @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip finished stages, continue training from checkpoints/last.pt.")
+    @click.option("--force", is_flag=True, help="Accept a recipe that differs from the one the run started with.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks.")
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool, **kwargs):
+        setup_logging(debug)
+        try:
+            return fn(*args, **kwargs)
+        except EdgeDistillError as e:
+            _fail(e, debug)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            console.print("[red]error:[/] interrupted")
+            sys.exit(INTERRUPTED)
+
+    return wrapper
+
+
+def _fail(e: EdgeDistillError, debug: bool) -> None:
+    if debug:
+        console.print_exception()
+    label = "failed" if isinstance(e, GateFailed) else "interrupted" if e.exit_code == INTERRUPTED else "error"
+    console.print(f"[red]{label}:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+
+
+def _open(recipe_path: Path, overrides, out: Path, resume: bool, force: bool, new_run: bool = False):
+    from edgedistill.recipe import load_recipe
+    from edgedistill.run import open_run
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    return open_run(recipe, out, resume=resume, force=force, new_run=new_run)
+
+
+def _stage_command(name: str, help: str):
+    @cli.command(name, help=help)
+    @RECIPE
+    @common
+    def command(recipe: Path, overrides, out: Path, resume: bool, force: bool):
+        from edgedistill.run import run_stage
+
+        ctx = _open(recipe, overrides, out, resume, force)
+        with ctx.run.lock():
+            run_stage(ctx, name)
+        _raise_gates(ctx)
+
+    return command
+
+
+def _raise_gates(ctx) -> None:
+    failures = ctx.run.summary("validate").get("failures") if ctx.run.done("validate") else None
+    if failures:
+        raise GateFailed("; ".join(failures))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgedistill")
+def cli():
+    """Distill a big image classifier into a small edge model with Energy KD, export it to ONNX and validate it."""
+
+
+@cli.command()
+@RECIPE
+@common
+def run(recipe: Path, overrides, out: Path, resume: bool, force: bool):
+    """Run the whole pipeline: teacher → score → plan → distill → export → validate → report."""
+    from edgedistill.run import run_all
+
+    ctx = _open(recipe, overrides, out, resume, force, new_run=True)
+    try:
+        with ctx.run.lock():
+            run_all(ctx)
+    except EdgeDistillError as e:
+        if e.exit_code == INTERRUPTED:
+            resume_cmd = " ".join(["edgedistill", *sys.argv[1:]] + ([] if resume else ["--resume"]))
+            raise type(e)(f"{e}\n  resume with: {resume_cmd}") from None
+        raise
+    if ctx.dist.is_main:
+        console.print(f"[green]done:[/] {ctx.run.root}")
+    _raise_gates(ctx)
+
+
+_stage_command("teacher", "Load (or train) the teacher and measure its test accuracy.")
+_stage_command("score", "Score every training image with the teacher's energy; write energy.npz and plots.")
+_stage_command("plan", "Measure the training cost and pick the HE-DA fraction that fits the budget; write plan.json.")
+_stage_command("distill", "Distill the student (use --resume to continue from checkpoints/last.pt).")
+_stage_command("export", "Export the student to ONNX (fp32, int8, fp16, edge).")
+_stage_command("validate", "Validate the exported models in ONNX Runtime: parity, accuracy, latency, size.")
+_stage_command("report", "Write report.md with tables and plots.")
+
+
+@cli.command("list")
+def list_registered():
+    """List the registered data sources, models, losses and augmentations."""
+    from rich.table import Table
+
+    from edgedistill.augment import AUGMENTS
+    from edgedistill.data import DATA_SOURCES
+    from edgedistill.losses import LOSSES
+    from edgedistill.models import STUDENTS, TEACHERS
+
+    table = Table(title="edgedistill registries")
+    table.add_column("kind")
+    table.add_column("names")
+    for reg in (DATA_SOURCES, STUDENTS, TEACHERS, LOSSES, AUGMENTS):
+        table.add_row(reg.kind, ", ".join(reg.names()))
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        console.print("[red]error:[/] aborted")
+        sys.exit(INTERRUPTED)
+    except click.ClickException as e:
+        e.show(file=sys.stderr)
+        sys.exit(BAD_INPUT)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Data sources, transforms and seeded loaders.
+
+Every source yields uint8 RGB images; a sample is ``(image uint8 CHW, label, dataset index)``.
+Training transforms draw their randomness from a generator seeded by ``(seed, epoch, index)``,
+so an epoch's augmented images depend on nothing else: not the worker count, not a resume,
+not the rank under DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from edgedistill.errors import InputError
+from edgedistill.registry import Registry
+
+log = logging.getLogger("edgedistill")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_IMAGE = 64  # at or below: CIFAR-style pad+crop; above: random-resized-crop
+
+
+# ---------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """One split: images as a uint8 array (N, H, W, 3) in memory, or as file paths read on demand."""
+
+    labels: np.ndarray  # int64 (N,)
+    images: np.ndarray | None = None
+    paths: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: np.ndarray) -> "Split":
+        return Split(
+            labels=self.labels[keep],
+            images=None if self.images is None else self.images[keep],
+            paths=None if self.paths is None else [self.paths[i] for i in keep],
+        )
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    test: Split
+    class_names: list[str]
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+DATA_SOURCES: Registry[Callable[..., DataBundle]] = Registry("data source")
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{what}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InputError(f"{what}: labels must lie in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64)
+
+
+def to_rgb_uint8(x: np.ndarray, what: str) -> np.ndarray:
+    """(N,H,W) grayscale, (N,H,W,1|3|4) or (N,3,H,W) → uint8 (N,H,W,3); conversions are logged."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise InputError(f"{what}: images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim == 3:
+        log.warning("%s: grayscale images, converted to RGB", what)
+        return np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4):
+        x = x.transpose(0, 2, 3, 1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise InputError(f"{what}: expected images of shape (N, H, W, 3), got {x.shape}")
+    if x.shape[-1] == 1:
+        log.warning("%s: grayscale images, converted to RGB", what)
+        return np.repeat(x, 3, axis=-1)
+    if x.shape[-1] == 4:
+        log.warning("%s: RGBA images, alpha channel dropped", what)
+        return np.ascontiguousarray(x[..., :3])
+    return x
+
+
+def _stats(images: np.ndarray, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    sample = images[:limit].reshape(-1, 3).astype(np.float64) / 255.0
+    std = np.maximum(sample.std(0), 1e-3)
+    return tuple(float(v) for v in sample.mean(0)), tuple(float(v) for v in std)
+
+
+def _array_bundle(x_train, y_train, x_test, y_test, class_names, what: str, source: str) -> DataBundle:
+    x_train, x_test = to_rgb_uint8(x_train, f"{what} x_train"), to_rgb_uint8(x_test, f"{what} x_test")
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise InputError(f"{what}: empty split (train {len(x_train)}, test {len(x_test)} images)")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise InputError(f"{what}: train images are {x_train.shape[1:3]} but test images are {x_test.shape[1:3]}")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise InputError(f"{what}: {len(x_train)}/{len(x_test)} images but {len(y_train)}/{len(y_test)} labels")
+    if class_names is None:
+        class_names = [str(i) for i in range(int(max(np.max(y_train), np.max(y_test))) + 1)]
+    k = len(class_names)
+    train = Split(_check_labels(y_train, k, f"{what} y_train"), images=x_train)
+    test = Split(_check_labels(y_test, k, f"{what} y_test"), images=x_test)
+    mean, std = _stats(x_train)
+    return DataBundle(train, test, [str(c) for c in class_names], x_train.shape[1], mean, std, source)
+
+
+@DATA_SOURCES.register("digits")
+def _digits(cfg) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), as RGB, split 80/20 per class."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise InputError("data.source 'digits' needs scikit-learn: pip install 'edgedistill[demo]'") from None
+    d = load_digits()
+    x = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(12345)  # a fixed split, independent of the recipe's seed
+    test_mask = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test_mask[idx[: len(idx) // 5]] = True
+    x = np.repeat(x[..., None], 3, axis=-1)
+    return _array_bundle(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], [str(i) for i in range(10)], "digits", "digits")
+
+
+@DATA_SOURCES.register("npz")
+def _npz(cfg) -> DataBundle:
+    """One .npz with x_train, y_train, x_test, y_test (uint8 NHWC, int labels) and optional class_names."""
+    path = _need_root(cfg, "a .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise InputError(f"data.root: {path} lacks {', '.join(missing)} (has {', '.join(z.files)})")
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"data.root: {path} is not a readable .npz file ({e})") from None
+    names = arrays.get("class_names")
+    return _array_bundle(
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+        None if names is None else [str(n) for n in names], f"data.root {path}", "npz",
+    )
+
+
+def _cifar(cls_name: str):
+    def load(cfg) -> DataBundle:
+        import torchvision
+
+        root = _need_root(cfg, "a folder holding torchvision's CIFAR files", folder=True)
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            tr = cls(str(root), train=True, download=False)
+            te = cls(str(root), train=False, download=False)
+        except RuntimeError as e:
+            raise InputError(f"data.root: {root} has no {cls_name} files ({e}); edgedistill never downloads data") from None
+        return _array_bundle(tr.data, np.array(tr.targets), te.data, np.array(te.targets), tr.classes, f"data.root {root}", cls_name.lower())
+
+    return load
+
+
+DATA_SOURCES.register("cifar10")(_cifar("CIFAR10"))
+DATA_SOURCES.register("cifar100")(_cifar("CIFAR100"))
+
+
+@DATA_SOURCES.register("imagefolder")
+def _imagefolder(cfg) -> DataBundle:
+    """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg``; classes from the train folder."""
+    root = _need_root(cfg, "a folder with train/ and test/ class folders", folder=True)
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
+    if not classes:
+        raise InputError(f"data.root: {root / 'train'} has no class folders")
+    train, test = (_scan_folder(root / s, classes) for s in ("train", "test"))
+    return DataBundle(train, test, classes, cfg.image_size or 224, IMAGENET_MEAN, IMAGENET_STD, "imagefolder")
+
+
+def _scan_folder(split_dir: Path, classes: list[str]) -> Split:
+    from PIL import Image, UnidentifiedImageError
+
+    if not split_dir.is_dir():
+        raise InputError(f"data.root: {split_dir} is missing (expected class folders inside)")
+    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise InputError(f"data.root: {split_dir} has class folders not in train/: {', '.join(extra[:5])}")
+    paths, labels, converted = [], [], 0
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+        if not files:
+            raise InputError(f"data.root: {folder} has no images")
+        for p in files:
+            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise InputError(f"data.root: {p} is not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            try:
+                with Image.open(p) as im:  # reads the header only
+                    converted += im.mode != "RGB"
+            except (UnidentifiedImageError, OSError) as e:
+                raise InputError(f"data.root: {p} is not a readable image ({e})") from None
+            paths.append(p)
+            labels.append(label)
+    if converted:
+        log.warning("%s: %d images are not RGB (grayscale, RGBA, palette) and are converted to RGB", split_dir, converted)
+    return Split(np.array(labels, dtype=np.int64), paths=paths)
+
+
+def _need_root(cfg, what: str, folder: bool = False) -> Path:
+    if cfg.root is None:
+        raise InputError(f"data.root: data source '{cfg.source}' needs {what}")
+    root = Path(cfg.root).expanduser()
+    if not (root.is_dir() if folder else root.is_file()):
+        raise InputError(f"data.root: {root} not found (expected {what})")
+    return root
+
+
+# ---------------------------------------------------------------- subsets
+
+
+def long_tail_indices(labels: np.ndarray, imbalance: float, num_classes: int, seed: int) -> np.ndarray:
+    """CIFAR-LT profile (Cui et al., CVPR 2019): class c keeps n_max·imbalance^(−c/(C−1)) images."""
+    rng = np.random.default_rng(seed)
+    n_max = np.bincount(labels, minlength=num_classes).max()
+    keep = []
+    for c in range(num_classes):
+        n_c = max(1, int(n_max * imbalance ** (-c / max(num_classes - 1, 1))))
+        keep.append(rng.permutation(np.flatnonzero(labels == c))[:n_c])
+    return np.sort(np.concatenate(keep))
+
+
+def limit_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded, class-stratified subset of about ``n`` samples (round-robin over classes)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [idx[i] for i in range(max(map(len, per_class))) for idx in per_class if i < len(idx)]
+    return np.sort(np.array(order[:n], dtype=np.int64))
+
+
+def load_data(cfg, seed: int = 0) -> DataBundle:
+    """Load ``cfg.source`` and apply the long-tail profile and size limits of the recipe."""
+    bundle = DATA_SOURCES.get(cfg.source)(cfg)
+    if cfg.image_size:
+        bundle.image_size = cfg.image_size
+    if cfg.long_tail.imbalance > 1:
+        bundle.train = bundle.train.subset(long_tail_indices(bundle.train.labels, cfg.long_tail.imbalance, bundle.num_classes, seed))
+        bundle.notes.append(f"long-tail training split, imbalance {cfg.long_tail.imbalance:g}: {len(bundle.train)} images")
+    if cfg.train_limit:
+        bundle.train = bundle.train.subset(limit_indices(bundle.train.labels, cfg.train_limit, seed))
+    if cfg.test_limit:
+        bundle.test = bundle.test.subset(limit_indices(bundle.test.labels, cfg.test_limit, seed))
+    return bundle
+
+
+# ---------------------------------------------------------------- datasets and transforms
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+
+
+class ImageDataset(Dataset):
+    """Images of one split at ``size`` pixels; random crop+flip when ``train``."""
+
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0):
+        self.split, self.size, self.train, self.seed = split, size, train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        img = self._read(i)  # uint8 (3, H, W)
+        g = sample_generator(self.seed, self.epoch, i) if self.train else None
+        small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
+        img = (_small_train if small else _large_train)(img, self.size, g) if self.train else _eval(img, self.size, small)
+        return img, int(self.split.labels[i]), i
+
+    def _read(self, i: int) -> torch.Tensor:
+        if self.split.images is not None:
+            return torch.from_numpy(self.split.images[i]).permute(2, 0, 1)
+        from PIL import Image
+
+        path = self.split.paths[i]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise InputError(f"data.root: {path} could not be decoded ({e})") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _resize(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    size = (size, size) if isinstance(size, int) else size
+    if tuple(img.shape[1:]) == tuple(size):
+        return img
+    out = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _small_train(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """CIFAR recipe: resize, reflect-pad by size/8, random crop, horizontal flip."""
+    img = _resize(img, size)
+    pad = max(1, size // 8)
+    padded = F.pad(img[None].float(), (pad, pad, pad, pad), mode="reflect")[0]
+    top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
+    out = padded[:, top : top + size, left : left + size]
+    if torch.rand(1, generator=g).item() < 0.5:
+        out = out.flip(-1)
+    return out.to(torch.uint8)
+
+
+def _large_train(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Inception-style random-resized crop (scale 0.25–1, ratio 3/4–4/3) and horizontal flip."""
+    _, h, w = img.shape
+    r = torch.rand(3, generator=g).tolist()
+    for attempt in range(10):
+        area = h * w * (0.25 + 0.75 * r[0])
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[1])
+        cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            break
+        r = torch.rand(3, generator=g).tolist()
+    else:
+        ch = cw = min(h, w)
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+    out = _resize(img[:, top : top + ch, left : left + cw], size)
+    return out.flip(-1) if r[2] < 0.5 else out
+
+
+def _eval(img: torch.Tensor, size: int, small: bool) -> torch.Tensor:
+    """Small images: resize only. Larger: resize the short side to size/0.875, centre crop."""
+    if small:
+        return _resize(img, size)
+    _, h, w = img.shape
+    short = int(round(size / 0.875))
+    scale = short / min(h, w)
+    img = _resize(img, (max(size, round(h * scale)), max(size, round(w * scale))))
+    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
+    return img[:, top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------- sampling and loading
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset fixed by ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
+
+    Every rank sees ``ceil(N / world)`` indices (the permutation is padded by wrapping, as
+    DistributedSampler does), so all ranks run the same number of steps. ``start`` skips the
+    first samples of this rank's shard: a resumed epoch continues exactly where it stopped.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world: int = 1, pad: bool = True):
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.pad = n, seed, shuffle, rank, world, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad:
+            per_rank = math.ceil(self.n / self.world)
+            order = (order * (per_rank * self.world // max(self.n, 1) + 1))[: per_rank * self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, sampler: Sampler, *, num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=False,  # workers re-read dataset.epoch at every epoch
+    )
+
+
+def to_float(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW on the host → float32 [0, 1] on ``device`` (transfer the 4x smaller uint8)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def eval_arrays(split: Split, size: int, limit: int | None = None, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation-transformed images as float32 (N, 3, size, size) in [0, 1] plus labels, for ONNX work."""
+    ds = ImageDataset(split, size, train=False)
+    idx = list(indices) if indices is not None else list(range(len(ds) if limit is None else min(limit, len(ds))))
+    x = np.stack([ds[i][0].numpy() for i in idx]).astype(np.float32) / 255.0 if idx else np.zeros((0, 3, size, size), np.float32)
+    return x, split.labels[idx]

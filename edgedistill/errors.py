@@ -1,0 +1,48 @@
+"""Every error the user can cause, and the one table that maps them to exit codes.
+
+Stages raise these; only :mod:`edgedistill.cli` turns them into a message and an exit code,
+so the codes live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+OK = 0
+GATE_FAILED = 1
+BAD_INPUT = 2
+INTERRUPTED = 130
+
+
+class EdgeDistillError(Exception):
+    """Base class: a one-line, user-facing message and an exit code."""
+
+    exit_code = BAD_INPUT
+
+
+class RecipeError(EdgeDistillError):
+    """The recipe (or a --set override) is invalid. The message names the key path."""
+
+
+class InputError(EdgeDistillError):
+    """A file, data set, model or device given by the user is unusable."""
+
+
+class RunStateError(EdgeDistillError):
+    """The run folder is not in a state the command can work from (missing stage, lock, changed recipe)."""
+
+
+class TrainingDiverged(EdgeDistillError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+    exit_code = GATE_FAILED
+
+
+class GateFailed(EdgeDistillError):
+    """A quality gate (parity, accuracy drop) failed."""
+
+    exit_code = GATE_FAILED
+
+
+class Interrupted(EdgeDistillError):
+    """SIGINT / SIGTERM: state was saved and the run can be resumed."""
+
+    exit_code = INTERRUPTED

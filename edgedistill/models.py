@@ -1,0 +1,275 @@
+"""Students (compact torchvision networks) and teachers (any source a user is likely to have).
+
+Every model here takes float32 RGB pixels in [0, 1], NCHW, and returns logits: the input
+normalisation lives inside the model, so a checkpoint, an ONNX file and the data loaders can
+never disagree about it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from edgedistill.errors import InputError
+from edgedistill.registry import Registry
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``: keeps preprocessing inside the exported graph."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def small_input_wanted(small_input: bool | str, image_size: int) -> bool:
+    """'auto' → a stride-1 stem for images of 64 pixels or less (CIFAR-like)."""
+    return image_size <= 64 if small_input == "auto" else bool(small_input)
+
+
+# ---------------------------------------------------------------- students
+
+STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student architecture")
+
+
+def _stride1(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+
+
+@STUDENTS.register("mobilenet_v2")
+def _mobilenet_v2(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+    net = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width, dropout=dropout)
+    if small_input:
+        _stride1(net.features[0][0])
+    return net
+
+
+def _mobilenet_v3(builder):
+    def build(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+        net = builder(num_classes=num_classes, width_mult=width, dropout=dropout)
+        if small_input:
+            _stride1(net.features[0][0])
+        return net
+
+    return build
+
+
+STUDENTS.register("mobilenet_v3_small")(_mobilenet_v3(torchvision.models.mobilenet_v3_small))
+STUDENTS.register("mobilenet_v3_large")(_mobilenet_v3(torchvision.models.mobilenet_v3_large))
+
+
+def _shufflenet(builder):
+    def build(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+        # ShuffleNetV2's width is its variant name (x0_5 … x2_0); it has no dropout.
+        if width != 1.0:
+            raise InputError(f"student.width: ShuffleNetV2 has no width option (pick shufflenet_v2_x0_5 … x2_0), got {width}")
+        net = builder(num_classes=num_classes)
+        if small_input:
+            _stride1(net.conv1[0])
+            net.maxpool = nn.Identity()
+        return net
+
+    return build
+
+
+for _name in ("x0_5", "x1_0", "x1_5", "x2_0"):
+    STUDENTS.register(f"shufflenet_v2_{_name}")(_shufflenet(getattr(torchvision.models, f"shufflenet_v2_{_name}")))
+
+
+def build_student(
+    arch: str,
+    num_classes: int,
+    *,
+    image_size: int,
+    mean,
+    std,
+    width: float = 1.0,
+    small_input: bool | str = "auto",
+    dropout: float = 0.2,
+) -> nn.Module:
+    net = STUDENTS.get(arch)(num_classes, width, small_input_wanted(small_input, image_size), dropout)
+    _default_bn_momentum(net)
+    return Normalized(net, mean, std)
+
+
+def _default_bn_momentum(net: nn.Module) -> None:
+    """torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet schedules; with the
+    few hundred steps of a short distillation its running statistics never converge and evaluation
+    collapses to one class. PyTorch's default 0.1 works for short and long schedules alike."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+
+
+def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_input: bool | str = "auto") -> nn.Module:
+    """Any torchvision classifier by name (a student name works too), with a small-input stem when asked."""
+    if arch in STUDENTS:
+        return STUDENTS.get(arch)(num_classes, 1.0, small_input_wanted(small_input, image_size), 0.2)
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        from edgedistill.registry import did_you_mean
+
+        raise InputError(f"teacher.arch: '{arch}' is not a torchvision classifier{did_you_mean(arch, known)}")
+    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if small_input_wanted(small_input, image_size) and isinstance(getattr(net, "conv1", None), nn.Conv2d):
+        # ResNet-style stem: 3x3 stride-1 conv, no max-pool (the usual CIFAR adaptation).
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+# ---------------------------------------------------------------- teachers
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    load: Callable[..., nn.Module]
+    needs_path: bool
+    needs_arch: bool
+
+
+TEACHERS: Registry[TeacherSource] = Registry("teacher source")
+
+
+def _wrap_normalize(net: nn.Module, normalize) -> nn.Module:
+    return Normalized(net, normalize.mean, normalize.std) if normalize is not None else net
+
+
+def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
+    net = build_torchvision(cfg.arch, num_classes, image_size=image_size, small_input=cfg.small_input)
+    state = load_checkpoint(cfg.path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise InputError(f"teacher.path: {cfg.path} holds a {type(state).__name__}, expected a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).split("\n")[0:2]
+        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' with {num_classes} classes ({' '.join(first).strip()})") from None
+    return _wrap_normalize(net, cfg.normalize)
+
+
+def _load_torchscript(cfg, num_classes: int, image_size: int) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.load(str(cfg.path), map_location="cpu")
+    except Exception as e:
+        raise InputError(f"teacher.path: {cfg.path} is not a TorchScript file ({_first_line(e)})") from None
+    return _wrap_normalize(net, cfg.normalize)
+
+
+def _load_exported(cfg, num_classes: int, image_size: int) -> nn.Module:
+    try:
+        net = torch.export.load(str(cfg.path)).module()
+    except Exception as e:
+        raise InputError(f"teacher.path: {cfg.path} is not a torch.export (.pt2) program ({_first_line(e)})") from None
+    return _wrap_normalize(_ExportedModule(net), cfg.normalize)
+
+
+class _ExportedModule(nn.Module):
+    """An exported program has no train/eval switch; keep ``.eval()`` and ``.to()`` harmless."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class OnnxTeacher(nn.Module):
+    """A black-box teacher run by ONNX Runtime on the CPU: logit distillation needs only its outputs."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InputError(f"teacher.path: {path} is not a loadable ONNX model ({_first_line(e)})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+
+
+def _load_onnx(cfg, num_classes: int, image_size: int) -> nn.Module:
+    return _wrap_normalize(OnnxTeacher(cfg.path), cfg.normalize)
+
+
+def _train_placeholder(cfg, num_classes: int, image_size: int) -> nn.Module:
+    """The architecture to train inside the pipeline (see :func:`edgedistill.stages.train_teacher`)."""
+    net = build_torchvision(cfg.arch or "resnet18", num_classes, image_size=image_size, small_input=cfg.small_input)
+    return _wrap_normalize(net, cfg.normalize)
+
+
+TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_path=True, needs_arch=True))
+TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=True, needs_arch=False))
+TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False))
+TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False))
+TEACHERS.register("train")(TeacherSource(_train_placeholder, needs_path=False, needs_arch=False))
+
+
+def load_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
+    """Build the teacher, check its output width against the data, and freeze it."""
+    net = TEACHERS.get(cfg.source).load(cfg, num_classes, image_size)
+    if cfg.source != "train":
+        check_output_classes(net, num_classes, image_size, f"teacher.path: {cfg.path}")
+        freeze(net)
+    return net
+
+
+def check_output_classes(net: nn.Module, num_classes: int, image_size: int, what: str) -> None:
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.rand(2, 3, image_size, image_size))
+    except Exception as e:
+        raise InputError(f"{what}: the model does not accept 3x{image_size}x{image_size} images ({_first_line(e)})") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise InputError(f"{what}: the model outputs shape {tuple(out.shape)}, expected (batch, {num_classes}) for {num_classes} classes in the data")
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """The teacher never learns: eval mode (frozen BN statistics) and no gradients."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def load_checkpoint(path) -> dict:
+    """``torch.load`` with ``weights_only=True``: a checkpoint can never run code."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except Exception as e:
+        raise InputError(f"{path}: corrupt or not a PyTorch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

@@ -1,0 +1,89 @@
+"""Objectives: what one training step optimises, for the method-agnostic loop in :mod:`edgedistill.train`.
+
+An objective is ``objective(model, images, labels, indices, epoch) -> (losses, logits)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgedistill.augment import AUGMENTS, selection_mask
+from edgedistill.energy import EnergyIndex
+from edgedistill.losses import LossBatch
+
+
+class CrossEntropyObjective:
+    """Plain supervised training (the in-pipeline teacher)."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return {"loss": loss, "ce": loss.detach()}, logits
+
+
+class Augmenter:
+    """HE-DA: which samples of a batch get a mixed extra copy, and how it is mixed.
+
+    Selection uses the energy ranking of the score stage (``selection`` high/low/mixed/all at
+    fraction ``r``); the randomness (partners, boxes, λ) comes from the run's own generator,
+    re-seeded every epoch from ``(seed, epoch)`` so runs and resumes repeat exactly.
+    """
+
+    def __init__(self, method: str, alpha: float | None, selection: str, fraction: float, seed: int):
+        self.fn = AUGMENTS.get(method)
+        self.alpha, self.selection, self.fraction, self.seed = alpha, selection, fraction, seed
+        self.generator = torch.Generator()
+
+    @property
+    def active(self) -> bool:
+        return self.selection == "all" or self.fraction > 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_033 + epoch)
+
+    def __call__(self, x: Tensor, quantile: Tensor):
+        mask = selection_mask(quantile, self.selection, self.fraction).to(x.device)
+        return self.fn(x, mask, generator=self.generator, alpha=self.alpha)
+
+
+class DistillObjective:
+    """Teacher → student logit distillation with a registered loss, energy groups and optional HE-DA.
+
+    The mixed HE-DA images are *extra* samples (Kim et al., KBS 2024, §HE-DA): the teacher is
+    run on them and the student learns them with the recipe's loss without a CE term (they
+    have no single hard label), weighted by ``augment_weight``. Clean and mixed images go
+    through each network in one forward pass.
+    """
+
+    def __init__(self, teacher: nn.Module, loss_fn, params: dict, energy: EnergyIndex, augmenter: Augmenter | None = None, augment_weight: float = 1.0):
+        self.teacher, self.loss_fn, self.params, self.energy = teacher, loss_fn, params, energy
+        self.augmenter = augmenter if augmenter is not None and augmenter.active else None
+        self.augment_weight = augment_weight
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.augmenter:
+            self.augmenter.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.augmenter.generator.get_state()} if self.augmenter else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.augmenter and "generator" in state:
+            self.augmenter.generator.set_state(state["generator"])
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):
+        b = len(x)
+        mixed = self.augmenter(x, self.energy.static(indices)[1]) if self.augmenter else None
+        inputs = torch.cat([x, mixed.images.to(x.dtype)]) if mixed is not None and len(mixed.images) else x
+        with torch.no_grad():
+            teacher_all = self.teacher(inputs).float()
+        student_all = model(inputs)
+        group, quantile = self.energy.lookup(indices, teacher_all[:b])
+        out = self.loss_fn(LossBatch(student_all[:b], teacher_all[:b], y, group, quantile, epoch), **self.params)
+        if len(inputs) > b:
+            g, q = self.energy.lookup(None, teacher_all[b:])
+            extra = self.loss_fn(LossBatch(student_all[b:], teacher_all[b:], None, g, q, epoch), **self.params)
+            out = {**out, "loss": out["loss"] + self.augment_weight * extra["loss"], "mixed_loss": extra["loss"].detach()}
+        return out, student_all[:b]

@@ -1,0 +1,190 @@
+"""The run's story: ``report.md`` with tables and plots, and rich tables for the terminal.
+
+Everything here reads the run folder's files (the public contract), never in-memory state, so
+``edgedistill report`` can re-render any finished or partial run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from edgedistill import fsio
+
+# ---------------------------------------------------------------- terminal tables
+
+
+def energy_table(info: dict) -> Table:
+    t = Table(title=f"energy groups (T_E={info['temperature']:g}, r={info['fraction']:g})")
+    for col in ("group", "size", "mean energy", "mean teacher confidence", "teacher accuracy"):
+        t.add_column(col, justify="right" if col != "group" else "left")
+    for name, g in info["groups"].items():
+        if g["size"]:
+            t.add_row(name, str(g["size"]), f"{g['mean_energy']:.3f}", f"{g['mean_confidence']:.3f}", f"{g['teacher_accuracy']:.1f}%")
+        else:
+            t.add_row(name, "0", "–", "–", "–")
+    return t
+
+
+def plan_table(plan: dict) -> Table:
+    budget = plan.get("budget") or {}
+    title = "HE-DA cost plan"
+    if budget.get("max_overhead") is not None:
+        title += f" (budget: +{100 * budget['max_overhead']:.0f}% epoch time)"
+    elif budget.get("max_minutes") is not None:
+        title += f" (budget: {budget['max_minutes']:g} min)"
+    t = Table(title=title)
+    for col in ("r", "epoch s", "overhead", "total min", ""):
+        t.add_column(col, justify="right")
+    for row in plan["curve"]:
+        mark = "◀ chosen" if plan["fraction"] is not None and abs(row["r"] - plan["fraction"]) < 1e-9 else ""
+        over = _over_budget(row, budget)
+        t.add_row(f"{row['r']:.2f}", f"{row['epoch_seconds']:.2f}", f"{100 * row['overhead']:+.1f}%", f"{row['total_minutes']:.2f}", mark or ("over budget" if over else ""))
+    return t
+
+
+def _over_budget(row: dict, budget: dict) -> bool:
+    if budget.get("max_overhead") is not None:
+        return row["overhead"] > budget["max_overhead"] + 1e-9
+    if budget.get("max_minutes") is not None:
+        return row["total_minutes"] > budget["max_minutes"] + 1e-9
+    return False
+
+
+def summary_table(run: Path) -> Table:
+    t = Table(title=f"edgedistill · {run.name}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for what, value in _headline(run):
+        t.add_row(what, value)
+    return t
+
+
+# ---------------------------------------------------------------- report.md
+
+
+def _load(run: Path, name: str):
+    p = run / name
+    if not p.exists():
+        return None
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return json.loads(p.read_text())
+
+
+def _headline(run: Path) -> list[tuple[str, str]]:
+    rows = []
+    teacher, metrics, plan, val = _load(run, "teacher.json"), _load(run, "metrics.jsonl"), _load(run, "plan.json"), _load(run, "validation.json")
+    if teacher:
+        rows.append(("teacher test top-1", f"{teacher['test_top1']:.2f}%"))
+    if metrics:
+        rows.append(("student test top-1 (PyTorch)", f"{metrics[-1]['test_top1']:.2f}%"))
+        rows.append(("distillation time", f"{sum(m['epoch_seconds'] for m in metrics) / 60:.1f} min"))
+    if plan:
+        rows.append(("HE-DA fraction r", "none" if not plan["fraction"] else f"{plan['fraction']:.2f}"))
+    for name, v in (val or {}).get("variants", {}).items():
+        if v.get("test_top1") is not None:
+            rows.append((f"{name} ONNX top-1 · p50", f"{v['test_top1']:.2f}% · {v.get('latency_ms_p50', float('nan')):.2f} ms · {'✅' if v.get('passed') else '❌'}"))
+    return rows
+
+
+def training_plot(metrics: list[dict], teacher_top1: float | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    ax1.plot(epochs, [m["train_loss"] for m in metrics], marker="o", ms=3)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax2.plot(epochs, [m["test_top1"] for m in metrics], marker="o", ms=3, label="student")
+    if teacher_top1 is not None:
+        ax2.axhline(teacher_top1, color="gray", ls="--", lw=1, label="teacher")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test top-1 (%)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(ctx) -> dict:
+    run = ctx.run.root
+    teacher, energy, plan = _load(run, "teacher.json"), _load(run, "energy.json"), _load(run, "plan.json")
+    metrics, val, export = _load(run, "metrics.jsonl"), _load(run, "validation.json"), _load(run, "export.json")
+    r = ctx.recipe
+    lines = [f"# edgedistill report: {r.name}", ""]
+    lines += [
+        f"Teacher `{r.teacher.source}`{f' ({r.teacher.arch})' if r.teacher.arch else ''} → student `{r.student.arch}` "
+        f"with loss `{r.distill.loss.name}` on `{r.data.source}` data; device `{plan['device'] if plan else '?'}`.",
+        "",
+        "| what | value |",
+        "| --- | --- |",
+        *[f"| {a} | {b} |" for a, b in _headline(run)],
+        "",
+    ]
+    if energy:
+        lines += [
+            "## Energy of the training set",
+            "",
+            f"`E = −T·logsumexp(z/T)` with T = {energy['temperature']:g}; fraction r = {energy['fraction']:g}; "
+            f"thresholds E_low = {energy['threshold_low']:.3f}, E_high = {energy['threshold_high']:.3f}.",
+            "",
+            "| group | size | mean energy | mean teacher confidence | teacher accuracy |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, g in energy["groups"].items():
+            cells = [f"{g['mean_energy']:.3f}", f"{g['mean_confidence']:.3f}", f"{g['teacher_accuracy']:.1f}%"] if g["size"] else ["–"] * 3
+            lines.append(f"| {name} | {g['size']} | " + " | ".join(cells) + " |")
+        lines += ["", "![energy histogram](energy_hist.png)", "", "![lowest and highest energy images](energy_gallery.png)", ""]
+    if plan:
+        lines += ["## Compute plan (HE-DA)", "", f"Chosen r: **{plan['fraction'] if plan['fraction'] is not None else 'none'}** — {plan['reason']}.", ""]
+        lines += ["| r | predicted epoch s | overhead | total min |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['r']:.2f} | {row['epoch_seconds']:.2f} | {100 * row['overhead']:+.1f}% | {row['total_minutes']:.2f} |" for row in plan["curve"]]
+        if metrics:
+            measured = sum(m["epoch_seconds"] for m in metrics) / len(metrics)
+            predicted = plan["predicted_train_seconds"]
+            lines += [
+                "",
+                f"Predicted training time per epoch {predicted:.2f} s; measured {measured:.2f} s "
+                f"({100 * (predicted - measured) / measured:+.1f}% error).",
+            ]
+        lines.append("")
+    if metrics:
+        fsio.write_bytes(run / "training.png", training_plot(metrics, teacher and teacher.get("test_top1")))
+        lines += ["## Distillation", "", "![training curves](training.png)", "", "| epoch | train loss | test top-1 | epoch s | img/s | lr |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {m['epoch']} | {m['train_loss']:.4f} | {m['test_top1']:.2f}% | {m['epoch_seconds']:.1f} | {m['images_per_second']:.0f} | {m['lr']:.4g} |" for m in metrics]
+        lines.append("")
+    if val:
+        lines += _validation_section(val, export)
+    fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
+    if ctx.dist.is_main:
+        ctx.print(summary_table(run))
+    return {"report": str(run / "report.md")}
+
+
+def _validation_section(val: dict, export: dict | None) -> list[str]:
+    out = ["## Exported models (ONNX Runtime, CPU)", ""]
+    out += ["| variant | size | top-1 | Δ vs PyTorch | max abs diff | p50 ms | p90 ms | img/s | status |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, v in val.get("variants", {}).items():
+        def f(key, fmt="{:.2f}"):
+            x = v.get(key)
+            return fmt.format(x) if isinstance(x, (int, float)) else "–"
+
+        size = f"{v['size_bytes'] / 1e6:.2f} MB" if v.get("size_bytes") else "–"
+        status = "✅" if v.get("passed") else "❌ " + "; ".join(v.get("failures", []))
+        out.append(f"| {name} | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | {f('latency_ms_p50')} | {f('latency_ms_p90')} | {f('images_per_second', '{:.0f}')} | {status} |")
+    torch_ips = val.get("torch_images_per_second")
+    fp32 = val.get("variants", {}).get("fp32", {})
+    if torch_ips and fp32.get("images_per_second"):
+        out += ["", f"ONNX Runtime fp32 vs PyTorch eager throughput: {fp32['images_per_second']:.0f} vs {torch_ips:.0f} img/s ({fp32['images_per_second'] / torch_ips:.2f}×)."]
+    if export and export.get("edge"):
+        out += ["", "### Edge target", "", "```", json.dumps(export["edge"], indent=2), "```"]
+    return out + [""]

@@ -1,0 +1,388 @@
+"""One training loop for every model and method.
+
+The loop knows nothing about distillation: an *objective* turns a batch into a dict of losses
+(see :mod:`edgedistill.objectives`), and the loop does the rest: device placement, AMP,
+channels_last, DDP, the learning-rate schedule, checkpoints, resume, graceful stop and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgedistill import fsio
+from edgedistill.console import console, progress_bar
+from edgedistill.data import EpochSampler, ImageDataset, make_loader, to_float
+from edgedistill.distributed import DistInfo, all_sum, broadcast_flag
+from edgedistill.errors import InputError, Interrupted, TrainingDiverged
+from edgedistill.models import load_checkpoint
+
+# ---------------------------------------------------------------- device and precision
+
+
+def select_device(spec: str, dist: DistInfo = DistInfo()) -> torch.device:
+    """``auto`` → CUDA when present; under torchrun each rank takes its local GPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device: '{spec}' was asked for but torch sees no CUDA device (use device: auto or cpu)")
+        index = int(spec.split(":")[1]) if ":" in spec else dist.local_rank
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device: '{spec}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """AMP policy: bf16 where the GPU supports it, else fp16 with a gradient scaler; fp32 on CPU."""
+
+    dtype: torch.dtype | None
+    device_type: str
+
+    @classmethod
+    def for_device(cls, device: torch.device, amp: bool) -> "Precision":
+        if not amp or device.type != "cuda":
+            return cls(None, device.type)
+        return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, device.type)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, milestones_steps: list[int], gamma: float) -> float:
+    """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "multistep":
+        return gamma ** sum(step >= m for m in milestones_steps)
+    return 1.0
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on BN/bias parameters: the common practice for small mobile networks.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ---------------------------------------------------------------- graceful stop
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, saves, and raises :class:`Interrupted`."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopFlag]:
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        flag.signal = signum
+        console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint…[/]")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 104_729 + epoch * 7_919 + 1) % (2**63)
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states, as tensors and plain values so ``torch.load(weights_only=True)`` reads them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopConfig:
+    """What the loop needs beyond the recipe's TrainConfig: where to write and how to feed."""
+
+    checkpoint_dir: Path
+    metrics_path: Path
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    num_workers: int = 0
+    resume: bool = False
+    recipe: dict | None = None
+    label: str = "train"  # shown in the progress bar and stored in the metrics
+
+
+@dataclass
+class FitResult:
+    final_top1: float
+    best_top1: float
+    epochs: list[dict]
+    stopped_early: bool = False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fit(
+    model: nn.Module,
+    objective: Callable,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    cfg,
+    loop: LoopConfig,
+    device: torch.device,
+    dist: DistInfo = DistInfo(),
+) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` with ``objective``; checkpoint every epoch; resume if asked.
+
+    ``objective(model, images, labels, indices, epoch) -> (losses, logits)``: ``losses["loss"]``
+    is minimised; the other entries are logged. ``epoch`` is fractional for warm-ups.
+    """
+    precision = Precision.for_device(device, cfg.amp)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if dist.enabled and cfg.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+
+    sampler = EpochSampler(len(train_set), seed=loop.seed, shuffle=True, rank=dist.rank, world=dist.world)
+    steps_per_epoch = math.ceil(len(sampler.indices()) / loop.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
+    milestones = [m * steps_per_epoch for m in cfg.schedule.milestones]
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule.name, milestones, cfg.schedule.gamma)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+
+    start_epoch, start_step, best = 0, 0, -1.0
+    last_path = loop.checkpoint_dir / "last.pt"
+    resumed_rng = None
+    if loop.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if hasattr(objective, "load_state_dict") and ckpt.get("objective"):
+            objective.load_state_dict(ckpt["objective"])
+        start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        resumed_rng = ckpt["rng"] if start_step else None
+        _trim_metrics(loop.metrics_path, start_epoch)
+        if dist.is_main:
+            where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"epoch {start_epoch + 1}"
+            console.print(f"[cyan]{loop.label}: resuming at {where} of {cfg.epochs}[/]")
+
+    def save(epoch: int, step: int, top1: float | None = None) -> None:
+        if not dist.is_main:
+            return
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+            "epoch": epoch,
+            "step": step,
+            "best_top1": best,
+            "rng": rng_state(),
+            "recipe": loop.recipe,
+        }
+        with fsio.atomic_path(last_path) as tmp:
+            torch.save(state, tmp)
+        if top1 is not None and top1 >= best:
+            with fsio.atomic_path(loop.checkpoint_dir / "best.pt") as tmp:
+                torch.save({"model": state["model"], "epoch": epoch, "test_top1": top1, "recipe": loop.recipe}, tmp)
+
+    history, stopped = [], False
+    with graceful_stop() as stop, progress_bar(enabled=dist.is_main) as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(_epoch_seed(loop.seed, epoch))
+            if hasattr(objective, "set_epoch"):
+                objective.set_epoch(epoch)
+            skip = start_step if epoch == start_epoch else 0
+            if resumed_rng is not None and skip:
+                set_rng_state(resumed_rng)
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=skip * loop.batch_size)
+            loader = make_loader(train_set, loop.batch_size, sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
+            train_model.train()
+            task = progress.add_task(f"{loop.label} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=skip, info="")
+            sums: dict[str, float] = {}
+            seen = correct = 0
+            t0 = time.perf_counter()
+            for step, (images, labels, indices) in enumerate(loader, start=skip):
+                x = to_float(images, device, channels_last)
+                y = labels.to(device, non_blocking=True)
+                with precision.autocast():
+                    losses, logits = objective(train_model, x, y, indices, epoch + step / steps_per_epoch)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    raise TrainingDiverged(
+                        f"{loop.label}: non-finite loss at epoch {epoch + 1} step {step} ({parts}); "
+                        f"the last good checkpoint is kept at {last_path} — lower the learning rate or disable amp"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                n = len(labels)
+                seen += n
+                correct += int((logits.detach().argmax(1) == y).sum())
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, advance=1, info=f"loss {sums['loss'] / seen:.3f} · acc {100 * correct / seen:.1f}% · {rate:.0f} img/s")
+                if broadcast_flag(dist, bool(stop)) and step + 1 < steps_per_epoch:
+                    save(epoch, step + 1)
+                    raise Interrupted(f"{loop.label}: stopped at epoch {epoch + 1} step {step + 1}; checkpoint saved to {last_path}")
+            epoch_seconds = time.perf_counter() - t0
+            progress.remove_task(task)
+
+            top1 = evaluate(model, test_set, loop.eval_batch_size, device, dist, precision, channels_last)
+            seen_all, correct_all, *loss_sums = all_sum(dist, seen, correct, *sums.values())
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sums[0] / max(seen_all, 1) if loss_sums else float("nan"),
+                "train_top1": 100.0 * correct_all / max(seen_all, 1),
+                "test_top1": top1,
+                "epoch_seconds": epoch_seconds,
+                "images_per_second": seen_all / max(epoch_seconds, 1e-9),
+                "lr": optimizer.param_groups[0]["lr"],
+                "parts": {k: s / max(seen_all, 1) for k, s in zip(list(sums)[1:], loss_sums[1:])},
+                "stage": loop.label,
+            }
+            history.append(row)
+            best = max(best, top1)
+            if dist.is_main:
+                fsio.append_line(loop.metrics_path, _json_line(row))
+                console.print(
+                    f"{loop.label} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} · test top-1 {top1:.2f}% "
+                    f"· {epoch_seconds:.1f}s · {row['images_per_second']:.0f} img/s"
+                )
+            save(epoch + 1, 0, top1)
+            if stop:
+                stopped = epoch + 1 < cfg.epochs
+                if stopped:
+                    raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {last_path}")
+    final = history[-1]["test_top1"] if history else _last_top1(loop.metrics_path)
+    return FitResult(final_top1=final, best_top1=best, epochs=history, stopped_early=stopped)
+
+
+@torch.no_grad()
+def evaluate(model, test_set: ImageDataset, batch_size: int, device, dist: DistInfo = DistInfo(), precision: Precision | None = None, channels_last=False) -> float:
+    """Top-1 (percent) on the test set; under DDP each rank scores a shard and counts are summed."""
+    was_training = model.training
+    model.eval()
+    sampler = EpochSampler(len(test_set), seed=0, shuffle=False, rank=dist.rank, world=dist.world, pad=False)
+    loader = make_loader(test_set, batch_size, sampler)
+    correct = total = 0
+    with (precision.autocast() if precision else nullcontext()):
+        for images, labels, _ in loader:
+            logits = model(to_float(images, device, channels_last))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            total += len(labels)
+    model.train(was_training)
+    correct, total = all_sum(dist, correct, total)
+    return 100.0 * correct / max(total, 1)
+
+
+def _json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row)
+
+
+def _trim_metrics(path: Path, upto_epoch: int) -> None:
+    """Drop metric lines of epochs a resumed run will redo (written after the last checkpoint)."""
+    import json
+
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["epoch"] <= upto_epoch]
+    if len(keep) != len(lines):
+        fsio.write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _last_top1(path: Path) -> float:
+    import json
+
+    if not path.exists():
+        return float("nan")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return lines[-1]["test_top1"] if lines else float("nan")

@@ -1,0 +1,125 @@
+"""The training loop: resume (at an epoch boundary and mid-epoch) gives the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from edgedistill.data import ImageDataset, Split
+from edgedistill.errors import Interrupted, TrainingDiverged
+from edgedistill.models import build_student
+from edgedistill.objectives import CrossEntropyObjective
+from edgedistill.recipe import TrainConfig
+from edgedistill.train import LoopConfig, fit, lr_factor
+
+
+def tiny_data(n=48, size=16, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 80, size=(n, size, size, 3)).astype(np.uint8)
+    for c in range(classes):  # a learnable signal: one bright channel per class
+        x[y == c, :, :, c] += 150
+    return Split(y.astype(np.int64), images=x)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_student("shufflenet_v2_x0_5", 3, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+CFG = TrainConfig(epochs=3, optimizer={"lr": 0.02}, schedule={"name": "cosine", "warmup_epochs": 1})
+
+
+def train(tmp, epochs=3, resume=False, objective=None, model=None):
+    cfg = CFG.model_copy(update={"epochs": epochs})
+    split = tiny_data()
+    loop = LoopConfig(tmp / "ckpt", tmp / "metrics.jsonl", batch_size=16, eval_batch_size=32, seed=3, resume=resume)
+    model = model or tiny_model()
+    result = fit(model, objective or CrossEntropyObjective(), ImageDataset(split, 16, True, seed=3), ImageDataset(split, 16, False), cfg, loop, torch.device("cpu"))
+    return model, result
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    _, result = train(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"epoch", "train_loss", "test_top1", "epoch_seconds", "images_per_second", "lr"} <= rows[0].keys()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert (tmp_path / "ckpt" / "last.pt").exists() and (tmp_path / "ckpt" / "best.pt").exists()
+
+
+def test_same_seed_same_weights(tmp_path):
+    a, _ = train(tmp_path / "a")
+    b, _ = train(tmp_path / "b")
+    assert same_weights(a, b)
+
+
+def test_resume_at_epoch_boundary_matches_uninterrupted(tmp_path):
+    full, _ = train(tmp_path / "full", epochs=3)
+    # the first run trains 2 of 3 epochs (its schedule is built for 3: stop it with the flag after epoch 2)
+    cfg_epochs = 3
+
+    class StopAfter:
+        def __init__(self, steps):
+            self.steps, self.inner = steps, CrossEntropyObjective()
+
+        def __call__(self, *args):
+            self.steps -= 1
+            if self.steps == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.inner(*args)
+
+    with pytest.raises(Interrupted):
+        train(tmp_path / "part", epochs=cfg_epochs, objective=StopAfter(2 * 3))  # 3 steps an epoch: stop at the end of epoch 2
+    resumed, _ = train(tmp_path / "part", epochs=cfg_epochs, resume=True, model=tiny_model(seed=99))
+    assert same_weights(full, resumed)
+    rows = [json.loads(line)["epoch"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
+    full, _ = train(tmp_path / "full")
+
+    class StopAt:
+        def __init__(self):
+            self.calls, self.inner = 0, CrossEntropyObjective()
+
+        def __call__(self, *args):
+            self.calls += 1
+            if self.calls == 5:  # epoch 2, step 2 of 3
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.inner(*args)
+
+    with pytest.raises(Interrupted, match="step"):
+        train(tmp_path / "part", objective=StopAt())
+    ckpt = torch.load(tmp_path / "part" / "ckpt" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    resumed, _ = train(tmp_path / "part", resume=True, model=tiny_model(seed=5))
+    assert same_weights(full, resumed)
+
+
+def test_non_finite_loss_stops_with_the_parts(tmp_path):
+    def bad(model, x, y, idx, epoch):
+        logits = model(x)
+        return {"loss": logits.sum() * float("nan"), "kd": torch.tensor(1.0)}, logits
+
+    with pytest.raises(TrainingDiverged, match="non-finite loss.*kd=1"):
+        train(tmp_path, objective=bad)
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor(0, 100, 10, "cosine", [], 0.1) == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine", [], 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine", [], 0.1) == pytest.approx(0.0)
+    assert lr_factor(55, 100, 0, "multistep", [50, 80], 0.1) == pytest.approx(0.1)
+    assert lr_factor(85, 100, 0, "multistep", [50, 80], 0.1) == pytest.approx(0.01)
