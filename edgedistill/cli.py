@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -27,15 +31,22 @@ def common(fn):
     def wrapper(*args, debug: bool, **kwargs):
         setup_logging(debug)
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except EdgeDistillError as e:
             _fail(e, debug)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
                 raise
-            console.print("[red]error:[/] interrupted")
+            console.print(f"[red]interrupted[/]\n  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
             sys.exit(INTERRUPTED)
+        except OSError as e:
+            if debug or not e.filename:
+                raise
+            # a file the user pointed at (or --out) cannot be read or written: bad input, one line
+            console.print(f"[red]error:[/] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
+            sys.exit(BAD_INPUT)
 
     return wrapper
 
@@ -45,14 +56,45 @@ def _fail(e: EdgeDistillError, debug: bool) -> None:
         console.print_exception()
     label = "failed" if isinstance(e, GateFailed) else "interrupted" if e.exit_code == INTERRUPTED else "error"
     console.print(f"[red]{label}:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    if e.exit_code == INTERRUPTED:
+        console.print(f"  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
 
 
-def _open(recipe_path: Path, overrides, out: Path, resume: bool, force: bool, new_run: bool = False):
+def _resume_command() -> str:
+    """The command line that continues this one: the same arguments plus ``--resume``, shell-quoted."""
+    ctx = click.get_current_context(silent=True)
+    argv = list(ctx.meta.get(ARGV_KEY, sys.argv[1:])) if ctx else sys.argv[1:]
+    return shlex.join(["edgedistill", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM outside training behaves like Ctrl-C (training installs its own graceful handler)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _opened(recipe_path: Path, overrides, out: Path, resume: bool, force: bool, new_run: bool = False):
+    """Load the recipe, take the run folder's lock, then open the run (nothing is written before the lock)."""
     from edgedistill.recipe import load_recipe
-    from edgedistill.run import open_run
+    from edgedistill.run import RunFolder, open_run
 
     recipe = load_recipe(recipe_path, list(overrides))
-    return open_run(recipe, out, resume=resume, force=force, new_run=new_run)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the lock for the job
+    with RunFolder(Path(out) / recipe.name).lock(take=main_rank):
+        yield open_run(recipe, out, resume=resume, force=force, new_run=new_run)
 
 
 def _stage_command(name: str, help: str):
@@ -62,8 +104,7 @@ def _stage_command(name: str, help: str):
     def command(recipe: Path, overrides, out: Path, resume: bool, force: bool):
         from edgedistill.run import run_stage
 
-        ctx = _open(recipe, overrides, out, resume, force)
-        with ctx.run.lock():
+        with _opened(recipe, overrides, out, resume, force) as ctx:
             run_stage(ctx, name)
         _raise_gates(ctx)
 
@@ -76,7 +117,16 @@ def _raise_gates(ctx) -> None:
         raise GateFailed("; ".join(failures))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+ARGV_KEY = "edgedistill.argv"
+
+
+class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)  # for the resume command printed after an interruption
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgedistill")
 def cli():
     """Distill a big image classifier into a small edge model with Energy KD, export it to ONNX and validate it."""
@@ -89,15 +139,8 @@ def run(recipe: Path, overrides, out: Path, resume: bool, force: bool):
     """Run the whole pipeline: teacher → score → plan → distill → export → validate → report."""
     from edgedistill.run import run_all
 
-    ctx = _open(recipe, overrides, out, resume, force, new_run=True)
-    try:
-        with ctx.run.lock():
-            run_all(ctx)
-    except EdgeDistillError as e:
-        if e.exit_code == INTERRUPTED:
-            resume_cmd = " ".join(["edgedistill", *sys.argv[1:]] + ([] if resume else ["--resume"]))
-            raise type(e)(f"{e}\n  resume with: {resume_cmd}") from None
-        raise
+    with _opened(recipe, overrides, out, resume, force, new_run=True) as ctx:
+        run_all(ctx)
     if ctx.dist.is_main:
         console.print(f"[green]done:[/] {ctx.run.root}")
     _raise_gates(ctx)

@@ -146,15 +146,21 @@ def _digits(cfg) -> DataBundle:
 @DATA_SOURCES.register("npz")
 def _npz(cfg) -> DataBundle:
     """One .npz with x_train, y_train, x_test, y_test (uint8 NHWC, int labels) and optional class_names."""
+    import zipfile
+
     path = _need_root(cfg, "a .npz file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"data.root: {path} is not a .npz file, or is truncated (no zip directory found; expected numpy.savez output with x_train, y_train, x_test, y_test)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
             if missing:
-                raise InputError(f"data.root: {path} lacks {', '.join(missing)} (has {', '.join(z.files)})")
+                raise InputError(f"data.root: {path} lacks {', '.join(missing)} (has {', '.join(z.files) or 'no arrays'})")
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"data.root: {path} is not a readable .npz file ({e})") from None
+    except InputError:
+        raise
+    except Exception as e:  # truncated member (BadZipFile, EOFError), object arrays (ValueError), ...
+        raise InputError(f"data.root: {path} is not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     names = arrays.get("class_names")
     return _array_bundle(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
@@ -168,11 +174,22 @@ def _cifar(cls_name: str):
 
         root = _need_root(cfg, "a folder holding torchvision's CIFAR files", folder=True)
         cls = getattr(torchvision.datasets, cls_name)
+        folder = root / cls.base_folder
+        files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise InputError(
+                f"data.root: {folder} lacks {', '.join(missing)} (torchvision's {cls_name} python files; "
+                "edgedistill never downloads data)"
+            )
         try:
             tr = cls(str(root), train=True, download=False)
             te = cls(str(root), train=False, download=False)
-        except RuntimeError as e:
-            raise InputError(f"data.root: {root} has no {cls_name} files ({e}); edgedistill never downloads data") from None
+        except Exception as e:  # torchvision checks each file's md5, then unpickles it
+            raise InputError(
+                f"data.root: {folder}: torchvision cannot read the {cls_name} files ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "they are corrupt or not the original release"
+            ) from None
         return _array_bundle(tr.data, np.array(tr.targets), te.data, np.array(te.targets), tr.classes, f"data.root {root}", cls_name.lower())
 
     return load

@@ -17,6 +17,19 @@ class EdgeDistillError(Exception):
 
     exit_code = BAD_INPUT
 
+    def __init__(self, message: object = "", *args):
+        super().__init__(_unwrap_worker_message(str(message)), *args)
+
+
+def _unwrap_worker_message(msg: str) -> str:
+    """A DataLoader worker re-raises our error in the main process as ``type(e)(traceback text)``;
+    keep only the original one-line message (the last line: ``edgedistill.errors.X: message``)."""
+    if not (msg.startswith("Caught ") and "\nOriginal Traceback" in msg):
+        return msg
+    last = [line for line in msg.splitlines() if line.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.startswith("edgedistill.errors.") else last
+
 
 class RecipeError(EdgeDistillError):
     """The recipe (or a --set override) is invalid. The message names the key path."""

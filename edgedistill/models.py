@@ -7,10 +7,13 @@ never disagree about it.
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -154,12 +157,41 @@ def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Modul
     if not isinstance(state, dict):
         raise InputError(f"teacher.path: {cfg.path} holds a {type(state).__name__}, expected a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    problem = state_dict_mismatch(net, state)
+    if problem:
+        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' with {num_classes} classes at {image_size} px: {problem}")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).split("\n")[0:2]
-        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' with {num_classes} classes ({' '.join(first).strip()})") from None
+        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' ({_first_line(e)})") from None
     return _wrap_normalize(net, cfg.normalize)
+
+
+def state_dict_mismatch(net: nn.Module, state: dict) -> str:
+    """'' when ``state`` fits ``net``; else one line: missing / unexpected keys and shape mismatches, a few named."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(getattr(state[k], 'shape', ()))} in the file, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:2])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:2])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {'; '.join(shapes[:2])})")
+    if not parts:
+        return ""
+    hint = ""
+    if missing and unexpected and len(missing) + len(unexpected) > 4:
+        hint = "; the file holds another architecture"
+    elif shapes and any(k.split(".")[0] in ("conv1", "features") and k.endswith("weight") and state[k].ndim == 4 for k in (s.split(" ")[0] for s in shapes)):
+        hint = "; a stem mismatch: check teacher.small_input"
+    return "; ".join(parts) + hint
 
 
 def _load_torchscript(cfg, num_classes: int, image_size: int) -> nn.Module:
@@ -173,8 +205,15 @@ def _load_torchscript(cfg, num_classes: int, image_size: int) -> nn.Module:
 
 
 def _load_exported(cfg, num_classes: int, image_size: int) -> nn.Module:
+    import zipfile
+
+    if not zipfile.is_zipfile(cfg.path):
+        raise InputError(f"teacher.path: {cfg.path} is not a torch.export (.pt2) program (not a zip archive)")
     try:
-        net = torch.export.load(str(cfg.path)).module()
+        # torch.export.load logs a traceback before raising on a file it cannot read: keep it quiet.
+        with _quiet_logging(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.export.load(str(cfg.path)).module()
     except Exception as e:
         raise InputError(f"teacher.path: {cfg.path} is not a torch.export (.pt2) program ({_first_line(e)})") from None
     return _wrap_normalize(_ExportedModule(net), cfg.normalize)
@@ -188,6 +227,7 @@ class _ExportedModule(nn.Module):
         self.net = net
 
     def train(self, mode: bool = True):
+        self.training = mode  # the flag only: the graph itself was captured in one mode
         return self
 
     def forward(self, x):
@@ -242,14 +282,23 @@ def load_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
 
 
 def check_output_classes(net: nn.Module, num_classes: int, image_size: int, what: str) -> None:
+    """Two probe batches (2 and 3 images): the input size, a dynamic batch axis and the output width must fit."""
     net.eval()
-    try:
-        with torch.no_grad():
-            out = net(torch.rand(2, 3, image_size, image_size))
-    except Exception as e:
-        raise InputError(f"{what}: the model does not accept 3x{image_size}x{image_size} images ({_first_line(e)})") from None
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise InputError(f"{what}: the model outputs shape {tuple(out.shape)}, expected (batch, {num_classes}) for {num_classes} classes in the data")
+    for batch in (2, 3):
+        try:
+            with torch.no_grad():
+                out = net(torch.rand(batch, 3, image_size, image_size))
+        except Exception as e:
+            reason = _first_line(e)
+            hint = ""
+            if "Guard failed" in reason or "invalid dimensions" in reason.lower():
+                hint = "; was it exported with a fixed batch size? export it with a dynamic batch axis"
+            raise InputError(f"{what}: the model does not accept a batch of {batch} 3x{image_size}x{image_size} images ({reason}){hint}") from None
+        if out.ndim != 2 or out.shape[1] != num_classes or out.shape[0] != batch:
+            raise InputError(
+                f"{what}: the model outputs shape {tuple(out.shape)} for {batch} images, "
+                f"expected ({batch}, {num_classes}) for {num_classes} classes in the data"
+            )
 
 
 def freeze(net: nn.Module) -> nn.Module:
@@ -263,13 +312,48 @@ def freeze(net: nn.Module) -> nn.Module:
 def load_checkpoint(path) -> dict:
     """``torch.load`` with ``weights_only=True``: a checkpoint can never run code."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "received a zip file that looks like a TorchScript archive"
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a PyTorch checkpoint file") from None
     except Exception as e:
-        raise InputError(f"{path}: corrupt or not a PyTorch checkpoint ({_first_line(e)})") from None
+        text = str(e)
+        if "TorchScript archive" in text:
+            raise InputError(f"{path}: is a TorchScript archive, not a checkpoint (for a teacher use teacher.source: torchscript)") from None
+        if "Weights only load failed" in text:
+            raise InputError(
+                f"{path}: holds pickled Python objects (a whole model?), which are never loaded (weights_only=True); "
+                "save model.state_dict() instead"
+            ) from None
+        raise InputError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+
+
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """Silence log records up to WARNING (torch logs tracebacks of errors it then raises) for a block."""
+    old = logging.root.manager.disable
+    logging.disable(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.disable(old)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    """The informative head of an exception message: its first line, first sentence, at most 200 characters.
+
+    TorchScript interpreter errors start with a boilerplate line; their cause is on the last line.
+    """
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
+    text = text.removeprefix("RuntimeError: ")
+    head, dot, _ = text.partition(". ")
+    return (head + ("" if head.endswith(".") or not dot else "")).rstrip(".")[:200]

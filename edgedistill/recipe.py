@@ -167,7 +167,8 @@ class TeacherConfig(Section):
         if spec.needs_arch and not self.arch:
             raise ValueError(f"arch: teacher source '{self.source}' needs an architecture name")
         if self.path is not None and not Path(self.path).is_file():
-            raise ValueError(f"path: file not found: {self.path}")
+            found = "is a folder, expected a file" if Path(self.path).is_dir() else "file not found"
+            raise ValueError(f"path: {found}: {self.path}")
         return self
 
 
@@ -339,9 +340,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
         raw.setdefault("name", path.stem)
+        _resolve_paths(raw, path.parent)
     for item in overrides:
         apply_override(raw, item)
     return validate_recipe(raw, source=str(path) if path else "recipe")
+
+
+PATH_KEYS = (("data", "root"), ("teacher", "path"))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative file paths in a recipe file are relative to that file, so recipes travel with their data.
+
+    (Paths given with --set stay relative to the working directory, like any command-line path.)
+    """
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).expanduser().is_absolute():
+            node[key] = str((base / node[key]).resolve())
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

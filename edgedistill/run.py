@@ -52,27 +52,53 @@ class RunFolder:
         return self.root / file if file else None
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """One process per run folder: a second one is refused while the first is alive."""
+    def lock(self, take: bool = True) -> Iterator[None]:
+        """One process per run folder: a second one is refused while the first is alive.
+
+        Under torchrun only rank 0 takes it (``take``): the ranks of one job are one owner.
+        """
+        if not take:
+            yield
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                pid = _read_pid(path)
-                if pid and _alive(pid):
-                    raise RunStateError(f"{self.root}: another edgedistill process (pid {pid}) is using this run folder") from None
-                path.unlink(missing_ok=True)  # stale: its owner died
-        else:
-            raise RunStateError(f"{path}: could not take the run folder's lock")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        with _folder_mutex(self.root):  # check-and-take is one step, even for processes starting together
+            pid = _read_pid(path) if path.exists() else None
+            if pid and _alive(pid):
+                raise RunStateError(
+                    f"{path}: another edgedistill process (pid {pid}) is using this run folder; "
+                    f"wait for it to finish (or delete {path.name} if pid {pid} is not edgedistill)"
+                )
+            fsio.write_text(path, str(os.getpid()))  # a stale lock (its owner died) is simply replaced
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            if _read_pid(path) == os.getpid():
+                path.unlink(missing_ok=True)
+
+    def has_work(self) -> bool:
+        """A finished stage or a training checkpoint: what ``--resume`` would continue and a new run would overwrite."""
+        return any((self.root / "stages").glob("*.done")) or any((self.root / "checkpoints").rglob("*.pt"))
+
+
+@contextmanager
+def _folder_mutex(root: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself for a short critical section (best effort where unsupported)."""
+    try:
+        import fcntl
+
+        fd = os.open(root, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_pid(path: Path) -> int | None:
@@ -139,25 +165,34 @@ def open_run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = F
     dist = init_from_env("cuda" if recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu")
     run = RunFolder(Path(out) / recipe.name)
     saved = run / "recipe.yaml"
-    if saved.exists():
+    # a folder whose run failed before finishing anything (bad input) holds nothing to protect: start afresh
+    started = saved.exists() and run.has_work()
+    if started:
         if new_run and not resume:
             raise RunStateError(f"{run.root} already holds a run; add --resume to continue it, or --out DIR for a new one")
         old = yaml.safe_load(saved.read_text()) or {}
         diff = sorted(_diff_keys(old, recipe.to_dict()))
         if diff and not force:
             raise RunStateError(
-                f"{run.root}: the recipe differs from the one this run was started with ({', '.join(diff[:8])}); "
+                f"{run.root}: the recipe differs from the one this run was started with ({_keys(diff)}); "
                 "use --force to continue anyway, or --out for a new run"
             )
         if diff and force and dist.is_main:
-            console.print(f"[yellow]recipe changed ({', '.join(diff[:8])}); continuing because of --force[/]")
-    if dist.is_main and (not saved.exists() or force):
+            console.print(f"[yellow]recipe changed ({_keys(diff)}); continuing because of --force[/]")
+    existed = started
+    barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
+    if dist.is_main and (not existed or force):
         fsio.write_text(saved, dump_recipe(recipe))
     ctx = RunContext(recipe, run, dist, resume=resume)
     if dist.is_main:
         fsio.write_json(run / "env.json", environment(ctx))
     barrier(dist)
     return ctx
+
+
+def _keys(diff: list[str], shown: int = 8) -> str:
+    more = f" and {len(diff) - shown} more" if len(diff) > shown else ""
+    return ", ".join(diff[:shown]) + more
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:

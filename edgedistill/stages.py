@@ -12,7 +12,7 @@ import torch
 from edgedistill import fsio
 from edgedistill.console import progress_bar
 from edgedistill.data import EpochSampler, ImageDataset, eval_arrays, make_loader, to_float
-from edgedistill.distributed import all_gather_array
+from edgedistill.distributed import all_gather_array, barrier
 from edgedistill.energy import EnergyIndex, assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
 from edgedistill.errors import InputError
 from edgedistill.losses import LOSSES
@@ -28,6 +28,7 @@ def teacher_stage(ctx: RunContext) -> dict:
     """Load the teacher (or train it, for ``teacher.source: train``) and measure its test top-1."""
     cfg, data = ctx.recipe.teacher, ctx.data
     if cfg.source == "train":
+        torch.manual_seed(ctx.recipe.seed)
         net = load_teacher(cfg, data.num_classes, ctx.image_size)
         if cfg.normalize is None:  # a trained teacher gets the data's statistics, like the student
             net = Normalized(net, data.mean, data.std)
@@ -43,7 +44,9 @@ def teacher_stage(ctx: RunContext) -> dict:
             with fsio.atomic_path(ctx.run / "teacher.pt") as tmp:
                 torch.save({"model": net.state_dict(), "arch": cfg.arch or "resnet18"}, tmp)
         top1 = result.final_top1
-        ctx.__dict__["teacher"] = freeze(net)
+        # every rank reloads rank 0's file: under DDP the last step leaves each rank's BN statistics different
+        barrier(ctx.dist)
+        ctx.__dict__.pop("teacher", None)
     else:
         top1 = evaluate(ctx.teacher, ImageDataset(data.test, ctx.image_size, train=False), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
     info = {
@@ -64,7 +67,9 @@ def load_run_teacher(ctx: RunContext) -> torch.nn.Module:
     cfg, data = ctx.recipe.teacher, ctx.data
     if cfg.source != "train":
         return load_teacher(cfg, data.num_classes, ctx.image_size).to(ctx.device)
-    path = ctx.run.require("teacher", "teacher.pt")
+    path = ctx.run / "teacher.pt"
+    if not path.exists():
+        ctx.run.require("teacher")
     net = load_teacher(cfg, data.num_classes, ctx.image_size)
     if cfg.normalize is None:
         net = Normalized(net, data.mean, data.std)
@@ -147,6 +152,7 @@ def plan_stage(ctx: RunContext) -> dict:
 
 def build_run_student(ctx: RunContext) -> torch.nn.Module:
     s, data = ctx.recipe.student, ctx.data
+    torch.manual_seed(ctx.recipe.seed)  # the initial weights are part of what the seed fixes
     return build_student(s.arch, data.num_classes, image_size=ctx.image_size, mean=data.mean, std=data.std, width=s.width, small_input=s.small_input, dropout=s.dropout)
 
 
