@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import signal
@@ -69,11 +70,18 @@ def _resume_command() -> str:
 
 @contextlib.contextmanager
 def _sigterm_interrupts():
-    """SIGTERM outside training behaves like Ctrl-C (training installs its own graceful handler)."""
+    """SIGTERM outside training behaves like Ctrl-C (training installs its own graceful handler).
+
+    Not under torchrun: there the agent terminates its workers, and a Python handler would only run once a
+    worker blocked in C++ (a rendezvous, a collective) returns, i.e. SIGTERM could no longer stop it.
+    """
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
     try:
         old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
@@ -112,9 +120,12 @@ def _stage_command(name: str, help: str):
 
 
 def _raise_gates(ctx) -> None:
-    failures = ctx.run.summary("validate").get("failures") if ctx.run.done("validate") else None
-    if failures:
-        raise GateFailed("; ".join(failures))
+    """Exit 1 when the validated models failed a gate (after the report is written)."""
+    path = ctx.run / "validation.json"
+    if ctx.dist.is_main and ctx.run.done("validate") and path.exists():
+        from edgedistill.validate import check_gates
+
+        check_gates(json.loads(path.read_text()))
 
 
 ARGV_KEY = "edgedistill.argv"

@@ -167,16 +167,24 @@ def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Modul
     return _wrap_normalize(net, cfg.normalize)
 
 
+def load_state(net: nn.Module, state, what: str) -> nn.Module:
+    """``net.load_state_dict(state)``; a state of another shape is one InputError line naming ``what`` (a file)."""
+    if not isinstance(state, dict):
+        raise InputError(f"{what}: holds a {type(state).__name__}, expected a state_dict")
+    problem = state_dict_mismatch(net, state)
+    if problem:
+        raise InputError(f"{what}: does not fit the model this recipe builds ({problem}); was it written with another recipe?")
+    net.load_state_dict(state)
+    return net
+
+
 def state_dict_mismatch(net: nn.Module, state: dict) -> str:
     """'' when ``state`` fits ``net``; else one line: missing / unexpected keys and shape mismatches, a few named."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(getattr(state[k], 'shape', ()))} in the file, {tuple(own[k].shape)} in the model"
-        for k in own
-        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)
-    ]
+    resized = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in resized]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:2])})")
@@ -189,8 +197,8 @@ def state_dict_mismatch(net: nn.Module, state: dict) -> str:
     hint = ""
     if missing and unexpected and len(missing) + len(unexpected) > 4:
         hint = "; the file holds another architecture"
-    elif shapes and any(k.split(".")[0] in ("conv1", "features") and k.endswith("weight") and state[k].ndim == 4 for k in (s.split(" ")[0] for s in shapes)):
-        hint = "; a stem mismatch: check teacher.small_input"
+    elif any(own[k].ndim == 4 and own[k].shape[2:] != state[k].shape[2:] for k in resized):
+        hint = "; a convolution kernel differs (the stem?): check teacher.small_input"
     return "; ".join(parts) + hint
 
 
@@ -343,6 +351,7 @@ def _quiet_logging() -> Iterator[None]:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CPP_FRAME = re.compile(r"/\S+\.(?:cc|cpp|h):\d+ [\w:~<>]+\([^()]*\)\s*")  # ONNX Runtime's "file.cc:256 ns::Fn(args) "
 
 
 def _first_line(e: BaseException) -> str:
@@ -350,10 +359,9 @@ def _first_line(e: BaseException) -> str:
 
     TorchScript interpreter errors start with a boilerplate line; their cause is on the last line.
     """
-    lines = [line.strip() for line in _ANSI.sub("", str(e)).strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in _CPP_FRAME.sub("", _ANSI.sub("", str(e))).strip().splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
     text = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
     text = text.removeprefix("RuntimeError: ")
-    head, dot, _ = text.partition(". ")
-    return (head + ("" if head.endswith(".") or not dot else "")).rstrip(".")[:200]
+    return text.partition(". ")[0].rstrip(".")[:200]

@@ -243,9 +243,15 @@ def pipeline() -> list[tuple[str, Callable[[RunContext], dict]]]:
 
 
 def run_stage(ctx: RunContext, name: str) -> dict:
-    """Run one stage (again, if it had finished) and mark it done."""
+    """Run one stage (again, if it had finished) and mark it done.
+
+    Its marker and those of every later stage are removed first: they describe results built on the old
+    output, so ``run --resume`` redoes them instead of keeping, e.g., an ONNX file of a replaced student.
+    """
     fn = dict(pipeline())[name]
     if ctx.dist.is_main:
+        names = [n for n, _ in pipeline()]
+        ctx.run.clear_from(names[names.index(name):])
         console.rule(f"[bold]{name}")
     summary = fn(ctx) or {}
     if ctx.dist.is_main:

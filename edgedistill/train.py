@@ -25,7 +25,7 @@ from edgedistill.console import console, progress_bar
 from edgedistill.data import EpochSampler, ImageDataset, make_loader, to_float
 from edgedistill.distributed import DistInfo, all_sum, broadcast_flag
 from edgedistill.errors import InputError, Interrupted, TrainingDiverged
-from edgedistill.models import load_checkpoint
+from edgedistill.models import load_checkpoint, load_state
 
 # ---------------------------------------------------------------- device and precision
 
@@ -181,7 +181,6 @@ class FitResult:
     final_top1: float
     best_top1: float
     epochs: list[dict]
-    stopped_early: bool = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -228,7 +227,10 @@ def fit(
     resumed_rng = None
     if loop.resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_top1", "rng") if k not in ckpt]
+        if missing:
+            raise InputError(f"{last_path}: not a training checkpoint of this tool (missing {', '.join(missing)})")
+        load_state(model, ckpt["model"], str(last_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -236,10 +238,12 @@ def fit(
             objective.load_state_dict(ckpt["objective"])
         start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         resumed_rng = ckpt["rng"] if start_step else None
-        _trim_metrics(loop.metrics_path, start_epoch)
         if dist.is_main:
             where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"epoch {start_epoch + 1}"
             console.print(f"[cyan]{loop.label}: resuming at {where} of {cfg.epochs}[/]")
+
+    if dist.is_main:
+        _trim_metrics(loop.metrics_path, start_epoch)  # a fresh run starts a fresh log; a resumed one drops redone epochs
 
     def save(epoch: int, step: int, top1: float | None = None) -> None:
         if not dist.is_main:
@@ -262,7 +266,7 @@ def fit(
             with fsio.atomic_path(loop.checkpoint_dir / "best.pt") as tmp:
                 torch.save({"model": state["model"], "epoch": epoch, "test_top1": top1, "recipe": loop.recipe}, tmp)
 
-    history, stopped = [], False
+    history = []
     with graceful_stop() as stop, progress_bar(enabled=dist.is_main) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(_epoch_seed(loop.seed, epoch))
@@ -286,10 +290,11 @@ def fit(
                     losses, logits = objective(train_model, x, y, indices, epoch + step / steps_per_epoch)
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                     raise TrainingDiverged(
                         f"{loop.label}: non-finite loss at epoch {epoch + 1} step {step} ({parts}); "
-                        f"the last good checkpoint is kept at {last_path} — lower the learning rate or disable amp"
+                        + (f"the last good checkpoint is kept at {last_path}" if last_path.exists() else "no checkpoint was written yet")
+                        + " — lower the learning rate" + (" or disable amp" if precision.dtype else "")
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -328,19 +333,17 @@ def fit(
             }
             history.append(row)
             best = max(best, top1)
-            if dist.is_main:
+            if dist.is_main:  # the line first: a kill before the checkpoint means a redone epoch, whose line resume trims
                 fsio.append_line(loop.metrics_path, _json_line(row))
                 console.print(
                     f"{loop.label} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} · test top-1 {top1:.2f}% "
                     f"· {epoch_seconds:.1f}s · {row['images_per_second']:.0f} img/s"
                 )
             save(epoch + 1, 0, top1)
-            if stop:
-                stopped = epoch + 1 < cfg.epochs
-                if stopped:
-                    raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {last_path}")
+            if broadcast_flag(dist, bool(stop)):
+                raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {last_path}")
     final = history[-1]["test_top1"] if history else _last_top1(loop.metrics_path)
-    return FitResult(final_top1=final, best_top1=best, epochs=history, stopped_early=stopped)
+    return FitResult(final_top1=final, best_top1=best, epochs=history)
 
 
 @torch.no_grad()

@@ -34,11 +34,24 @@ from edgedistill.recipe import DataConfig, TeacherConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
+def _isolated():
+    """Leave no trace for later test modules: one torch thread here; RNG states and the 'edgedistill'
+    logger (the CLI's setup_logging stops it propagating, which would hide records from caplog) restored."""
+    import logging
+    import random
+
+    logger = logging.getLogger("edgedistill")
+    saved_logger = (list(logger.handlers), logger.propagate, logger.level)
+    saved_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(old)
+    torch.set_num_threads(threads)
+    torch.set_rng_state(saved_rng[0])
+    np.random.set_state(saved_rng[1])
+    random.setstate(saved_rng[2])
+    logger.handlers[:], logger.propagate = saved_logger[0], saved_logger[1]
+    logger.setLevel(saved_logger[2])
 
 
 @contextlib.contextmanager
@@ -213,7 +226,7 @@ def test_imagefolder_reads_converts_and_resizes(tmp_path):
         for i in range(len(ds)):
             img, label, index = ds[i]
             assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and index == i
-    gray = ImageDataset(b.train, 16, train=False)[1][0]  # cat/gray.png: all three channels equal
+    gray = ImageDataset(b.train, 16, train=False)[[p.name for p in b.train.paths].index("gray.png")][0]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
@@ -344,6 +357,7 @@ def onnx_gap_gemm(path: Path, w: np.ndarray, b: np.ndarray) -> Path:
         [numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # what any ONNX Runtime ≥ 1.14 reads
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -424,3 +438,15 @@ def test_torchvision_state_dict_wrappers(wrap, teacher_files, tmp_path):
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(net(x), tv(x))
+
+
+def test_load_state_names_the_file_on_a_mismatch():
+    from edgedistill.models import load_state
+
+    student = build_student("shufflenet_v2_x0_5", 3, image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)
+    other = build_student("mobilenet_v2", 3, image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)
+    with pytest.raises(InputError, match=r"student.pt: does not fit .*missing key.*unexpected key"):
+        load_state(student, other.state_dict(), "runs/x/student.pt")
+    with pytest.raises(InputError, match="holds a list"):
+        load_state(student, [1], "runs/x/student.pt")
+    assert load_state(other, other.state_dict(), "ok") is other

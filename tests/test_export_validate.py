@@ -72,6 +72,7 @@ def lively(model: nn.Module, seed: int = 0, logit_scale: float = 8.0) -> nn.Modu
 
 
 def make_student(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # parity sits near atol for some archs: the weights must not depend on test order
     net = build_student(arch, CLASSES[arch], image_size=SIZE, mean=MEAN, std=STD, small_input=True)
     return lively(net, seed)
 

@@ -1,0 +1,230 @@
+"""The command line itself: commands, help, exit codes, where messages go, a whole tiny run in-process.
+
+Bad inputs, interruption and resume are in test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from edgedistill import __version__
+from edgedistill import cli as cli_module
+from edgedistill.cli import cli, main
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"source": "digits", "image_size": 8, "batch_size": 16, "eval_batch_size": 64, "train_limit": 64, "test_limit": 32},
+    "teacher": {"source": "train", "arch": "shufflenet_v2_x0_5", "train": {"epochs": 1, "optimizer": {"lr": 0.05}}},
+    "student": {"arch": "shufflenet_v2_x0_5"},
+    "energy": {"fraction": 0.2},
+    "distill": {"epochs": 2, "optimizer": {"lr": 0.05}, "loss": {"name": "energy_kd"}},
+    "augment": {"fraction": 0.2, "profile_steps": 1},
+    "export": {"formats": ["fp32"]},
+    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4},
+}
+STAGES = ["teacher", "score", "plan", "distill", "export", "validate", "report"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated():
+    """Leave no trace for later test modules: one torch thread here; RNG states and the 'edgedistill'
+    logger (the CLI's setup_logging stops it propagating, which would hide records from caplog) restored."""
+    import logging
+    import random
+
+    logger = logging.getLogger("edgedistill")
+    saved_logger = (list(logger.handlers), logger.propagate, logger.level)
+    saved_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(saved_rng[0])
+    np.random.set_state(saved_rng[1])
+    random.setstate(saved_rng[2])
+    logger.handlers[:], logger.propagate = saved_logger[0], saved_logger[1]
+    logger.setLevel(saved_logger[2])
+
+
+def write_recipe(folder: Path, name: str = "tiny", filename: str | None = None) -> Path:
+    raw = copy.deepcopy(TINY)
+    raw["name"] = name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (filename or f"{name}.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``edgedistill ARGS`` through :func:`edgedistill.cli.main` (what the console script calls)."""
+    monkeypatch.setattr(sys, "argv", ["edgedistill", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+# ---------------------------------------------------------------- commands and help
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ["run", "list", *STAGES]:
+        assert f"  {name}" in result.output
+
+
+def test_every_pipeline_command_takes_the_common_options():
+    for name in ["run", *STAGES]:
+        result = invoke(name, "--help")
+        assert result.exit_code == 0, name
+        for option in ("--set", "--out", "--resume", "--force", "--debug"):
+            assert option in result.output, (name, option)
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_list_shows_the_registries():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for word in ("digits", "imagefolder", "shufflenet_v2_x0_5", "onnx", "energy_kd", "cutmix"):
+        assert word in result.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["run"], "Missing argument 'RECIPE'"),
+        (["run", "x.yaml", "--bogus"], "--bogus"),
+        (["run", "x.yaml", "--set"], "requires an argument"),
+    ],
+)
+def test_usage_errors_exit_2_through_main(args, expected, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    assert expected in err and "Traceback" not in err + out
+
+
+def test_main_help_exits_0(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "--help")
+    assert code == 0 and "Usage" in out
+
+
+def test_main_maps_a_bad_recipe_to_2(monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "plan", tmp_path / "missing.yaml", "--out", tmp_path)
+    assert code == 2 and "recipe file not found" in err and out == ""
+
+
+# ---------------------------------------------------------------- interruption plumbing (in-process)
+
+
+def test_interrupt_prints_the_exact_quoted_resume_command(tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "with space", filename="my recipe.yaml")
+
+    def interrupted(ctx, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("edgedistill.run.run_stage", interrupted)
+    result = invoke("teacher", recipe, "--out", tmp_path / "runs", "--set", "seed=3")
+    assert result.exit_code == 130
+    expected = f"resume with: edgedistill teacher '{recipe}' --out {tmp_path / 'runs'} --set seed=3 --resume"
+    assert expected in result.output
+    assert not (tmp_path / "runs" / "tiny" / ".lock").exists()
+
+
+def test_sigterm_outside_training_is_an_interrupt():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with cli_module._sigterm_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at once
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------- a whole tiny run, in-process
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("cli")
+    recipe = write_recipe(base)
+    result = invoke("run", recipe, "--out", base / "runs")
+    assert result.exit_code == 0, result.output
+    assert "done:" in result.output
+    assert result.stdout.strip() == "", "stdout stays clean for scripts: messages go to stderr"
+    return recipe, base / "runs" / "tiny"
+
+
+RUN_FOLDER_FILES = [
+    "recipe.yaml", "env.json", "teacher.json", "teacher.pt", "teacher_metrics.jsonl", "checkpoints/teacher/last.pt",
+    "energy.npz", "energy.json", "energy_hist.png", "energy_gallery.png", "plan.json", "checkpoints/last.pt",
+    "checkpoints/best.pt", "metrics.jsonl", "student.pt", "student.onnx", "export.json", "validation.json",
+    "report.md", "training.png", *[f"stages/{s}.done" for s in STAGES],
+]
+
+
+def test_run_leaves_the_documented_run_folder(finished):
+    recipe, run = finished
+    missing = [f for f in RUN_FOLDER_FILES if not (run / f).exists()]
+    assert not missing
+    assert not (run / ".lock").exists()
+    assert not list(run.rglob(".*.tmp")), "no temp files are left behind"
+    for marker in (run / "stages").glob("*.done"):
+        json.loads(marker.read_text())
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["distill"]["epochs"] == 2  # the resolved recipe
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_of_a_finished_run_skips_every_stage(finished, tmp_path):
+    recipe, run = finished
+    copy_run = tmp_path / "runs" / "tiny"
+    shutil.copytree(run, copy_run)
+    before = (copy_run / "student.pt").read_bytes()
+    result = invoke("run", recipe, "--out", tmp_path / "runs", "--resume")
+    assert result.exit_code == 0, result.output
+    for stage in STAGES:
+        assert f"{stage}: already done, skipped" in result.output
+    assert (copy_run / "student.pt").read_bytes() == before
+
+
+def test_a_failed_gate_exits_1(finished, tmp_path):
+    recipe, run = finished
+    shutil.copytree(run, tmp_path / "runs" / "tiny")
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--set", "validate.atol=1e-30", "--force")
+    assert result.exit_code == 1, result.output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith("failed:") and "fp32" in last
+    assert "Traceback" not in result.output
+
+
+def test_report_rerenders(finished, tmp_path):
+    recipe, run = finished
+    shutil.copytree(run, tmp_path / "runs" / "tiny")
+    (tmp_path / "runs" / "tiny" / "report.md").unlink()
+    result = invoke("report", recipe, "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "tiny" / "report.md").exists()
