@@ -29,9 +29,7 @@ def teacher_stage(ctx: RunContext) -> dict:
     cfg, data = ctx.recipe.teacher, ctx.data
     if cfg.source == "train":
         torch.manual_seed(ctx.recipe.seed)
-        net = load_teacher(cfg, data.num_classes, ctx.image_size)
-        if cfg.normalize is None:  # a trained teacher gets the data's statistics, like the student
-            net = Normalized(net, data.mean, data.std)
+        net = _trainable_teacher(ctx)
         ctx.print(f"training the teacher ({cfg.arch or 'resnet18'}, {cfg.train.epochs} epochs)")
         result = fit(
             net, CrossEntropyObjective(),
@@ -70,11 +68,16 @@ def load_run_teacher(ctx: RunContext) -> torch.nn.Module:
     path = ctx.run / "teacher.pt"
     if not path.exists():
         ctx.run.require("teacher")
-    net = load_teacher(cfg, data.num_classes, ctx.image_size)
-    if cfg.normalize is None:
-        net = Normalized(net, data.mean, data.std)
+    net = _trainable_teacher(ctx)
     load_state(net, load_checkpoint(path)["model"], str(path))
     return freeze(net).to(ctx.device)
+
+
+def _trainable_teacher(ctx: RunContext) -> torch.nn.Module:
+    """The architecture of ``teacher.source: train``; without ``teacher.normalize`` it gets the data's statistics."""
+    cfg, data = ctx.recipe.teacher, ctx.data
+    net = load_teacher(cfg, data.num_classes, ctx.image_size)
+    return Normalized(net, data.mean, data.std) if cfg.normalize is None else net
 
 
 # ---------------------------------------------------------------- score
