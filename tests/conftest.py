@@ -2,10 +2,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_NPZ = SHARED / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"
 TEACHER_DIR = SHARED / "teachers" / "cifar100_resnet56"
 
 needs_shared = pytest.mark.skipif(not CIFAR_NPZ.exists(), reason="needs ../shared (real CIFAR-100 data and teacher)")
+
+
+@pytest.fixture(scope="module")
+def isolated():
+    """Leave no trace for later test modules: one torch thread here; RNG states and the 'edgedistill'
+    logger (the CLI's setup_logging stops it propagating, which would hide records from caplog) restored."""
+    import logging
+    import random
+
+    logger = logging.getLogger("edgedistill")
+    saved_logger = (list(logger.handlers), logger.propagate, logger.level)
+    saved_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(saved_rng[0])
+    np.random.set_state(saved_rng[1])
+    random.setstate(saved_rng[2])
+    logger.handlers[:], logger.propagate = saved_logger[0], saved_logger[1]
+    logger.setLevel(saved_logger[2])

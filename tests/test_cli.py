@@ -40,25 +40,7 @@ TINY = {
 STAGES = ["teacher", "score", "plan", "distill", "export", "validate", "report"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated():
-    """Leave no trace for later test modules: one torch thread here; RNG states and the 'edgedistill'
-    logger (the CLI's setup_logging stops it propagating, which would hide records from caplog) restored."""
-    import logging
-    import random
-
-    logger = logging.getLogger("edgedistill")
-    saved_logger = (list(logger.handlers), logger.propagate, logger.level)
-    saved_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(saved_rng[0])
-    np.random.set_state(saved_rng[1])
-    random.setstate(saved_rng[2])
-    logger.handlers[:], logger.propagate = saved_logger[0], saved_logger[1]
-    logger.setLevel(saved_logger[2])
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def write_recipe(folder: Path, name: str = "tiny", filename: str | None = None) -> Path:
