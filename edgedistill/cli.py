@@ -162,7 +162,24 @@ _stage_command("score", "Score every training image with the teacher's energy; w
 _stage_command("plan", "Measure the training cost and pick the HE-DA fraction that fits the budget; write plan.json.")
 _stage_command("distill", "Distill the student (use --resume to continue from checkpoints/last.pt).")
 _stage_command("export", "Export the student to ONNX (fp32, int8, fp16, edge).")
-_stage_command("validate", "Validate the exported models in ONNX Runtime: parity, accuracy, latency, size.")
+
+
+@cli.command()
+@RECIPE
+@click.option("--onnx", "onnx_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Validate this ONNX file (repeatable) on the recipe's test data instead of the run's exports: accuracy, latency, size.")
+@common
+def validate(recipe: Path, onnx_files, overrides, out: Path, resume: bool, force: bool):
+    """Validate the exported models in ONNX Runtime: parity, accuracy, latency, size."""
+    from edgedistill.run import run_stage
+    from edgedistill.stages import validate_files
+
+    with _opened(recipe, overrides, out, resume, force) as ctx:
+        if onnx_files:
+            validate_files(ctx, list(onnx_files))
+            return
+        run_stage(ctx, "validate")
+    _raise_gates(ctx)
 _stage_command("report", "Write report.md with tables and plots.")
 
 

@@ -235,6 +235,21 @@ def validate_stage(ctx: RunContext) -> dict:
     return {"passed": results["passed"]}
 
 
+def validate_files(ctx: RunContext, files: list[Path]) -> None:
+    """Validate ONNX files the user gives (no PyTorch model: accuracy, latency, size) on the recipe's test split."""
+    from edgedistill.validate import check_gates, validate_onnx_file, validation_table
+
+    for f in files:
+        if not Path(f).is_file():
+            raise InputError(f"--onnx: {f} not found")
+    test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
+    results = [validate_onnx_file(f, test_x, test_y, ctx.recipe.validate_) for f in files]
+    merged = {"passed": all(r["passed"] for r in results), "variants": {k: v for r in results for k, v in r["variants"].items()}}
+    fsio.write_json(ctx.run / "validation.files.json", merged)
+    ctx.print(validation_table(merged))
+    check_gates(merged)
+
+
 def report_stage(ctx: RunContext) -> dict:
     from edgedistill.report import write_report
 

@@ -210,3 +210,19 @@ def test_report_rerenders(finished, tmp_path):
     result = invoke("report", recipe, "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "tiny" / "report.md").exists()
+
+
+def test_validate_given_onnx_files(finished, tmp_path):
+    recipe, run = finished
+    shutil.copytree(run, tmp_path / "runs" / "tiny")
+    good = tmp_path / "runs" / "tiny" / "student.onnx"
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not a model")
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", good)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "runs" / "tiny" / "validation.files.json").read_text())
+    assert saved["passed"] and saved["variants"]["student.onnx"]["test_top1"] is not None
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", good, "--onnx", bad)
+    assert result.exit_code == 1 and "garbage.onnx" in result.output.splitlines()[-1]
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", tmp_path / "nope.onnx")
+    assert result.exit_code == 2 and "nope.onnx" in result.output
