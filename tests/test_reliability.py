@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import TINY
 from PIL import Image
 
 from edgedistill.cli import cli
@@ -35,19 +36,6 @@ from edgedistill.cli import cli
 # One thread (in-process and in subprocesses): on a shared 2-core box two threads wait on each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "240"}
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"source": "digits", "image_size": 8, "batch_size": 16, "eval_batch_size": 64, "train_limit": 64, "test_limit": 32},
-    "teacher": {"source": "train", "arch": "shufflenet_v2_x0_5", "train": {"epochs": 1, "optimizer": {"lr": 0.05}}},
-    "student": {"arch": "shufflenet_v2_x0_5"},
-    "energy": {"fraction": 0.2},
-    "distill": {"epochs": 2, "optimizer": {"lr": 0.05}, "loss": {"name": "energy_kd"}},
-    "augment": {"fraction": 0.2, "profile_steps": 1},
-    "export": {"formats": ["fp32"]},
-    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4},
-}
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
