@@ -55,7 +55,7 @@ def main() -> None:
         (ctx.run / "bench" / f"{tag}.jsonl").unlink(missing_ok=True)
         result = fit(
             build_run_student(ctx), objective,
-            ImageDataset(ctx.data.train, ctx.image_size, train=True, seed=recipe.seed),
+            ctx.train_set(),
             ImageDataset(ctx.data.test, ctx.image_size, train=False),
             recipe.distill, loop, ctx.device,
         )

@@ -295,10 +295,11 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class ImageDataset(Dataset):
-    """Images of one split at ``size`` pixels; random crop+flip when ``train``."""
+    """Images of one split at ``size`` pixels; random crop (and horizontal flip, unless ``hflip`` is off:
+    digits, text and signs are not mirror-symmetric) when ``train``."""
 
-    def __init__(self, split: Split, size: int, train: bool, seed: int = 0):
-        self.split, self.size, self.train, self.seed = split, size, train, seed
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, hflip: bool = True):
+        self.split, self.size, self.train, self.seed, self.hflip = split, size, train, seed, hflip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -311,7 +312,7 @@ class ImageDataset(Dataset):
         img = self._read(i)  # uint8 (3, H, W)
         g = sample_generator(self.seed, self.epoch, i) if self.train else None
         small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
-        img = (_small_train if small else _large_train)(img, self.size, g) if self.train else _eval(img, self.size, small)
+        img = (_small_train if small else _large_train)(img, self.size, g, self.hflip) if self.train else _eval(img, self.size, small)
         return img, int(self.split.labels[i]), i
 
     def _read(self, i: int) -> torch.Tensor:
@@ -336,19 +337,20 @@ def _resize(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _small_train(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+def _small_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> torch.Tensor:
     """CIFAR recipe: resize, reflect-pad by size/8, random crop, horizontal flip."""
     img = _resize(img, size)
     pad = max(1, size // 8)
     padded = F.pad(img[None].float(), (pad, pad, pad, pad), mode="reflect")[0]
     top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
     out = padded[:, top : top + size, left : left + size]
-    if torch.rand(1, generator=g).item() < 0.5:
+    # the coin is drawn even when unused, so hflip does not shift the rest of the sample's random stream
+    if torch.rand(1, generator=g).item() < 0.5 and hflip:
         out = out.flip(-1)
     return out.to(torch.uint8)
 
 
-def _large_train(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+def _large_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> torch.Tensor:
     """Inception-style random-resized crop (scale 0.25–1, ratio 3/4–4/3) and horizontal flip."""
     _, h, w = img.shape
     r = torch.rand(3, generator=g).tolist()
@@ -364,7 +366,7 @@ def _large_train(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tens
     top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
     left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
     out = _resize(img[:, top : top + ch, left : left + cw], size)
-    return out.flip(-1) if r[2] < 0.5 else out
+    return out.flip(-1) if r[2] < 0.5 and hflip else out
 
 
 def _eval(img: torch.Tensor, size: int, small: bool) -> torch.Tensor:

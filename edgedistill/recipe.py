@@ -100,6 +100,7 @@ class DataConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] = 128
     eval_batch_size: Annotated[int, Field(ge=1)] = 512
     num_workers: Annotated[int, Field(ge=0)] = 0
+    hflip: bool = True
     train_limit: Annotated[int, Field(ge=1)] | None = None
     test_limit: Annotated[int, Field(ge=1)] | None = None
     long_tail: LongTail = LongTail()

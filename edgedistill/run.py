@@ -151,6 +151,12 @@ class RunContext:
     def image_size(self) -> int:
         return self.data.image_size
 
+    def train_set(self):
+        """The augmented training split, as every training stage sees it."""
+        from edgedistill.data import ImageDataset
+
+        return ImageDataset(self.data.train, self.image_size, train=True, seed=self.recipe.seed, hflip=self.recipe.data.hflip)
+
     def print(self, *args, **kwargs) -> None:
         if self.dist.is_main:
             console.print(*args, **kwargs)

@@ -33,7 +33,7 @@ def teacher_stage(ctx: RunContext) -> dict:
         ctx.print(f"training the teacher ({cfg.arch or 'resnet18'}, {cfg.train.epochs} epochs)")
         result = fit(
             net, CrossEntropyObjective(),
-            ImageDataset(data.train, ctx.image_size, train=True, seed=ctx.recipe.seed),
+            ctx.train_set(),
             ImageDataset(data.test, ctx.image_size, train=False),
             cfg.train, _loop(ctx, "teacher", ctx.run / "checkpoints" / "teacher", ctx.run / "teacher_metrics.jsonl"),
             ctx.device, ctx.dist,
@@ -173,7 +173,7 @@ def distill_stage(ctx: RunContext) -> dict:
     data = ctx.data
     result = fit(
         student, distill_objective(ctx, fraction),
-        ImageDataset(data.train, ctx.image_size, train=True, seed=ctx.recipe.seed),
+        ctx.train_set(),
         ImageDataset(data.test, ctx.image_size, train=False),
         ctx.recipe.distill, _loop(ctx, "distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"),
         ctx.device, ctx.dist,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from edgedistill.data import DATA_SOURCES, ImageDataset, limit_indices, load_data, long_tail_indices
+from edgedistill.data import DATA_SOURCES, ImageDataset, Split, limit_indices, load_data, long_tail_indices
 from edgedistill.errors import InputError
 from edgedistill.models import STUDENTS, TEACHERS, build_student, build_torchvision, load_teacher
 from edgedistill.recipe import DataConfig, TeacherConfig
@@ -210,6 +210,24 @@ def test_imagefolder_reads_converts_and_resizes(tmp_path):
             assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and index == i
     gray = ImageDataset(b.train, 16, train=False)[[p.name for p in b.train.paths].index("gray.png")][0]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+@pytest.mark.parametrize("size", [16, 96])  # the small-image (pad+crop) and the large-image (resized crop) recipe
+def test_hflip_off_never_mirrors_and_keeps_the_crops(size):
+    """A left-to-right ramp is never mirrored without hflip; with it, about half the samples are, and every
+    unmirrored sample is the same crop either way (the random stream is not shifted)."""
+    ramp = np.broadcast_to(np.linspace(0, 255, size).astype(np.uint8)[None, :, None], (size, size, 3))
+    split = Split(np.zeros(64, np.int64), np.repeat(ramp[None], 64, axis=0))
+    on, off = ImageDataset(split, size, train=True, seed=1), ImageDataset(split, size, train=True, seed=1, hflip=False)
+    mirrored = 0
+    for i in range(64):
+        a, b = on[i][0].float(), off[i][0].float()
+        assert b[:, :, : size // 2].mean() < b[:, :, size // 2 :].mean()  # the bright side stays on the right
+        if torch.equal(a, b):
+            continue
+        assert torch.equal(a, b.flip(-1))
+        mirrored += 1
+    assert 16 < mirrored < 48
 
 
 def test_imagefolder_default_image_size_is_224(tmp_path):
