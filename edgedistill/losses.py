@@ -248,6 +248,9 @@ def ce(batch: LossBatch) -> dict[str, Tensor]:
     return {"loss": loss, "ce": loss.detach()}
 
 
+ce.uses_teacher = False  # the training objective then skips the teacher's forward pass
+
+
 @LOSSES.register("kd")
 def kd(
     batch: LossBatch,

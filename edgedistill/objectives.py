@@ -61,6 +61,8 @@ class DistillObjective:
         self.teacher, self.loss_fn, self.params, self.energy = teacher, loss_fn, params, energy
         self.augmenter = augmenter if augmenter is not None and augmenter.active else None
         self.augment_weight = augment_weight
+        # a loss that never reads the teacher (the no-teacher baseline) skips its forward pass
+        self.uses_teacher = getattr(loss_fn, "uses_teacher", True)
 
     def set_epoch(self, epoch: int) -> None:
         if self.augmenter:
@@ -77,9 +79,12 @@ class DistillObjective:
         b = len(x)
         mixed = self.augmenter(x, self.energy.static(indices)[1]) if self.augmenter else None
         inputs = torch.cat([x, mixed.images.to(x.dtype)]) if mixed is not None and len(mixed.images) else x
-        with torch.no_grad():
-            teacher_all = self.teacher(inputs).float()
         student_all = model(inputs)
+        if self.uses_teacher:
+            with torch.no_grad():
+                teacher_all = self.teacher(inputs).float()
+        else:
+            teacher_all = torch.zeros(student_all.shape, dtype=torch.float32, device=student_all.device)
         group, quantile = self.energy.lookup(indices, teacher_all[:b])
         out = self.loss_fn(LossBatch(student_all[:b], teacher_all[:b], y, group, quantile, epoch), **self.params)
         if len(inputs) > b:

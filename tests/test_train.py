@@ -1,4 +1,5 @@
-"""The training loop: resume (at an epoch boundary and mid-epoch) gives the weights of an uninterrupted run."""
+"""The training loop: resume (at an epoch boundary and mid-epoch) gives the weights of an uninterrupted run;
+the distillation objective calls the teacher only for losses that read it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 
 from edgedistill.data import ImageDataset, Split
+from edgedistill.energy import EnergyIndex
 from edgedistill.errors import Interrupted, TrainingDiverged
+from edgedistill.losses import LOSSES
 from edgedistill.models import build_student
-from edgedistill.objectives import CrossEntropyObjective
-from edgedistill.recipe import TrainConfig
+from edgedistill.objectives import CrossEntropyObjective, DistillObjective
+from edgedistill.recipe import EnergyConfig, TrainConfig
 from edgedistill.train import LoopConfig, fit, lr_factor
 
 
@@ -142,3 +145,27 @@ def test_lr_schedule_shapes():
     assert lr_factor(100, 100, 10, "cosine", [], 0.1) == pytest.approx(0.0)
     assert lr_factor(55, 100, 0, "multistep", [50, 80], 0.1) == pytest.approx(0.1)
     assert lr_factor(85, 100, 0, "multistep", [50, 80], 0.1) == pytest.approx(0.01)
+
+
+class CountingTeacher(torch.nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.calls, self.classes = 0, classes
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.randn(len(x), self.classes)
+
+
+@pytest.mark.parametrize("loss, teacher_calls", [("ce", 0), ("kd", 1), ("energy_kd", 1)])
+def test_teacher_runs_only_for_losses_that_read_it(loss, teacher_calls):
+    """The no-teacher baseline must not pay for a teacher forward pass; every distillation loss must get one."""
+    energy = np.linspace(-5, 5, 8).astype(np.float32)
+    index = EnergyIndex.from_scores(energy, np.arange(8), np.array([-1, -1, 0, 0, 0, 0, 1, 1]), -3.0, 3.0, EnergyConfig())
+    teacher = CountingTeacher(3)
+    objective = DistillObjective(teacher, LOSSES.get(loss), {}, index)
+    model = tiny_model()
+    x = torch.rand(8, 3, 16, 16)
+    losses, logits = objective(model, x, torch.arange(8) % 3, torch.arange(8), 0.0)
+    losses["loss"].backward()
+    assert teacher.calls == teacher_calls and logits.shape == (8, 3) and torch.isfinite(losses["loss"])
