@@ -41,7 +41,9 @@ class CostModel:
     student_step_per_sample: float  # student forward + backward + its share of the optimizer step
     teacher_per_sample: float  # teacher forward
     augment_per_sample: float  # building one mixed sample
-    fixed_per_step: float  # data loading and other per-step overhead
+    # The per-step intercept: data loading and other per-step overhead. It is negative when a bigger batch costs
+    # more per sample than a smaller one (on CPUs it can), which is what keeps both measured steps exact.
+    fixed_per_step: float
     eval_seconds: float = 0.0  # test evaluation per epoch, as measured for this layout (not divided by world_size)
     world_size: int = 1
 
@@ -52,8 +54,8 @@ class CostModel:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("student_step_per_sample", "teacher_per_sample", "augment_per_sample", "fixed_per_step", "eval_seconds"):
             v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0 seconds, got {v!r}")
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or (v < 0 and name != "fixed_per_step"):
+                raise ValueError(f"{name} must be a finite number{'' if name == 'fixed_per_step' else ' >= 0'} seconds, got {v!r}")
         if self.epoch_seconds(0.0) <= 0:
             raise ValueError("the cost model predicts a plain epoch of 0 seconds; at least one cost must be > 0")
 
@@ -203,10 +205,12 @@ def from_step_timings(
     * ``teacher_seconds_per_sample`` (t) and ``augment_seconds_per_sample`` (a) are timed on their own.
 
     The marginal cost of an extra sample is measured by difference, ``m = (X − P) / e``; the student's share
-    is what the teacher and the augmentation leave of it, ``s = m − t − a``; the per-step overhead is what
+    is what the teacher and the augmentation leave of it, ``s = m − t − a``; the per-step intercept is what
     the samples leave of the plain step, ``fixed = P − B·(s + t)``. The model then reproduces both measured
-    steps exactly. Timing noise can push ``s`` or ``fixed`` below 0; they are then clamped to 0 with a
-    warning (the prediction is then no longer exact; time more steps).
+    steps exactly, and is their straight line in between. ``fixed`` is negative when the bigger step costs
+    more per sample than the plain one (CPU caches); clamping it would inflate the plain epoch and so shrink
+    every predicted overhead. Timing noise can push ``s`` below 0; it is then clamped to 0 with a warning
+    (the extra step is then no longer exact; time more steps).
     """
     if isinstance(extras_per_step, bool) or not isinstance(extras_per_step, numbers.Integral) or extras_per_step < 1:
         raise ValueError(f"extras_per_step must be a positive integer, got {extras_per_step!r}")
@@ -230,21 +234,13 @@ def from_step_timings(
             stacklevel=2,
         )
         student = 0.0
-    fixed = plain_step_seconds - batch_size * (student + t)
-    if fixed < 0:
-        warnings.warn(
-            f"the plain step ({plain_step_seconds:.3g} s) is shorter than its samples' predicted cost "
-            f"({batch_size * (student + t):.3g} s); per-step overhead clamped to 0",
-            stacklevel=2,
-        )
-        fixed = 0.0
     return CostModel(
         n_train=n_train,
         batch_size=batch_size,
         student_step_per_sample=student,
         teacher_per_sample=t,
         augment_per_sample=a,
-        fixed_per_step=fixed,
+        fixed_per_step=plain_step_seconds - batch_size * (student + t),
         eval_seconds=float(eval_seconds),
         world_size=world_size,
     )

@@ -6,6 +6,7 @@ The pure cost model and the choice live in :mod:`edgedistill.budget`; this modul
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 
 import torch
@@ -67,7 +68,7 @@ def _decide(ctx: RunContext, cost: CostModel) -> tuple[float | None, str, dict |
 
 
 def measure_cost(ctx: RunContext) -> CostModel:
-    """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample."""
+    """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns."""
     from edgedistill.stages import build_run_student, distill_objective
 
     steps = ctx.recipe.augment.profile_steps
@@ -76,7 +77,7 @@ def measure_cost(ctx: RunContext) -> CostModel:
     precision = Precision.for_device(device, ctx.recipe.distill.amp)
     channels_last = ctx.recipe.distill.channels_last and device.type == "cuda"
 
-    train = ImageDataset(data.train, ctx.image_size, train=True, seed=ctx.recipe.seed)
+    train = ctx.train_set()
     sampler = EpochSampler(len(train), seed=ctx.recipe.seed, shuffle=True, rank=ctx.dist.rank, world=ctx.dist.world)
     loader = make_loader(train, d.batch_size, sampler, num_workers=d.num_workers, pin_memory=device.type == "cuda")
     n_batches = WARMUP_STEPS + steps
@@ -90,8 +91,9 @@ def measure_cost(ctx: RunContext) -> CostModel:
         student.to(memory_format=torch.channels_last)
     student.train()
     optimizer = build_optimizer(student, ctx.recipe.distill.optimizer)
-    plain = distill_objective(ctx, fraction=0.0)
-    extra = distill_objective(ctx, fraction=0.0)
+    # plain: no extras whatever the selection mode ('all' ignores the fraction); extra: one per sample
+    plain, extra = distill_objective(ctx, fraction=0.0), distill_objective(ctx, fraction=0.0)
+    plain.augmenter = None
     extra.augmenter = Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0, ctx.recipe.seed)
     extra.augmenter.set_epoch(0)
 
@@ -103,21 +105,33 @@ def measure_cost(ctx: RunContext) -> CostModel:
         losses["loss"].backward()
         optimizer.step()
 
-    def timed(fn) -> float:
-        for b in batches[:WARMUP_STEPS]:
-            fn(*b)
-        _sync(device)
-        t = time.perf_counter()
-        for b in batches[WARMUP_STEPS:]:
-            fn(*b)
-        _sync(device)
-        return (time.perf_counter() - t) / steps
+    def timed(*fns) -> list[float]:
+        """Median seconds per step of each function, run in turn on the same batches.
 
-    plain_step = timed(lambda *b: step(plain, *b)) + load_per_step
-    extra_step = timed(lambda *b: step(extra, *b)) + load_per_step
+        Taking turns exposes every function to the same background load, and the median drops the odd step
+        that a noisy (shared) machine stalls: the plain-vs-extra difference is what the cost model rests on.
+        """
+        for b in batches[:WARMUP_STEPS]:
+            for fn in fns:
+                fn(*b)
+        seconds = [[] for _ in fns]
+        for b in batches[WARMUP_STEPS:]:
+            for fn, out in zip(fns, seconds):
+                _sync(device)
+                t = time.perf_counter()
+                fn(*b)
+                _sync(device)
+                out.append(time.perf_counter() - t)
+        return [statistics.median(s) for s in seconds]
+
+    plain_step, extra_step = (s + load_per_step for s in timed(lambda *b: step(plain, *b), lambda *b: step(extra, *b)))
+    # the no-teacher baseline never runs the teacher, so its steps must not be charged for one
+    teacher = ctx.teacher if plain.uses_teacher else (lambda x: x)
     with torch.no_grad():
-        teacher_step = timed(lambda images, *_: ctx.teacher(to_float(images, device, channels_last)))
-        augment_step = timed(lambda images, *_: extra.augmenter(to_float(images, device, channels_last), torch.zeros(len(images))))
+        teacher_step, augment_step = timed(
+            lambda images, *_: teacher(to_float(images, device, channels_last)),
+            lambda images, *_: extra.augmenter(to_float(images, device, channels_last), torch.zeros(len(images))),
+        )
     eval_seconds = _eval_seconds(ctx, student, precision)
     if not all(map(_finite, (plain_step, extra_step, teacher_step, augment_step))):
         raise InputError("plan: the profiling run produced no usable timings")

@@ -66,6 +66,7 @@ def test_cost_model_validation():
         model(teacher_per_sample=-1.0)
     with pytest.raises(ValueError, match="fixed_per_step"):
         model(fixed_per_step=float("nan"))
+    assert model(fixed_per_step=-0.01).fixed_per_step == -0.01  # an intercept, see from_step_timings
     with pytest.raises(ValueError, match="0 seconds"):
         model(student_step_per_sample=0.0, teacher_per_sample=0.0, fixed_per_step=0.0, eval_seconds=0.0)
     with pytest.raises(ValueError, match="r must be"):
@@ -207,11 +208,23 @@ def test_from_step_timings_clamps_noise_with_a_warning():
     with pytest.warns(UserWarning, match="student step cost clamped"):
         c = from_step_timings(1000, 10, 0.1, 0.1001, 10, 1e-4, 1e-4)
     assert c.student_step_per_sample == 0.0
-    with pytest.warns(UserWarning, match="overhead clamped"):
-        c = from_step_timings(1000, 10, 0.01, 0.11, 10, 1e-4, 1e-4)
-    assert c.fixed_per_step == 0.0
+    assert c.epoch_seconds(0) == pytest.approx(100 * 0.1)  # the plain step still holds
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from_step_timings(1000, 10, 0.1, 0.12, 10, 1e-4, 1e-4)
+
+
+def test_from_step_timings_keeps_both_steps_when_extras_cost_more_per_sample():
+    """A doubled batch costing more than twice the plain one (CPU caches) gives a negative per-step intercept,
+    not a clamp: the plain epoch and the all-extras epoch both stay as measured."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = from_step_timings(1000, 10, plain_step_seconds=0.8, extra_step_seconds=2.0, extras_per_step=10,
+                              augment_seconds_per_sample=1e-3, teacher_seconds_per_sample=0.02)
+    assert c.fixed_per_step == pytest.approx(0.8 - 10 * (0.12 - 1e-3))
+    assert c.fixed_per_step < 0
+    assert c.epoch_seconds(0) == pytest.approx(100 * 0.8)
+    assert c.epoch_seconds(1) == pytest.approx(100 * 2.0)
+    assert c.overhead(0.5) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="extras_per_step"):
         from_step_timings(1000, 10, 0.1, 0.12, 0, 1e-4, 1e-4)

@@ -191,6 +191,34 @@ def test_a_failed_gate_exits_1(finished, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("selection", ["high", "all"])
+def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_sample(finished, tmp_path, monkeypatch, selection):
+    """The cost model rests on the plain-vs-extra difference; 'all' (which ignores the fraction) once let the
+    'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead."""
+    from edgedistill import stages
+    from edgedistill.planning import WARMUP_STEPS, measure_cost
+    from edgedistill.recipe import load_recipe
+    from edgedistill.run import open_run
+
+    recipe, run = finished
+    shutil.copytree(run, tmp_path / "tiny")
+    ctx = open_run(load_recipe(recipe, [f"augment.selection={selection}", "augment.profile_steps=2"]), tmp_path, resume=True, force=True)
+    sizes: list[int] = []
+    build = stages.build_run_student
+
+    def recording(ctx):
+        model = build(ctx)
+        model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])) if torch.is_grad_enabled() else None)
+        return model
+
+    monkeypatch.setattr(stages, "build_run_student", recording)
+    cost = measure_cost(ctx)
+    b = TINY["data"]["batch_size"]
+    steps = WARMUP_STEPS + 2
+    assert sizes[: 2 * steps] == [b, 2 * b] * steps  # plain and extra steps take turns on the same batches
+    assert cost.epoch_seconds(1.0) > cost.epoch_seconds(0.0)
+
+
 def test_report_rerenders(finished, tmp_path):
     recipe, run = finished
     shutil.copytree(run, tmp_path / "runs" / "tiny")
