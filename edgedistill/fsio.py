@@ -14,12 +14,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); an artifact is shared like any file the user writes
+    # (a model that a serving account cannot read is not deployable). Windows has no fchmod, nor the need.
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, _file_mode())
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -511,6 +511,22 @@ def test_checkpoints_never_run_code(prepared, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_of_any_new_file(umask, mode, tmp_path):
+    """Temp files are private (0600); the artifact they become must not be, or a serving account cannot read it."""
+    from edgedistill import fsio
+
+    old = os.umask(umask)
+    try:
+        fsio.write_json(tmp_path / "a.json", {"x": 1})
+        with fsio.atomic_path(tmp_path / "b.bin") as tmp:
+            torch.save({"w": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.bin")] == [mode, mode]
+
+
 # ---------------------------------------------------------------- the run folder: lock, changed recipe, reuse
 
 
