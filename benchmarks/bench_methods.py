@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -38,6 +37,7 @@ from edgedistill import fsio  # noqa: E402
 from edgedistill.data import EpochSampler, make_loader, to_float  # noqa: E402
 from edgedistill.losses import LOSSES  # noqa: E402
 from edgedistill.objectives import Augmenter, DistillObjective  # noqa: E402
+from edgedistill.plots import png, pyplot  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
 from edgedistill.run import RunContext, RunFolder, open_run, run_stage  # noqa: E402
 from edgedistill.stages import build_run_student, load_energy_index  # noqa: E402
@@ -270,7 +270,7 @@ def fmt_acc(s: dict) -> str:
     return f"{s['top1_mean']:.2f}" + (f" ± {s['top1_std']:.2f}" if s["top1_std"] is not None else "")
 
 
-VERDICT_WORDS = {"better": "better", "worse": "worse", "noise": "within noise", "unknown": "no noise estimate"}
+VERDICT_WORDS = {"noise": "within noise", "unknown": "no noise estimate"}  # "better" and "worse" say themselves
 
 
 def seed_noise(summary: dict, student: str) -> float | None:
@@ -297,25 +297,12 @@ def compare(summary: dict, student: str, a: str, b: str) -> tuple[str, str] | No
     return f"{METHODS[b].label} vs {METHODS[a].label}: {sb['top1_mean']:.2f} vs {sa['top1_mean']:.2f} % ({d:+.2f} points, {words})", verdict
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    fsio.write_bytes(path, buf.getvalue())
-
-
 def plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     names = []
     methods = [m for m in METHODS if any(m in summary[s] for s in summary)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     width = 0.8 / max(len(summary), 1)
     for k, student in enumerate(summary):
         xs = [i + k * width for i, m in enumerate(methods) if m in summary[student]]
@@ -328,10 +315,10 @@ def plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out / "accuracy_cost.png")
+    fsio.write_bytes(out / "accuracy_cost.png", png(fig))
     names.append("accuracy_cost.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for student in summary:
         pts = heda_points(rows, summary, student)
         if not pts:
@@ -343,7 +330,7 @@ def plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out / "heda_cost.png")
+    fsio.write_bytes(out / "heda_cost.png", png(fig))
     names.append("heda_cost.png")
     return names
 
@@ -370,7 +357,7 @@ def write_docs(rows: list[dict], overhead: dict, protocol: str, command: str) ->
     verdicts = {st: (compare(summary, st, "kd", "energy_kd") or ("", "unknown"))[1] for st in summary}
     won = [st for st, v in verdicts.items() if v == "better"]
     L.append("Energy KD (paper direction) " + (f"beats KD beyond seed noise on {', '.join(won)}" if won else "does not beat KD beyond seed noise on any student")
-             + f" ({'; '.join(f'{st}: {VERDICT_WORDS[v]}' for st, v in verdicts.items())}).")
+             + f" ({'; '.join(f'{st}: {VERDICT_WORDS.get(v, v)}' for st, v in verdicts.items())}).")
     L.append("")
     for student in summary:
         L.append(f"**{student}**")

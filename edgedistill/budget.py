@@ -52,10 +52,13 @@ class CostModel:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("student_step_per_sample", "teacher_per_sample", "augment_per_sample", "fixed_per_step", "eval_seconds"):
+        costs = ("student_step_per_sample", "teacher_per_sample", "augment_per_sample", "eval_seconds")
+        for name in (*costs, "fixed_per_step"):
             v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or (v < 0 and name != "fixed_per_step"):
-                raise ValueError(f"{name} must be a finite number{'' if name == 'fixed_per_step' else ' >= 0'} seconds, got {v!r}")
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number of seconds, got {v!r}")
+            if v < 0 and name in costs:  # the intercept alone may be negative
+                raise ValueError(f"{name} must be >= 0 seconds, got {v!r}")
         if self.epoch_seconds(0.0) <= 0:
             raise ValueError("the cost model predicts a plain epoch of 0 seconds; at least one cost must be > 0")
 

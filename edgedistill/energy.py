@@ -7,12 +7,13 @@ that it is uncertain. The training set is sorted once by energy; with fraction `
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from edgedistill.plots import png, pyplot
 
 LOW, MIDDLE, HIGH = -1, 0, 1
 
@@ -151,10 +152,7 @@ def group_summary(groups: np.ndarray, energy: np.ndarray, confidence: np.ndarray
 
 
 def plot_histogram(energy: np.ndarray, groups: np.ndarray, low: float, high: float, temperature: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     bins = np.histogram_bin_edges(energy, bins=60)
@@ -170,15 +168,12 @@ def plot_histogram(energy: np.ndarray, groups: np.ndarray, low: float, high: flo
     ax.set_ylabel("training images")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def plot_gallery(images: np.ndarray, labels, preds, energies, class_names: list[str], per_row: int = 8) -> bytes:
     """Two rows of thumbnails: the lowest-energy images, then the highest-energy ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(images)
     rows = max(1, int(np.ceil(n / per_row)))
@@ -191,13 +186,4 @@ def plot_gallery(images: np.ndarray, labels, preds, energies, class_names: list[
         ax.set_title(f"{class_names[y][:10]}\n→{class_names[p][:10]}  E={e:.1f}", fontsize=6, color=ok)
     fig.suptitle("lowest energy (top rows) · highest energy (bottom rows); label → teacher guess", fontsize=8)
     fig.tight_layout()
-    return _png(fig)
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)

@@ -6,13 +6,13 @@ Everything here reads the run folder's files (the public contract), never in-mem
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 from rich.table import Table
 
 from edgedistill import fsio
+from edgedistill.plots import png, pyplot
 
 # ---------------------------------------------------------------- terminal tables
 
@@ -92,10 +92,7 @@ def _headline(run: Path) -> list[tuple[str, str]]:
 
 
 def training_plot(metrics: list[dict], teacher_top1: float | None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [m["epoch"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
@@ -109,10 +106,7 @@ def training_plot(metrics: list[dict], teacher_top1: float | None) -> bytes:
     ax2.set_ylabel("test top-1 (%)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def write_report(ctx) -> dict:

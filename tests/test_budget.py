@@ -212,6 +212,8 @@ def test_from_step_timings_clamps_noise_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from_step_timings(1000, 10, 0.1, 0.12, 10, 1e-4, 1e-4)
+    with pytest.raises(ValueError, match="extras_per_step"):
+        from_step_timings(1000, 10, 0.1, 0.12, 0, 1e-4, 1e-4)
 
 
 def test_from_step_timings_keeps_both_steps_when_extras_cost_more_per_sample():
@@ -226,5 +228,3 @@ def test_from_step_timings_keeps_both_steps_when_extras_cost_more_per_sample():
     assert c.epoch_seconds(0) == pytest.approx(100 * 0.8)
     assert c.epoch_seconds(1) == pytest.approx(100 * 2.0)
     assert c.overhead(0.5) == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="extras_per_step"):
-        from_step_timings(1000, 10, 0.1, 0.12, 0, 1e-4, 1e-4)

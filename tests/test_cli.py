@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -191,10 +190,11 @@ def test_a_failed_gate_exits_1(finished, tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("selection", ["high", "all"])
-def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_sample(finished, tmp_path, monkeypatch, selection):
+@pytest.mark.parametrize("selection, loss", [("high", "energy_kd"), ("all", "energy_kd"), ("high", "ce")])
+def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_sample(finished, tmp_path, monkeypatch, selection, loss):
     """The cost model rests on the plain-vs-extra difference; 'all' (which ignores the fraction) once let the
-    'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead."""
+    'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead.
+    The no-teacher baseline is neither run through the teacher nor charged for it."""
     from edgedistill import stages
     from edgedistill.planning import WARMUP_STEPS, measure_cost
     from edgedistill.recipe import load_recipe
@@ -202,7 +202,8 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
 
     recipe, run = finished
     shutil.copytree(run, tmp_path / "tiny")
-    ctx = open_run(load_recipe(recipe, [f"augment.selection={selection}", "augment.profile_steps=2"]), tmp_path, resume=True, force=True)
+    overrides = [f"augment.selection={selection}", "augment.profile_steps=2", f"distill.loss={{name: {loss}}}"]
+    ctx = open_run(load_recipe(recipe, overrides), tmp_path, resume=True, force=True)
     sizes: list[int] = []
     build = stages.build_run_student
 
@@ -212,11 +213,14 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
         return model
 
     monkeypatch.setattr(stages, "build_run_student", recording)
+    teacher_calls = []
+    ctx.teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
     cost = measure_cost(ctx)
     b = TINY["data"]["batch_size"]
     steps = WARMUP_STEPS + 2
     assert sizes[: 2 * steps] == [b, 2 * b] * steps  # plain and extra steps take turns on the same batches
     assert cost.epoch_seconds(1.0) > cost.epoch_seconds(0.0)
+    assert (len(teacher_calls) > 0) == (loss != "ce")
 
 
 def test_report_rerenders(finished, tmp_path):
