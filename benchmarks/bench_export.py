@@ -22,6 +22,7 @@ average, and ``--threads 1`` gives the steadiest comparison.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -34,10 +35,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgedistill import export as E  # noqa: E402
+from edgedistill.data import limit_indices  # noqa: E402
 from edgedistill.models import build_student, load_checkpoint  # noqa: E402
-from edgedistill.recipe import ValidateConfig  # noqa: E402
-from edgedistill.validate import validate_onnx_file, validate_variants  # noqa: E402
+from edgedistill.recipe import ExportConfig, ValidateConfig  # noqa: E402
+from edgedistill.targets import TARGETS, export_all, onnx_metadata, register  # noqa: E402
+from edgedistill.targets.int8 import INT8_ACTIVATION_TYPE, Int8, quantize_int8  # noqa: E402
+from edgedistill.validate import validate_export, validate_onnx_file  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"
@@ -47,8 +50,8 @@ def load_npz(path: Path, num_test: int, num_calib: int, seed: int):
     """Class-balanced test subset and calibration images as (N, 3, H, W) float32 in [0, 1]."""
     with np.load(path) as d:
         y_test, y_train = d["y_test"].astype(np.int64), d["y_train"].astype(np.int64)
-        ti = np.sort(E.class_balanced_sample(y_test, num_test, seed))
-        ci = E.class_balanced_sample(y_train, num_calib, seed + 1)
+        ti = limit_indices(y_test, num_test, seed)
+        ci = limit_indices(y_train, num_calib, seed + 1)
         x_test, x_cal = d["x_test"][ti], d["x_train"][ci]
         names = [str(c) for c in d["class_names"]] if "class_names" in d.files else None
     nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0  # noqa: E731
@@ -65,6 +68,19 @@ def build(args, num_classes: int):
         state = ck.get("model", ck)
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if hasattr(v, "shape")})
     return model.eval()
+
+
+@register
+class Int8S8S8(Int8):
+    """int8 with int8 activations (S8S8), for comparison with the default U8S8: a target of this script only."""
+
+    name = "int8-s8s8"
+    files = ("student.int8-s8s8.onnx",)
+
+    def build(self, ctx):
+        calibration = ctx.calibration_images[: ctx.cfg.calibration.samples]
+        return quantize_int8(ctx.file_of("fp32"), ctx.out_dir / self.files[0], calibration, ctx.cfg.calibration.method,
+                             activation_type="qint8")
 
 
 def fmt_size(n):
@@ -112,32 +128,28 @@ def main(argv=None) -> int:
     notes = []
     if args.onnx_dir:
         out = args.onnx_dir
-        variants = {k: out / f for k, f in E.VARIANT_FILES.items() if (out / f).exists()}
+        summary_file = out / "export.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+        else:
+            summary = {"variants": {n: {"path": TARGETS.get(n).files[0]} for n in TARGETS if (out / TARGETS.get(n).files[0]).exists()}}
     else:
         out = args.out_dir or Path(tmp := tempfile.mkdtemp(prefix="bench-export-"))
-        out.mkdir(parents=True, exist_ok=True)
-        meta = E.onnx_metadata(class_names, args.image_size, CIFAR_MEAN, CIFAR_STD, "benchmark")
-        t = time.perf_counter()
-        info = E.export_onnx(model, out / E.VARIANT_FILES["fp32"], image_size=args.image_size, metadata=meta)
-        notes.append(f"fp32 export: {info['exporter']} exporter, opset {info['opset']}, {time.perf_counter() - t:.1f} s")
-        variants = {"fp32": out / E.VARIANT_FILES["fp32"], "int8": out / E.VARIANT_FILES["int8"]}
-        t = time.perf_counter()
-        E.quantize_int8(variants["fp32"], variants["int8"], x_cal, args.calib_method)
-        notes.append(f"int8 ({E.INT8_ACTIVATION_TYPE} activations, {args.calib_method}, {len(x_cal)} images): "
-                     f"{time.perf_counter() - t:.1f} s")
-        if args.s8s8:
-            variants["int8-s8s8"] = out / "student.int8-s8s8.onnx"
-            E.quantize_int8(variants["fp32"], variants["int8-s8s8"], x_cal, args.calib_method, activation_type="qint8")
-        if args.fp16:
-            variants["fp16"] = out / E.VARIANT_FILES["fp16"]
-            E.convert_fp16(variants["fp32"], variants["fp16"])
+        formats = ["fp32", "int8"] + ["int8-s8s8"] * args.s8s8 + ["fp16"] * args.fp16
+        export_cfg = ExportConfig(formats=formats, calibration={"samples": len(x_cal), "method": args.calib_method})
+        meta = onnx_metadata(class_names, args.image_size, CIFAR_MEAN, CIFAR_STD, "benchmark")
+        summary = export_all(model, out, export_cfg, image_size=args.image_size, calibration_images=x_cal, metadata=meta)
+        notes.append(f"fp32 export: {summary['exporter']} exporter, opset {summary['opset']}, "
+                     f"{summary['variants']['fp32']['seconds']:.1f} s")
+        notes.append(f"int8 ({INT8_ACTIVATION_TYPE} activations, {args.calib_method}, {len(x_cal)} images): "
+                     f"{summary['variants']['int8']['seconds']:.1f} s")
 
     if model is not None:
-        res = validate_variants(model, variants, x_test, y_test, cfg, throughput_seconds=args.seconds)
+        res = validate_export(model, out, summary, x_test, y_test, cfg, throughput_seconds=args.seconds)
     else:
         res = {"torch_top1": None, "torch_images_per_second": None, "variants": {}}
-        for name, path in variants.items():
-            res["variants"][name] = validate_onnx_file(path, x_test, y_test, cfg, name=name,
+        for name, info in summary["variants"].items():
+            res["variants"][name] = validate_onnx_file(out / info["path"], x_test, y_test, cfg, name=name,
                                                        throughput_seconds=args.seconds)["variants"][name]
 
     eager = res.get("torch_images_per_second")

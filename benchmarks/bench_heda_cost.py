@@ -13,7 +13,6 @@ Writes ``benchmarks/results/heda_cost.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -21,12 +20,10 @@ from pathlib import Path
 import torch
 
 from edgedistill import fsio
-from edgedistill.data import ImageDataset
 from edgedistill.objectives import Augmenter
 from edgedistill.planning import measure_cost
 from edgedistill.recipe import load_recipe
 from edgedistill.run import open_run, run_stage
-from edgedistill.stages import build_run_student, distill_objective
 from edgedistill.train import LoopConfig, fit
 
 
@@ -47,17 +44,14 @@ def main() -> None:
     cost = measure_cost(ctx)
     rows = []
     for r in args.rs:
-        objective = distill_objective(ctx, fraction=r if r < 1 else 0.0)
+        objective = ctx.objective(fraction=r if r < 1 else 0.0)
         if r >= 1:  # r = 1 is ordinary full-data augmentation: every sample gets a mixed copy
             objective.augmenter = Augmenter(recipe.augment.method, recipe.augment.alpha, "all", 1.0, recipe.seed)
         tag = f"r{r:g}"
         loop = LoopConfig(ctx.run / "bench" / tag, ctx.run / "bench" / f"{tag}.jsonl", recipe.data.batch_size, recipe.data.eval_batch_size, recipe.seed)
         (ctx.run / "bench" / f"{tag}.jsonl").unlink(missing_ok=True)
         result = fit(
-            build_run_student(ctx), objective,
-            ctx.train_set(),
-            ImageDataset(ctx.data.test, ctx.image_size, train=False),
-            recipe.distill, loop, ctx.device,
+            ctx.build_student(), objective, ctx.train_set(), ctx.test_set(), recipe.distill, loop, ctx.device,
         )
         measured = result.epochs[0]["epoch_seconds"]
         predicted = cost.epoch_seconds(r) - cost.eval_seconds

@@ -39,8 +39,9 @@ from edgedistill.losses import LOSSES  # noqa: E402
 from edgedistill.objectives import Augmenter, DistillObjective  # noqa: E402
 from edgedistill.plots import png, pyplot  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
-from edgedistill.run import RunContext, RunFolder, open_run, run_stage  # noqa: E402
-from edgedistill.stages import build_run_student, load_energy_index  # noqa: E402
+from edgedistill.context import RunContext  # noqa: E402
+from edgedistill.folder import RunFolder  # noqa: E402
+from edgedistill.run import open_run, run_stage  # noqa: E402
 from edgedistill.train import build_optimizer  # noqa: E402
 
 BASE_RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
@@ -153,7 +154,7 @@ def run_config(cfg: Config, protocol: str) -> None:
         full = RunContext(config_recipe(cfg, protocol, "data.test_limit=null"), ctx.run, ctx.dist, resume=True)
         validation = ctx.run / "validation.json"
         if validation.exists() and json.loads(validation.read_text())["settings"]["test_images"] != len(full.data.test):
-            ctx.run.clear_from(["validate"])
+            ctx.run.clear(["validate"])
         for stage in DEPLOY_STAGES:
             if not ctx.run.done(stage):
                 run_stage(full, stage)
@@ -201,9 +202,9 @@ def loss_overhead(ctx: RunContext, names: list[str], rounds: int) -> dict[str, f
     train = ctx.train_set()
     loader = make_loader(train, ctx.recipe.data.batch_size, EpochSampler(len(train), seed=0, shuffle=True), num_workers=0)
     batches = list(itertools.islice(loader, rounds + 2))
-    student = build_run_student(ctx).to(ctx.device).train()
+    student = ctx.build_student().to(ctx.device).train()
     optimizer = build_optimizer(student, ctx.recipe.distill.optimizer)
-    energy = load_energy_index(ctx)
+    energy = ctx.energy_index()
     no_augment = Augmenter(ctx.recipe.augment.method, None, "high", 0.0, 0)
     objectives = {n: DistillObjective(ctx.teacher, LOSSES.get(n), {}, energy, no_augment) for n in names}
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
@@ -351,7 +352,7 @@ def write_docs(rows: list[dict], overhead: dict, protocol: str, command: str) ->
     teacher = next((r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None), None)
     L.append(f"In plain words: the students reach {min(tops):.1f}–{max(tops):.1f} % top-1 here"
              + (f" (the teacher: {teacher:.2f} %)" if teacher is not None else "")
-             + f", so this protocol ranks the methods early in training, not at convergence where the paper measures them. "
+             + ", so this protocol ranks the methods early in training, not at convergence where the paper measures them. "
              "A difference counts only when it is more than twice the seed-to-seed spread.")
     L.append("")
     verdicts = {st: (compare(summary, st, "kd", "energy_kd") or ("", "unknown"))[1] for st in summary}

@@ -96,8 +96,9 @@ def _sigterm_interrupts():
 @contextlib.contextmanager
 def _opened(recipe_path: Path, overrides, out: Path, resume: bool, force: bool, new_run: bool = False):
     """Load the recipe, take the run folder's lock, then open the run (nothing is written before the lock)."""
+    from edgedistill.folder import RunFolder
     from edgedistill.recipe import load_recipe
-    from edgedistill.run import RunFolder, open_run
+    from edgedistill.run import open_run
 
     recipe = load_recipe(recipe_path, list(overrides))
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the lock for the job
@@ -166,7 +167,7 @@ _stage_command("export", "Export the student to ONNX (fp32, int8, fp16, edge).")
 
 @cli.command()
 @RECIPE
-@click.option("--onnx", "onnx_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--onnx", "onnx_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help="Validate this ONNX file (repeatable) on the recipe's test data instead of the run's exports: accuracy, latency, size.")
 @common
 def validate(recipe: Path, onnx_files, overrides, out: Path, resume: bool, force: bool):

@@ -16,18 +16,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edgedistill.errors import InputError
 from edgedistill.registry import Registry
+from edgedistill.transforms import SMALL_IMAGE, eval_transform, train_transform
 
 log = logging.getLogger("edgedistill")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SMALL_IMAGE = 64  # at or below: CIFAR-style pad+crop; above: random-resized-crop
 
 
 # ---------------------------------------------------------------- splits
@@ -312,7 +311,7 @@ class ImageDataset(Dataset):
         img = self._read(i)  # uint8 (3, H, W)
         g = sample_generator(self.seed, self.epoch, i) if self.train else None
         small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
-        img = (_small_train if small else _large_train)(img, self.size, g, self.hflip) if self.train else _eval(img, self.size, small)
+        img = train_transform(img, self.size, small, g, self.hflip) if self.train else eval_transform(img, self.size, small)
         return img, int(self.split.labels[i]), i
 
     def _read(self, i: int) -> torch.Tensor:
@@ -327,58 +326,6 @@ class ImageDataset(Dataset):
         except OSError as e:
             raise InputError(f"data.root: {path} could not be decoded ({e})") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def _resize(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    size = (size, size) if isinstance(size, int) else size
-    if tuple(img.shape[1:]) == tuple(size):
-        return img
-    out = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
-
-
-def _small_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> torch.Tensor:
-    """CIFAR recipe: resize, reflect-pad by size/8, random crop, horizontal flip."""
-    img = _resize(img, size)
-    pad = max(1, size // 8)
-    padded = F.pad(img[None].float(), (pad, pad, pad, pad), mode="reflect")[0]
-    top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
-    out = padded[:, top : top + size, left : left + size]
-    # the coin is drawn even when unused, so hflip does not shift the rest of the sample's random stream
-    if torch.rand(1, generator=g).item() < 0.5 and hflip:
-        out = out.flip(-1)
-    return out.to(torch.uint8)
-
-
-def _large_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> torch.Tensor:
-    """Inception-style random-resized crop (scale 0.25–1, ratio 3/4–4/3) and horizontal flip."""
-    _, h, w = img.shape
-    r = torch.rand(3, generator=g).tolist()
-    for attempt in range(10):
-        area = h * w * (0.25 + 0.75 * r[0])
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[1])
-        cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
-        if 0 < cw <= w and 0 < ch <= h:
-            break
-        r = torch.rand(3, generator=g).tolist()
-    else:
-        ch = cw = min(h, w)
-    top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-    left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-    out = _resize(img[:, top : top + ch, left : left + cw], size)
-    return out.flip(-1) if r[2] < 0.5 and hflip else out
-
-
-def _eval(img: torch.Tensor, size: int, small: bool) -> torch.Tensor:
-    """Small images: resize only. Larger: resize the short side to size/0.875, centre crop."""
-    if small:
-        return _resize(img, size)
-    _, h, w = img.shape
-    short = int(round(size / 0.875))
-    scale = short / min(h, w)
-    img = _resize(img, (max(size, round(h * scale)), max(size, round(w * scale))))
-    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
-    return img[:, top : top + size, left : left + size]
 
 
 # ---------------------------------------------------------------- sampling and loading

@@ -6,6 +6,8 @@ so the codes live here and nowhere else.
 
 from __future__ import annotations
 
+import re
+
 OK = 0
 GATE_FAILED = 1
 BAD_INPUT = 2
@@ -59,3 +61,23 @@ class Interrupted(EdgeDistillError):
     """SIGINT / SIGTERM: state was saved and the run can be resumed."""
 
     exit_code = INTERRUPTED
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CPP_FRAME = re.compile(r"/\S+\.(?:cc|cpp|h):\d+ [\w:~<>]+\([^()]*\)\s*")  # ONNX Runtime's "file.cc:256 ns::Fn(args) "
+_TORCHSCRIPT_HEAD = "The following operation failed in the TorchScript interpreter"
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The informative head of an exception message, for one-line errors: its first line, first sentence,
+    at most ``limit`` characters, without ANSI colour codes or ONNX Runtime's C++ source locations.
+
+    TorchScript interpreter errors start with a boilerplate line; their cause is on the last line.
+    An empty message gives the exception's type name.
+    """
+    lines = [line.strip() for line in _CPP_FRAME.sub("", _ANSI.sub("", str(e))).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[-1] if lines[0].startswith(_TORCHSCRIPT_HEAD) else lines[0]
+    text = text.removeprefix("RuntimeError: ")
+    return text.partition(". ")[0].rstrip(".")[:limit]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """The mode ``open()`` would give a new file under the current umask (0666 minus the umask)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -30,7 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # mkstemp makes the file private (0600); an artifact is shared like any file the user writes
     # (a model that a serving account cannot read is not deployable). Windows has no fchmod, nor the need.
     if hasattr(os, "fchmod"):
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, file_mode())
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -1,14 +1,19 @@
-"""Distillation losses: one pure function per method.
+"""Distillation losses: each registered loss is a divergence at the temperatures a policy picks.
 
-Contract (the training loop relies on nothing else):
+Contract (the training loop and the recipe layer rely on nothing else): every registered loss is a callable
 
-    @LOSSES.register("name")
-    def name(batch: LossBatch, *, param: type = default, ...) -> dict[str, Tensor]
+    name(batch: LossBatch, *, param: type = default, ...) -> dict[str, Tensor]
 
-* the keyword-only parameters are exactly what a recipe may set under ``distill.loss``;
-  they are type-checked when the recipe loads;
+* the keyword-only parameters, with their annotations and defaults as ``inspect.signature`` reports them, are
+  exactly what a recipe may set under ``distill.loss``; they are type-checked when the recipe loads;
 * the result holds ``"loss"`` (a scalar to minimise) and its named parts (detached scalars, for logging);
 * ``batch.target is None`` means "no hard labels" (mixed HE-DA samples): the CE term is skipped.
+
+Structure: a loss is a *divergence* (:func:`kd_divergence`, :func:`dkd_divergence`, :func:`mlkd_divergence`:
+per-sample temperatures → the result above) × a *temperature policy* (:data:`CONSTANT`, :data:`ENERGY`,
+:data:`GRADED`: batch → per-sample temperatures).  :func:`compose` registers a pair under its name with a
+signature built from both, the policy's parameters where the temperature has always been: ``energy_kd`` is
+``kd`` plus ``t_plus`` / ``t_minus`` by construction.  ``ce`` needs no teacher and is a plain function.
 
 Conventions shared by every distillation loss here:
 
@@ -27,8 +32,11 @@ Equations, defaults and sources: ``docs/methods.md``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +166,7 @@ def _mlkd_terms(zs: Tensor, zt: Tensor, t_vecs: list[Tensor]) -> tuple[Tensor, T
     return inst / k, bc / k, cc / k
 
 
-# ---------------------------------------------------------------- shared plumbing
+# ---------------------------------------------------------------- divergences and their shared plumbing
 
 
 def _logits(batch: LossBatch, standardize_logits: bool) -> tuple[Tensor, Tensor]:
@@ -188,11 +196,34 @@ def _check_positive(**temps: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def _check_temperatures(temperatures: tuple[float, ...]) -> None:
+    if len(temperatures) == 0:
+        raise ValueError("temperatures must not be empty")
+    for t in temperatures:
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"temperatures must all be finite and > 0, got {tuple(temperatures)}")
+
+
 def _full(batch: LossBatch, value: float) -> Tensor:
     return torch.full((batch.student.shape[0],), float(value), dtype=torch.float32, device=batch.student.device)
 
 
-def _kd_result(batch: LossBatch, t_vec: Tensor, ce_weight: float, kd_weight: float, standardize_logits: bool) -> dict[str, Tensor]:
+def _divergence(policy_after: str | None = None, per_base: bool = False):
+    """Mark a divergence for :func:`compose`: the policy's parameters go after ``policy_after`` (first when None),
+    so each loss keeps the parameter order recipes and docs were written against; a ``per_base`` divergence has
+    base temperatures of its own and takes a map ``base T → (B,)`` instead of one ``(B,)`` vector."""
+    def mark(fn):
+        fn.policy_after, fn.per_base = policy_after, per_base
+        return fn
+    return mark
+
+
+@_divergence()
+def kd_divergence(
+    batch: LossBatch, t_vec: Tensor, *, ce_weight: float = 0.1, kd_weight: float = 0.9, standardize_logits: bool = False
+) -> dict[str, Tensor]:
+    """KD (Hinton et al., 2015) at per-sample temperatures ``t_vec``:
+    ``ce_weight·CE + kd_weight·mean_i T_i²·KL(softmax(z_t,i/T_i) ‖ softmax(z_s,i/T_i))``."""
     zs, zt = _logits(batch, standardize_logits)
     kd_term = _kd_per_sample(zs, zt, t_vec).mean()
     ce_term = _ce(batch)
@@ -200,45 +231,122 @@ def _kd_result(batch: LossBatch, t_vec: Tensor, ce_weight: float, kd_weight: flo
     return {"loss": loss, "ce": ce_term.detach(), "kd": kd_term.detach()}
 
 
-def _dkd_result(
-    batch: LossBatch, t_vec: Tensor, alpha: float, beta: float, warmup_epochs: float, ce_weight: float, standardize_logits: bool
+@_divergence(policy_after="beta")
+def dkd_divergence(
+    batch: LossBatch, t_vec: Tensor, *, alpha: float = 1.0, beta: float = 8.0, warmup_epochs: float = 20.0,
+    ce_weight: float = 1.0, standardize_logits: bool = False,
 ) -> dict[str, Tensor]:
+    """DKD (Zhao et al., CVPR 2022) at per-sample temperatures ``t_vec``:
+    ``ce_weight·CE + min(epoch / warmup_epochs, 1)·(alpha·TCKD + beta·NCKD)``, each term batch-averaged with its
+    ``T_i²``; TCKD is the KL between the binary target / non-target distributions, NCKD the KL among the
+    non-target classes.  Without hard labels (``target is None``) the teacher's arg-max class is the target."""
     zs, zt = _logits(batch, standardize_logits)
-    # without hard labels the teacher's prediction stands in for the "target" class that DKD splits on
     target = batch.target if batch.target is not None else zt.argmax(dim=-1)
-    tckd, nckd = _dkd_per_sample(zs, zt, target, t_vec)
-    tckd, nckd = tckd.mean(), nckd.mean()
+    tckd, nckd = (part.mean() for part in _dkd_per_sample(zs, zt, target, t_vec))
     warm = min(float(batch.epoch) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
     kd_term = warm * (alpha * tckd + beta * nckd)
     ce_term = _ce(batch)
     loss = ce_weight * ce_term + kd_term
-    return {
-        "loss": loss,
-        "ce": ce_term.detach(),
-        "kd": kd_term.detach(),
-        "tckd": tckd.detach(),
-        "nckd": nckd.detach(),
-        "warmup": torch.tensor(warm, device=loss.device),
-    }
+    parts = {"ce": ce_term, "kd": kd_term, "tckd": tckd, "nckd": nckd}
+    return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "warmup": torch.tensor(warm, device=loss.device)}
 
 
-def _mlkd_result(
-    batch: LossBatch,
-    t_vecs: list[Tensor],
-    ce_weight: float,
-    kd_weight: float,
-    batch_weight: float,
-    class_weight: float,
-    standardize_logits: bool,
+@_divergence(policy_after="temperatures", per_base=True)
+def mlkd_divergence(
+    batch: LossBatch, t_of: Callable[[float], Tensor], *, temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
+    ce_weight: float = 1.0, kd_weight: float = 1.0, batch_weight: float = 1.0, class_weight: float = 1.0,
+    standardize_logits: bool = False,
 ) -> dict[str, Tensor]:
+    """MLKD (Jin, Wang, Lin, CVPR 2023), single view; ``t_of(T)`` gives the ``(B,)`` temperatures of base ``T``.
+    Averaged over ``temperatures``: instance-level ``T²·KL`` (batch mean), batch-level ``‖P_t P_tᵀ − P_s P_sᵀ‖²_F / B``
+    and class-level ``‖P_tᵀ P_t − P_sᵀ P_s‖²_F / C``.  The paper's second (strongly augmented) view and its
+    confidence masking are not part of this loss."""
+    _check_temperatures(temperatures)
     zs, zt = _logits(batch, standardize_logits)
-    inst, bc, cc = _mlkd_terms(zs, zt, t_vecs)
+    inst, bc, cc = _mlkd_terms(zs, zt, [t_of(t) for t in temperatures])
     ce_term = _ce(batch)
     loss = ce_weight * ce_term + kd_weight * inst + batch_weight * bc + class_weight * cc
     return {"loss": loss, "ce": ce_term.detach(), "kd": inst.detach(), "batch_corr": bc.detach(), "class_corr": cc.detach()}
 
 
-# ---------------------------------------------------------------- losses
+# ---------------------------------------------------------------- temperature policies
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``vector(batch, *, params)``: the ``(B,)`` float32 temperatures; its keyword parameters are the ones the
+    policy adds to a loss.  ``per_base(batch, *, params but temperature)``: the map ``base T → (B,)`` for a
+    divergence whose own base temperatures replace ``temperature`` (``None``: the policy has no base temperature)."""
+
+    vector: Callable[..., Tensor]
+    per_base: Callable[..., Callable[[float], Tensor]] | None = None
+
+
+def constant_policy(batch: LossBatch, *, temperature: float = 4.0) -> Tensor:
+    """Every sample at ``temperature``."""
+    _check_positive(temperature=temperature)
+    return _full(batch, temperature)
+
+
+def energy_policy(batch: LossBatch, *, temperature: float = 4.0, t_plus: float = 2.0, t_minus: float = -2.0) -> Tensor:
+    """Energy KD's temperature (Kim et al., Knowledge-Based Systems 296 (2024) 111911), paper direction:
+    group ``-1`` → ``T + t_plus``, ``1`` → ``T + t_minus``, ``0`` (or no groups) → ``T``."""
+    _check_positive(temperature=temperature, **{"temperature + t_plus": temperature + t_plus, "temperature + t_minus": temperature + t_minus})
+    return sample_temperature(_groups(batch), temperature, t_plus, t_minus)
+
+
+def _energy_per_base(batch: LossBatch, *, t_plus: float, t_minus: float) -> Callable[[float], Tensor]:
+    # clamped, not rejected like energy_policy does: MLKD's default base temperature 2 plus the default t_minus = -2
+    # is 0, and energy_mlkd must accept its own defaults
+    shift = sample_temperature(_groups(batch), 0.0, t_plus, t_minus)
+    return lambda t: (float(t) + shift).clamp(min=MIN_TEMPERATURE)
+
+
+def graded_policy(batch: LossBatch, *, t_min: float = 2.0, t_max: float = 6.0) -> Tensor:
+    """The Energy KD paper's temperature gradation: :func:`graded_temperature` of ``batch.quantile``, or the
+    middle temperature ``(t_min + t_max) / 2`` for every sample when the batch has no quantiles."""
+    _check_positive(t_min=t_min, t_max=t_max)
+    if batch.quantile is None:
+        return _full(batch, (t_min + t_max) / 2)
+    return graded_temperature(batch.quantile.to(batch.student.device), t_min, t_max)
+
+
+CONSTANT = Policy(constant_policy, per_base=lambda batch: partial(_full, batch))
+ENERGY = Policy(energy_policy, per_base=_energy_per_base)
+GRADED = Policy(graded_policy)
+
+
+# ---------------------------------------------------------------- composition and the registered losses
+
+
+def _keyword_params(fn: Callable) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def compose(name: str, divergence: Callable[..., dict[str, Tensor]], policy: Policy, doc: str) -> Callable[..., dict[str, Tensor]]:
+    """Register ``name`` as ``divergence`` at the temperatures of ``policy``.  The recipe layer validates
+    ``distill.loss`` against the registered callable's keyword-only parameters and annotations, so both are real,
+    built from the divergence's and the policy's own declarations (a name clash raises)."""
+    per_base = divergence.per_base
+    if per_base and policy.per_base is None:
+        raise TypeError(f"{name}: {divergence.__name__} needs base temperatures, which {policy.vector.__name__} has none of")
+    own = _keyword_params(divergence)
+    adds = [p for p in _keyword_params(policy.vector) if not (per_base and p.name == "temperature")]
+    at = 0 if divergence.policy_after is None else 1 + [p.name for p in own].index(divergence.policy_after)
+    head = inspect.signature(divergence, eval_str=True)
+    sig = head.replace(parameters=[head.parameters["batch"], *own[:at], *adds, *own[at:]])
+    temperatures = policy.per_base if per_base else policy.vector
+
+    def loss(*args, **kwargs) -> dict[str, Tensor]:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()  # the caller's keywords are only the ones a recipe set
+        kw = bound.arguments
+        return divergence(kw["batch"], temperatures(kw["batch"], **{p.name: kw[p.name] for p in adds}), **{p.name: kw[p.name] for p in own})
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__, loss.__signature__ = doc, sig
+    loss.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()} | {"return": sig.return_annotation}
+    return LOSSES.register(name)(loss)
 
 
 @LOSSES.register("ce")
@@ -251,164 +359,28 @@ def ce(batch: LossBatch) -> dict[str, Tensor]:
 ce.uses_teacher = False  # the training objective then skips the teacher's forward pass
 
 
-@LOSSES.register("kd")
-def kd(
-    batch: LossBatch,
-    *,
-    temperature: float = 4.0,
-    ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Classic knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015).
+kd = compose("kd", kd_divergence, CONSTANT, """Classic knowledge distillation (Hinton, Vinyals, Dean, "Distilling
+the Knowledge in a Neural Network", 2015): KD at one temperature ``T`` for every sample.  Default weights are those
+of the Energy KD paper and its official code (0.1 / 0.9).""")
 
-    ``ce_weight·CE + kd_weight·mean_i T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
-    Default weights are those of the Energy KD paper and its official code (0.1 / 0.9).
-    """
-    _check_positive(temperature=temperature)
-    return _kd_result(batch, _full(batch, temperature), ce_weight, kd_weight, standardize_logits)
+energy_kd = compose("energy_kd", kd_divergence, ENERGY, """Energy KD (Kim et al., "Maximizing Discrimination
+Capability of Knowledge Distillation with Energy Function", Knowledge-Based Systems 296 (2024) 111911):
+KD at the per-sample temperature of the teacher-energy group (paper direction): low energy → ``T + t_plus``,
+high energy → ``T + t_minus``, middle → ``T``.  With every sample in the middle group it is :func:`kd`, bit for bit.""")
 
+dkd = compose("dkd", dkd_divergence, CONSTANT, """Decoupled KD (Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge
+Distillation", CVPR 2022) at one temperature ``T`` for every sample; see :func:`dkd_divergence`.""")
 
-@LOSSES.register("energy_kd")
-def energy_kd(
-    batch: LossBatch,
-    *,
-    temperature: float = 4.0,
-    t_plus: float = 2.0,
-    t_minus: float = -2.0,
-    ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Energy KD (Kim et al., "Maximizing Discrimination Capability of Knowledge Distillation with Energy
-    Function", Knowledge-Based Systems 296 (2024) 111911).
+energy_dkd = compose("energy_dkd", dkd_divergence, ENERGY, """Energy DKD (Kim et al., Knowledge-Based Systems 296
+(2024) 111911, on top of Zhao et al., CVPR 2022): :func:`dkd` at the per-sample temperature of :func:`energy_kd`.""")
 
-    KD with a per-sample temperature from the teacher-energy group (paper direction): low energy →
-    ``T + t_plus``, high energy → ``T + t_minus``, middle → ``T``; each sample's KL is scaled by its own ``T_i²``.
-    With every sample in the middle group it is :func:`kd`, bit for bit.
-    """
-    _check_positive(temperature=temperature, **{"temperature + t_plus": temperature + t_plus, "temperature + t_minus": temperature + t_minus})
-    t_vec = sample_temperature(_groups(batch), temperature, t_plus, t_minus)
-    return _kd_result(batch, t_vec, ce_weight, kd_weight, standardize_logits)
+mlkd = compose("mlkd", mlkd_divergence, CONSTANT, """Multi-level logit distillation, single view (Jin, Wang, Lin,
+"Multi-Level Logit Distillation", CVPR 2023), each temperature the same for every sample; see :func:`mlkd_divergence`.""")
 
+energy_mlkd = compose("energy_mlkd", mlkd_divergence, ENERGY, """Energy MLKD (Kim et al., Knowledge-Based Systems
+296 (2024) 111911, on top of Jin, Wang, Lin, CVPR 2023): :func:`mlkd` with every temperature shifted per sample
+by its energy group's shift (``t_plus`` for low energy, ``t_minus`` for high), then clamped to ``MIN_TEMPERATURE``.""")
 
-@LOSSES.register("dkd")
-def dkd(
-    batch: LossBatch,
-    *,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    warmup_epochs: float = 20.0,
-    ce_weight: float = 1.0,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Decoupled KD (Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022).
-
-    ``ce_weight·CE + min(epoch / warmup_epochs, 1)·(alpha·TCKD + beta·NCKD)·T²`` where TCKD is the KL between the
-    binary target / non-target distributions and NCKD the KL among the non-target classes.
-    Without hard labels (``target is None``) the teacher's arg-max class is used as the target.
-    """
-    _check_positive(temperature=temperature)
-    return _dkd_result(batch, _full(batch, temperature), alpha, beta, warmup_epochs, ce_weight, standardize_logits)
-
-
-@LOSSES.register("energy_dkd")
-def energy_dkd(
-    batch: LossBatch,
-    *,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    t_plus: float = 2.0,
-    t_minus: float = -2.0,
-    warmup_epochs: float = 20.0,
-    ce_weight: float = 1.0,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Energy DKD (Kim et al., Knowledge-Based Systems 296 (2024) 111911, on top of Zhao et al., CVPR 2022).
-
-    :func:`dkd` with the per-sample energy temperature of :func:`energy_kd` and per-sample ``T_i²`` scaling.
-    """
-    _check_positive(temperature=temperature, **{"temperature + t_plus": temperature + t_plus, "temperature + t_minus": temperature + t_minus})
-    t_vec = sample_temperature(_groups(batch), temperature, t_plus, t_minus)
-    return _dkd_result(batch, t_vec, alpha, beta, warmup_epochs, ce_weight, standardize_logits)
-
-
-@LOSSES.register("mlkd")
-def mlkd(
-    batch: LossBatch,
-    *,
-    temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
-    ce_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    batch_weight: float = 1.0,
-    class_weight: float = 1.0,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Multi-level logit distillation, single view (Jin, Wang, Lin, "Multi-Level Logit Distillation", CVPR 2023).
-
-    Averaged over ``temperatures``: instance-level ``T²·KL`` (batch mean), batch-level
-    ``‖P_t P_tᵀ − P_s P_sᵀ‖²_F / B`` and class-level ``‖P_tᵀ P_t − P_sᵀ P_s‖²_F / C``.
-    The paper's second (strongly augmented) view and its confidence masking are not part of this loss.
-    """
-    _check_temperatures(temperatures)
-    return _mlkd_result(batch, [_full(batch, t) for t in temperatures], ce_weight, kd_weight, batch_weight, class_weight, standardize_logits)
-
-
-@LOSSES.register("energy_mlkd")
-def energy_mlkd(
-    batch: LossBatch,
-    *,
-    temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
-    t_plus: float = 2.0,
-    t_minus: float = -2.0,
-    ce_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    batch_weight: float = 1.0,
-    class_weight: float = 1.0,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Energy MLKD (Kim et al., Knowledge-Based Systems 296 (2024) 111911, on top of Jin, Wang, Lin, CVPR 2023).
-
-    :func:`mlkd` where every temperature is shifted per sample by its energy group's shift (``t_plus`` for low
-    energy, ``t_minus`` for high), then clamped to at least ``MIN_TEMPERATURE`` (0.5): with the default
-    ``t_minus = -2`` the base temperature 2 would otherwise reach 0.
-    """
-    _check_temperatures(temperatures)
-    group = _groups(batch)
-    shift = sample_temperature(group, 0.0, t_plus, t_minus)
-    t_vecs = [(float(t) + shift).clamp(min=MIN_TEMPERATURE) for t in temperatures]
-    return _mlkd_result(batch, t_vecs, ce_weight, kd_weight, batch_weight, class_weight, standardize_logits)
-
-
-@LOSSES.register("graded_kd")
-def graded_kd(
-    batch: LossBatch,
-    *,
-    t_min: float = 2.0,
-    t_max: float = 6.0,
-    ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
-    standardize_logits: bool = False,
-) -> dict[str, Tensor]:
-    """Temperature gradation, the ablation of the Energy KD paper (Kim et al., Knowledge-Based Systems 296 (2024)
-    111911): 10 energy deciles of ``batch.quantile``, temperatures linear from ``t_max`` (decile 0, most confident)
-    to ``t_min`` (decile 9); per-sample ``T_i²`` as in :func:`energy_kd`.
-
-    Without quantiles every sample gets the middle temperature ``(t_min + t_max) / 2``.
-    """
-    _check_positive(t_min=t_min, t_max=t_max)
-    if batch.quantile is None:
-        t_vec = _full(batch, (t_min + t_max) / 2)
-    else:
-        t_vec = graded_temperature(batch.quantile.to(batch.student.device), t_min, t_max)
-    return _kd_result(batch, t_vec, ce_weight, kd_weight, standardize_logits)
-
-
-def _check_temperatures(temperatures: tuple[float, ...]) -> None:
-    if len(temperatures) == 0:
-        raise ValueError("temperatures must not be empty")
-    for t in temperatures:
-        if not (t > 0 and math.isfinite(t)):
-            raise ValueError(f"temperatures must all be finite and > 0, got {tuple(temperatures)}")
+graded_kd = compose("graded_kd", kd_divergence, GRADED, """Temperature gradation, the ablation of the Energy KD paper
+(Kim et al., Knowledge-Based Systems 296 (2024) 111911): KD at :func:`graded_policy`'s per-sample temperature,
+10 energy deciles linear from ``t_max`` (most confident) to ``t_min``; without quantiles ``(t_min + t_max) / 2``.""")

@@ -8,7 +8,6 @@ never disagree about it.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from edgedistill.errors import InputError
+from edgedistill.errors import InputError, first_line
 from edgedistill.registry import Registry
 
 
@@ -45,6 +44,7 @@ def small_input_wanted(small_input: bool | str, image_size: int) -> bool:
 # ---------------------------------------------------------------- students
 
 STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student architecture")
+DEFAULT_TEACHER_ARCH = "resnet18"
 
 
 def _stride1(conv: nn.Conv2d) -> None:
@@ -138,16 +138,18 @@ def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_inp
 
 @dataclass(frozen=True)
 class TeacherSource:
+    """How a teacher source builds its network: ``load(cfg, num_classes, image_size)``, without normalisation.
+
+    ``trained_here``: the source gives an untrained architecture that the pipeline's teacher stage trains.
+    """
+
     load: Callable[..., nn.Module]
     needs_path: bool
     needs_arch: bool
+    trained_here: bool = False
 
 
 TEACHERS: Registry[TeacherSource] = Registry("teacher source")
-
-
-def _wrap_normalize(net: nn.Module, normalize) -> nn.Module:
-    return Normalized(net, normalize.mean, normalize.std) if normalize is not None else net
 
 
 def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
@@ -163,8 +165,8 @@ def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Modul
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' ({_first_line(e)})") from None
-    return _wrap_normalize(net, cfg.normalize)
+        raise InputError(f"teacher.path: {cfg.path} does not fit teacher.arch '{cfg.arch}' ({first_line(e, 200)})") from None
+    return net
 
 
 def load_state(net: nn.Module, state, what: str) -> nn.Module:
@@ -208,8 +210,8 @@ def _load_torchscript(cfg, num_classes: int, image_size: int) -> nn.Module:
             warnings.simplefilter("ignore")
             net = torch.jit.load(str(cfg.path), map_location="cpu")
     except Exception as e:
-        raise InputError(f"teacher.path: {cfg.path} is not a TorchScript file ({_first_line(e)})") from None
-    return _wrap_normalize(net, cfg.normalize)
+        raise InputError(f"teacher.path: {cfg.path} is not a TorchScript file ({first_line(e, 200)})") from None
+    return net
 
 
 def _load_exported(cfg, num_classes: int, image_size: int) -> nn.Module:
@@ -223,8 +225,8 @@ def _load_exported(cfg, num_classes: int, image_size: int) -> nn.Module:
             warnings.simplefilter("ignore")
             net = torch.export.load(str(cfg.path)).module()
     except Exception as e:
-        raise InputError(f"teacher.path: {cfg.path} is not a torch.export (.pt2) program ({_first_line(e)})") from None
-    return _wrap_normalize(_ExportedModule(net), cfg.normalize)
+        raise InputError(f"teacher.path: {cfg.path} is not a torch.export (.pt2) program ({first_line(e, 200)})") from None
+    return _ExportedModule(net)
 
 
 class _ExportedModule(nn.Module):
@@ -255,7 +257,7 @@ class OnnxTeacher(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise InputError(f"teacher.path: {path} is not a loadable ONNX model ({_first_line(e)})") from None
+            raise InputError(f"teacher.path: {path} is not a loadable ONNX model ({first_line(e, 200)})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,26 +266,34 @@ class OnnxTeacher(nn.Module):
 
 
 def _load_onnx(cfg, num_classes: int, image_size: int) -> nn.Module:
-    return _wrap_normalize(OnnxTeacher(cfg.path), cfg.normalize)
+    return OnnxTeacher(cfg.path)
 
 
-def _train_placeholder(cfg, num_classes: int, image_size: int) -> nn.Module:
-    """The architecture to train inside the pipeline (see :func:`edgedistill.stages.train_teacher`)."""
-    net = build_torchvision(cfg.arch or "resnet18", num_classes, image_size=image_size, small_input=cfg.small_input)
-    return _wrap_normalize(net, cfg.normalize)
+def _untrained(cfg, num_classes: int, image_size: int) -> nn.Module:
+    """The architecture the teacher stage trains inside the pipeline."""
+    return build_torchvision(cfg.arch or DEFAULT_TEACHER_ARCH, num_classes, image_size=image_size, small_input=cfg.small_input)
 
 
 TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_path=True, needs_arch=True))
 TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=True, needs_arch=False))
 TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False))
 TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False))
-TEACHERS.register("train")(TeacherSource(_train_placeholder, needs_path=False, needs_arch=False))
+TEACHERS.register("train")(TeacherSource(_untrained, needs_path=False, needs_arch=False, trained_here=True))
 
 
-def load_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
-    """Build the teacher, check its output width against the data, and freeze it."""
-    net = TEACHERS.get(cfg.source).load(cfg, num_classes, image_size)
-    if cfg.source != "train":
+def load_teacher(cfg, num_classes: int, image_size: int, mean, std) -> nn.Module:
+    """The teacher of ``cfg.source`` taking RGB in [0, 1]; a loaded one is checked against the data and frozen.
+
+    ``teacher.normalize`` puts the normalisation a file teacher expects inside it; a teacher trained here gets
+    the data's statistics (``mean``, ``std``) unless the recipe gives its own.
+    """
+    spec = TEACHERS.get(cfg.source)
+    net = spec.load(cfg, num_classes, image_size)
+    if cfg.normalize is not None:
+        net = Normalized(net, cfg.normalize.mean, cfg.normalize.std)
+    elif spec.trained_here:
+        net = Normalized(net, mean, std)
+    if not spec.trained_here:
         check_output_classes(net, num_classes, image_size, f"teacher.path: {cfg.path}")
         freeze(net)
     return net
@@ -297,7 +307,7 @@ def check_output_classes(net: nn.Module, num_classes: int, image_size: int, what
             with torch.no_grad():
                 out = net(torch.rand(batch, 3, image_size, image_size))
         except Exception as e:
-            reason = _first_line(e)
+            reason = first_line(e, 200)
             hint = ""
             if "Guard failed" in reason or "invalid dimensions" in reason.lower():
                 hint = "; was it exported with a fixed batch size? export it with a dynamic batch axis"
@@ -336,7 +346,7 @@ def load_checkpoint(path) -> dict:
                 f"{path}: holds pickled Python objects (a whole model?), which are never loaded (weights_only=True); "
                 "save model.state_dict() instead"
             ) from None
-        raise InputError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise InputError(f"{path}: corrupt, truncated or not a PyTorch checkpoint ({first_line(e, 200)})") from None
 
 
 @contextmanager
@@ -348,20 +358,3 @@ def _quiet_logging() -> Iterator[None]:
         yield
     finally:
         logging.disable(old)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CPP_FRAME = re.compile(r"/\S+\.(?:cc|cpp|h):\d+ [\w:~<>]+\([^()]*\)\s*")  # ONNX Runtime's "file.cc:256 ns::Fn(args) "
-
-
-def _first_line(e: BaseException) -> str:
-    """The informative head of an exception message: its first line, first sentence, at most 200 characters.
-
-    TorchScript interpreter errors start with a boilerplate line; their cause is on the last line.
-    """
-    lines = [line.strip() for line in _CPP_FRAME.sub("", _ANSI.sub("", str(e))).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0]
-    text = text.removeprefix("RuntimeError: ")
-    return text.partition(". ")[0].rstrip(".")[:200]

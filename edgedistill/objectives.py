@@ -14,7 +14,25 @@ from edgedistill.energy import EnergyIndex
 from edgedistill.losses import LossBatch
 
 
-class CrossEntropyObjective:
+class Objective:
+    """What the loop calls. ``set_epoch`` re-seeds any randomness of its own; ``state_dict`` is what a checkpoint keeps."""
+
+    uses_teacher = False
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float) -> tuple[dict[str, Tensor], Tensor]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CrossEntropyObjective(Objective):
     """Plain supervised training (the in-pipeline teacher)."""
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):
@@ -48,7 +66,7 @@ class Augmenter:
         return self.fn(x, mask, generator=self.generator, alpha=self.alpha)
 
 
-class DistillObjective:
+class DistillObjective(Objective):
     """Teacher → student logit distillation with a registered loss, energy groups and optional HE-DA.
 
     The mixed HE-DA images are *extra* samples (Kim et al., KBS 2024, §HE-DA): the teacher is
@@ -72,7 +90,7 @@ class DistillObjective:
         return {"generator": self.augmenter.generator.get_state()} if self.augmenter else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.augmenter and "generator" in state:
+        if self.augmenter:
             self.augmenter.generator.set_state(state["generator"])
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):

@@ -1,6 +1,6 @@
-"""The plan stage: time real distillation steps on this device, build the cost model, pick ``r``.
+"""Time real distillation steps on this device and turn them into a cost model.
 
-The pure cost model and the choice live in :mod:`edgedistill.budget`; this module only measures.
+The pure cost model and the choice of ``r`` live in :mod:`edgedistill.budget`; this module only measures.
 """
 
 from __future__ import annotations
@@ -11,66 +11,18 @@ import time
 
 import torch
 
-from edgedistill import fsio
-from edgedistill.budget import CostModel, choose_fraction, curve, from_step_timings
-from edgedistill.data import EpochSampler, ImageDataset, make_loader, to_float
+from edgedistill.budget import CostModel, from_step_timings
+from edgedistill.context import RunContext
+from edgedistill.data import EpochSampler, make_loader, to_float
 from edgedistill.errors import InputError
 from edgedistill.objectives import Augmenter
-from edgedistill.run import RunContext
 from edgedistill.train import Precision, build_optimizer, evaluate
 
 WARMUP_STEPS = 2
 
 
-def plan(ctx: RunContext) -> dict:
-    a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
-    cost = measure_cost(ctx)
-    fraction, reason, budget = _decide(ctx, cost)
-    rows = curve(cost, epochs, sorted({0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0} | ({fraction} if fraction else set())))
-    r = fraction or 0.0
-    result = {
-        "fraction": fraction,
-        "selection": a.selection,
-        "method": a.method,
-        "reason": reason,
-        "budget": budget,
-        "predicted_epoch_seconds": cost.epoch_seconds(r),
-        "predicted_train_seconds": cost.epoch_seconds(r) - cost.eval_seconds,
-        "predicted_overhead": cost.overhead(r),
-        "predicted_total_minutes": cost.total_minutes(r, epochs),
-        "curve": rows,
-        "cost_model": cost.__dict__,
-        "device": str(ctx.device),
-    }
-    if ctx.dist.is_main:
-        fsio.write_json(ctx.run / "plan.json", result)
-        from edgedistill.report import plan_table
-
-        ctx.print(plan_table(result))
-        ctx.print(f"HE-DA fraction: {fraction if fraction is not None else 'none'} — {reason}")
-    return {"fraction": fraction, "predicted_epoch_seconds": result["predicted_epoch_seconds"]}
-
-
-def _decide(ctx: RunContext, cost: CostModel) -> tuple[float | None, str, dict | None]:
-    a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
-    if a.selection == "all":
-        return 1.0, "selection 'all': ordinary augmentation of every sample (r = 1)", None
-    if a.fraction != "auto":
-        return float(a.fraction), "fixed by the recipe (augment.fraction)", None
-    b = a.budget
-    budget = {"max_overhead": b.max_overhead, "max_minutes": b.max_minutes, "range": list(b.range), "strict": b.strict}
-    choice = choose_fraction(cost, epochs=epochs, max_overhead=b.max_overhead, max_minutes=b.max_minutes, lo=b.range[0], hi=b.range[1])
-    if choice.fraction is None:
-        if b.strict:
-            raise InputError(f"augment.budget: {choice.reason} (strict: true)")
-        return 0.0, f"{choice.reason}; running without HE-DA", budget
-    return choice.fraction, choice.reason, budget
-
-
 def measure_cost(ctx: RunContext) -> CostModel:
     """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns."""
-    from edgedistill.stages import build_run_student, distill_objective
-
     steps = ctx.recipe.augment.profile_steps
     data, d = ctx.data, ctx.recipe.data
     device = ctx.device
@@ -86,13 +38,13 @@ def measure_cost(ctx: RunContext) -> CostModel:
     load_per_step = (time.perf_counter() - t0) / len(batches)
     batch_size = len(batches[0][1])
 
-    student = build_run_student(ctx).to(device)
+    student = ctx.build_student().to(device)
     if channels_last:
         student.to(memory_format=torch.channels_last)
     student.train()
     optimizer = build_optimizer(student, ctx.recipe.distill.optimizer)
     # plain: no extras whatever the selection mode ('all' ignores the fraction); extra: one per sample
-    plain, extra = distill_objective(ctx, fraction=0.0), distill_objective(ctx, fraction=0.0)
+    plain, extra = ctx.objective(fraction=0.0), ctx.objective(fraction=0.0)
     plain.augmenter = None
     extra.augmenter = Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0, ctx.recipe.seed)
     extra.augmenter.set_epoch(0)
@@ -144,24 +96,11 @@ def measure_cost(ctx: RunContext) -> CostModel:
 
 def _eval_seconds(ctx: RunContext, student, precision) -> float:
     """Time the test evaluation on a slice and scale it to the full test set."""
-    test = ImageDataset(ctx.data.test, ctx.image_size, train=False)
+    test = ctx.test_set()
     n = min(len(test), 2 * ctx.recipe.data.eval_batch_size)
     t = time.perf_counter()
-    evaluate(student, _Sized(test, n), ctx.recipe.data.eval_batch_size, ctx.device, precision=precision)
+    evaluate(student, torch.utils.data.Subset(test, range(n)), ctx.recipe.data.eval_batch_size, ctx.device, precision=precision)
     return (time.perf_counter() - t) * len(test) / max(n, 1) / ctx.dist.world
-
-
-class _Sized(torch.utils.data.Dataset):
-    """The first ``n`` samples of a dataset."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):
-        return self.ds[i]
 
 
 def _sync(device: torch.device) -> None:

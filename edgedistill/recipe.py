@@ -15,61 +15,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgedistill.errors import RecipeError
+from edgedistill.params import coerce_params, dry_run_loss, known, registered
 from edgedistill.registry import did_you_mean
 
 
-# ---------------------------------------------------------------- parameters of registered functions
+def _data_sources():
+    from edgedistill.data import DATA_SOURCES
+
+    return DATA_SOURCES
 
 
-def coerce_params(fn, params: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check ``params`` against ``fn``'s keyword-only parameters and coerce them to the annotated types."""
-    sig = inspect.signature(fn)
-    allowed = {n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    hints = inspect.get_annotations(fn, eval_str=True)
-    out = {}
-    for key, value in params.items():
-        if key not in allowed:
-            raise _ParamError(key, f"unknown parameter of {what}{did_you_mean(key, allowed)}; it takes: {', '.join(allowed) or 'none'}")
-        try:
-            out[key] = TypeAdapter(hints.get(key, Any)).validate_python(value, strict=False)
-        except ValidationError as e:
-            raise _ParamError(key, f"expected {_type_name(hints.get(key))}, got {value!r} ({e.errors()[0]['msg']})") from None
-    return out
+def _students():
+    from edgedistill.models import STUDENTS
+
+    return STUDENTS
 
 
-def _known(registry, name: str, key: str | None = None):
-    """``registry.get`` inside a validator: a ValueError, so the error gets its key path."""
-    try:
-        return registry.get(name)
-    except RecipeError as e:
-        raise ValueError(f"{key}: {e}" if key else str(e)) from None
+def _augments():
+    from edgedistill.augment import AUGMENTS
 
-
-def _dry_run(loss_fn, params: dict[str, Any]) -> None:
-    """Call the loss once on tiny random logits, so a value it rejects fails now, not at epoch 3."""
-    import torch
-
-    from edgedistill.losses import LossBatch
-
-    z = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
-    batch = LossBatch(z, z.flip(0), torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 1, 0], dtype=torch.int8), torch.tensor([0.1, 0.4, 0.9, 0.5]))
-    try:
-        loss_fn(batch, **params)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-
-
-class _ParamError(ValueError):
-    def __init__(self, key: str, msg: str):
-        super().__init__(f"{key}: {msg}")
-        self.key = key
-
-
-def _type_name(t) -> str:
-    return getattr(t, "__name__", str(t)).replace("typing.", "")
+    return AUGMENTS
 
 
 class Section(BaseModel):
@@ -94,7 +62,7 @@ class LongTail(Section):
 
 
 class DataConfig(Section):
-    source: str = "digits"
+    source: Annotated[str, registered(_data_sources)] = "digits"
     root: Path | None = None
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 128
@@ -103,15 +71,8 @@ class DataConfig(Section):
     hflip: bool = True
     train_limit: Annotated[int, Field(ge=1)] | None = None
     test_limit: Annotated[int, Field(ge=1)] | None = None
-    long_tail: LongTail = LongTail()
+    long_tail: LongTail = Field(default_factory=LongTail)
 
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, v: str) -> str:
-        from edgedistill.data import DATA_SOURCES
-
-        _known(DATA_SOURCES, v)
-        return v
 
 
 class OptimizerConfig(Section):
@@ -131,8 +92,8 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: Annotated[int, Field(ge=1)] = 10
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     amp: bool = True
     channels_last: bool = True
     sync_bn: bool = False
@@ -156,13 +117,13 @@ class TeacherConfig(Section):
     path: Path | None = None
     normalize: Normalize | None = None
     small_input: bool | Literal["auto"] = "auto"
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _source_needs(self) -> "TeacherConfig":
         from edgedistill.models import TEACHERS
 
-        spec = _known(TEACHERS, self.source, "source")
+        spec = known(TEACHERS, self.source, "source")
         if spec.needs_path and self.path is None:
             raise ValueError(f"path: teacher source '{self.source}' needs a file path")
         if spec.needs_arch and not self.arch:
@@ -174,18 +135,11 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    arch: str = "mobilenet_v2"
+    arch: Annotated[str, registered(_students)] = "mobilenet_v2"
     width: PositiveFloat = 1.0
     small_input: bool | Literal["auto"] = "auto"
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        from edgedistill.models import STUDENTS
-
-        _known(STUDENTS, v)
-        return v
 
 
 class EnergyConfig(Section):
@@ -215,17 +169,17 @@ class LossConfig(BaseModel):
         name = raw.get("name", "energy_kd")
         if not isinstance(name, str):
             raise ValueError(f"name: expected a loss name, got {name!r}")
-        params = coerce_params(_known(LOSSES, name, "name"), {k: v for k, v in raw.items() if k != "name"}, f"loss '{name}'")
+        params = coerce_params(known(LOSSES, name, "name"), {k: v for k, v in raw.items() if k != "name"}, f"loss '{name}'")
         defaults = {n: p.default for n, p in inspect.signature(LOSSES.get(name)).parameters.items() if p.default is not p.empty}
         t, t_minus = (params.get(k, defaults.get(k)) for k in ("temperature", "t_minus"))
         if t is not None and t_minus is not None and t + t_minus <= 0:
             raise ValueError(f"t_minus: temperature + t_minus = {t} + {t_minus} must be > 0 (a sharpened temperature must stay positive)")
-        _dry_run(LOSSES.get(name), params)
+        dry_run_loss(LOSSES.get(name), params)
         return {"name": name, **params}
 
 
 class DistillConfig(TrainConfig):
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = Field(default_factory=LossConfig)
 
 
 class BudgetConfig(Section):
@@ -244,7 +198,7 @@ class BudgetConfig(Section):
 
 
 class AugmentConfig(Section):
-    method: str = "cutmix"
+    method: Annotated[str, registered(_augments)] = "cutmix"
     alpha: PositiveFloat | None = None
     selection: Literal["high", "low", "mixed", "all"] = "high"
     fraction: Union[Fraction, Literal["auto"]] = 0.0
@@ -252,13 +206,6 @@ class AugmentConfig(Section):
     weight: Annotated[float, Field(ge=0)] = 1.0
     profile_steps: Annotated[int, Field(ge=1)] = 5
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from edgedistill.augment import AUGMENTS
-
-        _known(AUGMENTS, v)
-        return v
 
     @model_validator(mode="after")
     def _auto_needs_budget(self) -> "AugmentConfig":
@@ -273,18 +220,31 @@ class CalibrationConfig(Section):
 
 
 class ExportConfig(Section):
-    formats: Annotated[list[Literal["fp32", "int8", "fp16"]], Field(min_length=1)] = ["fp32", "int8"]
+    """``formats``: names of registered export targets (:data:`edgedistill.targets.TARGETS`)."""
+
+    formats: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["fp32", "int8"])
     opset: Annotated[int, Field(ge=18)] = 18
-    edge: bool = False
-    calibration: CalibrationConfig = CalibrationConfig()
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edge_key_removed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "edge" in raw:
+            raise ValueError("edge: removed; add 'edge' to export.formats")
+        return raw
 
     @field_validator("formats")
     @classmethod
-    def _fp32_first(cls, v: list[str]) -> list[str]:
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        from edgedistill.targets import TARGETS, missing_requirements
+
         if len(set(v)) != len(v):
-            raise ValueError(f"formats: duplicates in {v}")
-        if "fp32" not in v:
-            raise ValueError("formats: fp32 is required (the other variants are derived from it)")
+            raise ValueError(f"duplicates in {v}")
+        for name in v:
+            known(TARGETS, name)
+        missing = missing_requirements(v)
+        if missing:
+            raise ValueError(f"{'; '.join(missing)} (add it to export.formats)")
         return v
 
 
@@ -302,14 +262,14 @@ class Recipe(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "run"
     seed: Annotated[int, Field(ge=0)] = 0
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
-    energy: EnergyConfig = EnergyConfig()
-    augment: AugmentConfig = AugmentConfig()
-    distill: DistillConfig = DistillConfig()
-    export: ExportConfig = ExportConfig()
-    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -109,11 +109,10 @@ def training_plot(metrics: list[dict], teacher_top1: float | None) -> bytes:
     return png(fig)
 
 
-def write_report(ctx) -> dict:
-    run = ctx.run.root
+def write_report(run: Path, r) -> dict:
+    """Write ``run/report.md`` (and its plots) for the recipe ``r`` from the run folder's files."""
     teacher, energy, plan = _load(run, "teacher.json"), _load(run, "energy.json"), _load(run, "plan.json")
     metrics, val, export = _load(run, "metrics.jsonl"), _load(run, "validation.json"), _load(run, "export.json")
-    r = ctx.recipe
     lines = [f"# edgedistill report: {r.name}", ""]
     lines += [
         f"Teacher `{r.teacher.source}`{f' ({r.teacher.arch})' if r.teacher.arch else ''} → student `{r.student.arch}` "
@@ -159,26 +158,43 @@ def write_report(ctx) -> dict:
     if val:
         lines += _validation_section(val, export)
     fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
-    if ctx.dist.is_main:
-        ctx.print(summary_table(run))
     return {"report": str(run / "report.md")}
 
 
 def _validation_section(val: dict, export: dict | None) -> list[str]:
-    out = ["## Exported models (ONNX Runtime, CPU)", ""]
-    out += ["| variant | size | top-1 | Δ vs PyTorch | max abs diff | p50 ms | p90 ms | img/s | status |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    """Every variant of validation.json, the files of every target and any NNAPI / CoreML coverage in export.json."""
+    torch_ips = val.get("torch_images_per_second")
+    out = ["## Exported models (validated on the CPU)", ""]
+    out += ["| variant | file | size | top-1 | Δ vs PyTorch | max abs diff | p50 ms | p90 ms | img/s | × PyTorch img/s | status |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, v in val.get("variants", {}).items():
         def f(key, fmt="{:.2f}"):
             x = v.get(key)
             return fmt.format(x) if isinstance(x, (int, float)) else "–"
 
         size = f"{v['size_bytes'] / 1e6:.2f} MB" if v.get("size_bytes") else "–"
+        ips = v.get("images_per_second")
+        speedup = f"{ips / torch_ips:.2f}×" if ips and torch_ips else "–"
         status = "✅" if v.get("passed") else "❌ " + "; ".join(v.get("failures", []))
-        out.append(f"| {name} | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | {f('latency_ms_p50')} | {f('latency_ms_p90')} | {f('images_per_second', '{:.0f}')} | {status} |")
-    torch_ips = val.get("torch_images_per_second")
-    fp32 = val.get("variants", {}).get("fp32", {})
-    if torch_ips and fp32.get("images_per_second"):
-        out += ["", f"ONNX Runtime fp32 vs PyTorch eager throughput: {fp32['images_per_second']:.0f} vs {torch_ips:.0f} img/s ({fp32['images_per_second'] / torch_ips:.2f}×)."]
-    if export and export.get("edge"):
-        out += ["", "### Edge target", "", "```", json.dumps(export["edge"], indent=2), "```"]
+        out.append(f"| {name} | `{v.get('path', '?')}` | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | "
+                   f"{f('latency_ms_p50')} | {f('latency_ms_p90')} | {f('images_per_second', '{:.0f}')} | {speedup} | {status} |")
+    if torch_ips:
+        out += ["", f"PyTorch eager: {torch_ips:.0f} img/s at the same batch size and thread count."]
+    variants = (export or {}).get("variants", {})
+    if any(info.get("files") for info in variants.values()):
+        out += ["", "Files written by each export target:", ""]
+        out += [f"- **{name}**: " + ", ".join(f"`{f}`" for f in info["files"]) for name, info in variants.items() if info.get("files")]
+    # runs exported before the target registry kept the edge summary only at export.json's top level
+    coverage = {n: i["usability"] for n, i in variants.items() if i.get("usability")}
+    if not coverage and (export or {}).get("edge", {}).get("usability"):
+        coverage = {"edge": export["edge"]["usability"]}
+    for name, usability in coverage.items():
+        out += ["", f"### {name}: NNAPI / CoreML coverage (ONNX Runtime Mobile)", ""]
+        if "error" in usability:
+            out.append(f"The usability check failed: {usability['error']}")
+            continue
+        out += ["| execution provider | supported nodes | partitions | suitability | unsupported ops |", "| --- | ---: | ---: | --- | --- |"]
+        for ep, u in usability.items():
+            unsupported = ", ".join(u.get("unsupported_ops", [])) or "–"
+            out.append(f"| {ep} | {u['supported_nodes']}/{u['nodes']} | {u['partitions']} | {u.get('suitability', '–')} | {unsupported} |")
     return out + [""]

@@ -1,165 +1,22 @@
-"""The run folder (a public contract, see docs/run-folder.md) and the pipeline that chains the stages."""
+"""The pipeline: open a run folder for a recipe, the stage table, and the chain that runs the stages in order."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import yaml
 
-from edgedistill import __version__, fsio
+from edgedistill import __version__, fsio, stages
 from edgedistill.console import console
-from edgedistill.distributed import DistInfo, barrier, init_from_env
+from edgedistill.context import RunContext
+from edgedistill.distributed import barrier, init_from_env
 from edgedistill.errors import RunStateError
+from edgedistill.folder import RunFolder
 from edgedistill.recipe import Recipe, dump_recipe
-
-
-class RunFolder:
-    """``<out>/<recipe name>/``: artifacts, ``stages/<stage>.done`` markers and a lock file."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
-    def done(self, stage: str) -> bool:
-        return (self.root / "stages" / f"{stage}.done").exists()
-
-    def mark_done(self, stage: str, summary: dict[str, Any]) -> None:
-        fsio.write_json(self.root / "stages" / f"{stage}.done", summary)
-
-    def summary(self, stage: str) -> dict[str, Any]:
-        path = self.root / "stages" / f"{stage}.done"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def clear_from(self, stages: list[str]) -> None:
-        for s in stages:
-            (self.root / "stages" / f"{s}.done").unlink(missing_ok=True)
-
-    def require(self, stage: str, file: str | None = None) -> Path | None:
-        """The artifact of an earlier stage, or a clear error naming the command that makes it."""
-        if not self.done(stage):
-            raise RunStateError(f"{self.root}: stage '{stage}' has not finished; run 'edgedistill {stage} RECIPE' (or 'edgedistill run RECIPE --resume') first")
-        return self.root / file if file else None
-
-    @contextmanager
-    def lock(self, take: bool = True) -> Iterator[None]:
-        """One process per run folder: a second one is refused while the first is alive.
-
-        Under torchrun only rank 0 takes it (``take``): the ranks of one job are one owner.
-        """
-        if not take:
-            yield
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / ".lock"
-        with _folder_mutex(self.root):  # check-and-take is one step, even for processes starting together
-            pid = _read_pid(path) if path.exists() else None
-            if pid and _alive(pid):
-                raise RunStateError(
-                    f"{path}: another edgedistill process (pid {pid}) is using this run folder; "
-                    f"wait for it to finish (or delete {path.name} if pid {pid} is not edgedistill)"
-                )
-            fsio.write_text(path, str(os.getpid()))  # a stale lock (its owner died) is simply replaced
-        try:
-            yield
-        finally:
-            if _read_pid(path) == os.getpid():
-                path.unlink(missing_ok=True)
-
-    def has_work(self) -> bool:
-        """A finished stage or a training checkpoint: what ``--resume`` would continue and a new run would overwrite."""
-        return any((self.root / "stages").glob("*.done")) or any((self.root / "checkpoints").rglob("*.pt"))
-
-
-@contextmanager
-def _folder_mutex(root: Path) -> Iterator[None]:
-    """An exclusive flock on the folder itself for a short critical section (best effort where unsupported)."""
-    try:
-        import fcntl
-
-        fd = os.open(root, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dataclass
-class RunContext:
-    """Everything a stage receives: the recipe, the folder, the device, and lazily loaded shared inputs."""
-
-    recipe: Recipe
-    run: RunFolder
-    dist: DistInfo = field(default_factory=DistInfo)
-    resume: bool = False
-
-    @cached_property
-    def device(self) -> torch.device:
-        from edgedistill.train import select_device
-
-        return select_device(self.recipe.device, self.dist)
-
-    @cached_property
-    def data(self):
-        from edgedistill.data import load_data
-
-        return load_data(self.recipe.data, self.recipe.seed)
-
-    @cached_property
-    def teacher(self) -> torch.nn.Module:
-        from edgedistill.stages import load_run_teacher
-
-        return load_run_teacher(self)
-
-    @property
-    def image_size(self) -> int:
-        return self.data.image_size
-
-    def train_set(self):
-        """The augmented training split, as every training stage sees it."""
-        from edgedistill.data import ImageDataset
-
-        return ImageDataset(self.data.train, self.image_size, train=True, seed=self.recipe.seed, hflip=self.recipe.data.hflip)
-
-    def print(self, *args, **kwargs) -> None:
-        if self.dist.is_main:
-            console.print(*args, **kwargs)
 
 
 def open_run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, new_run: bool = False) -> RunContext:
@@ -234,18 +91,16 @@ def environment(ctx: RunContext) -> dict[str, Any]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def pipeline() -> list[tuple[str, Callable[[RunContext], dict]]]:
-    from edgedistill import stages
-
-    return [
-        ("teacher", stages.teacher_stage),
-        ("score", stages.score_stage),
-        ("plan", stages.plan_stage),
-        ("distill", stages.distill_stage),
-        ("export", stages.export_stage),
-        ("validate", stages.validate_stage),
-        ("report", stages.report_stage),
-    ]
+PIPELINE: list[tuple[str, Callable[[RunContext], dict]]] = [
+    ("teacher", stages.teacher_stage),
+    ("score", stages.score_stage),
+    ("plan", stages.plan_stage),
+    ("distill", stages.distill_stage),
+    ("export", stages.export_stage),
+    ("validate", stages.validate_stage),
+    ("report", stages.report_stage),
+]
+STAGES = [name for name, _ in PIPELINE]
 
 
 def run_stage(ctx: RunContext, name: str) -> dict:
@@ -254,10 +109,9 @@ def run_stage(ctx: RunContext, name: str) -> dict:
     Its marker and those of every later stage are removed first: they describe results built on the old
     output, so ``run --resume`` redoes them instead of keeping, e.g., an ONNX file of a replaced student.
     """
-    fn = dict(pipeline())[name]
+    fn = dict(PIPELINE)[name]
     if ctx.dist.is_main:
-        names = [n for n, _ in pipeline()]
-        ctx.run.clear_from(names[names.index(name):])
+        ctx.run.clear(STAGES[STAGES.index(name):])
         console.rule(f"[bold]{name}")
     summary = fn(ctx) or {}
     if ctx.dist.is_main:
@@ -268,7 +122,7 @@ def run_stage(ctx: RunContext, name: str) -> dict:
 
 def run_all(ctx: RunContext) -> None:
     """Every stage in order; with a resumed run, finished stages are skipped."""
-    for name, _ in pipeline():
+    for name in STAGES:
         if ctx.resume and ctx.run.done(name):
             ctx.print(f"[dim]{name}: already done, skipped[/]")
             continue

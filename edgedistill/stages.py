@@ -3,81 +3,63 @@ into the run folder and writes its own artifacts atomically."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgedistill import fsio
+from edgedistill.budget import choose_fraction, curve
 from edgedistill.console import progress_bar
-from edgedistill.data import EpochSampler, ImageDataset, eval_arrays, make_loader, to_float
+from edgedistill.context import RunContext
+from edgedistill.data import EpochSampler, ImageDataset, eval_arrays, limit_indices, make_loader, to_float
 from edgedistill.distributed import all_gather_array, barrier
-from edgedistill.energy import EnergyIndex, assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
+from edgedistill.energy import assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
 from edgedistill.errors import InputError
-from edgedistill.losses import LOSSES
-from edgedistill.models import Normalized, build_student, freeze, load_checkpoint, load_state, load_teacher
-from edgedistill.objectives import Augmenter, CrossEntropyObjective, DistillObjective
-from edgedistill.run import RunContext
-from edgedistill.train import LoopConfig, evaluate, fit
+from edgedistill.models import DEFAULT_TEACHER_ARCH
+from edgedistill.objectives import CrossEntropyObjective
+from edgedistill.planning import measure_cost
+from edgedistill.report import energy_table, plan_table, summary_table, write_report
+from edgedistill.targets import export_all, onnx_metadata
+from edgedistill.train import evaluate, fit
+from edgedistill.validate import check_gates, validate_export, validate_onnx_file, validation_table
 
 # ---------------------------------------------------------------- teacher
 
 
 def teacher_stage(ctx: RunContext) -> dict:
-    """Load the teacher (or train it, for ``teacher.source: train``) and measure its test top-1."""
-    cfg, data = ctx.recipe.teacher, ctx.data
-    if cfg.source == "train":
+    """Load the teacher (or train it, for a source trained in the pipeline) and measure its test top-1."""
+    cfg = ctx.recipe.teacher
+    if ctx.teacher_trained_here:
         torch.manual_seed(ctx.recipe.seed)
-        net = _trainable_teacher(ctx)
-        ctx.print(f"training the teacher ({cfg.arch or 'resnet18'}, {cfg.train.epochs} epochs)")
+        net = ctx.new_teacher()
+        arch = cfg.arch or DEFAULT_TEACHER_ARCH
+        ctx.print(f"training the teacher ({arch}, {cfg.train.epochs} epochs)")
         result = fit(
-            net, CrossEntropyObjective(),
-            ctx.train_set(),
-            ImageDataset(data.test, ctx.image_size, train=False),
-            cfg.train, _loop(ctx, "teacher", ctx.run / "checkpoints" / "teacher", ctx.run / "teacher_metrics.jsonl"),
-            ctx.device, ctx.dist,
+            net, CrossEntropyObjective(), ctx.train_set(), ctx.test_set(), cfg.train,
+            ctx.loop("teacher", ctx.run / "checkpoints" / "teacher", ctx.run / "teacher_metrics.jsonl"), ctx.device, ctx.dist,
         )
         if ctx.dist.is_main:
             with fsio.atomic_path(ctx.run / "teacher.pt") as tmp:
-                torch.save({"model": net.state_dict(), "arch": cfg.arch or "resnet18"}, tmp)
-        top1 = result.final_top1
-        # every rank reloads rank 0's file: under DDP the last step leaves each rank's BN statistics different
+                torch.save({"model": net.state_dict(), "arch": arch}, tmp)
+        # every rank reads rank 0's file (ctx.teacher): under DDP the last step leaves each rank's BN statistics different
         barrier(ctx.dist)
-        ctx.__dict__.pop("teacher", None)
+        top1 = result.final_top1
     else:
-        top1 = evaluate(ctx.teacher, ImageDataset(data.test, ctx.image_size, train=False), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
+        net = ctx.teacher
+        top1 = evaluate(net, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
     info = {
         "source": cfg.source,
         "path": str(cfg.path) if cfg.path else str(ctx.run / "teacher.pt"),
         "arch": cfg.arch,
-        "num_classes": data.num_classes,
-        "parameters": sum(p.numel() for p in ctx.teacher.parameters()) or None,
+        "num_classes": ctx.data.num_classes,
+        "parameters": sum(p.numel() for p in net.parameters()) or None,
         "test_top1": top1,
     }
     if ctx.dist.is_main:
         fsio.write_json(ctx.run / "teacher.json", info)
     ctx.print(f"teacher: {cfg.source} · test top-1 {top1:.2f}%")
     return {"test_top1": top1}
-
-
-def load_run_teacher(ctx: RunContext) -> torch.nn.Module:
-    cfg, data = ctx.recipe.teacher, ctx.data
-    if cfg.source != "train":
-        return load_teacher(cfg, data.num_classes, ctx.image_size).to(ctx.device)
-    path = ctx.run / "teacher.pt"
-    if not path.exists():
-        ctx.run.require("teacher")
-    net = _trainable_teacher(ctx)
-    load_state(net, load_checkpoint(path)["model"], str(path))
-    return freeze(net).to(ctx.device)
-
-
-def _trainable_teacher(ctx: RunContext) -> torch.nn.Module:
-    """The architecture of ``teacher.source: train``; without ``teacher.normalize`` it gets the data's statistics."""
-    cfg, data = ctx.recipe.teacher, ctx.data
-    net = load_teacher(cfg, data.num_classes, ctx.image_size)
-    return Normalized(net, data.mean, data.std) if cfg.normalize is None else net
 
 
 # ---------------------------------------------------------------- score
@@ -119,64 +101,75 @@ def score_stage(ctx: RunContext) -> dict:
                 )
         fsio.write_json(ctx.run / "energy.json", info)
         fsio.write_bytes(ctx.run / "energy_hist.png", plot_histogram(cols["energy"], groups, low, high, cfg.temperature))
-        fsio.write_bytes(ctx.run / "energy_gallery.png", _gallery(ctx, cols))
-        from edgedistill.report import energy_table
-
+        fsio.write_bytes(ctx.run / "energy_gallery.png", _gallery(ctx, ds, cols))
         ctx.print(energy_table(info))
     return {"threshold_low": low, "threshold_high": high, **{f"{g}_size": s["size"] for g, s in summary.items()}}
 
 
-def _gallery(ctx: RunContext, cols: dict) -> bytes:
+def _gallery(ctx: RunContext, ds: ImageDataset, cols: dict) -> bytes:
     order = np.argsort(cols["energy"], kind="stable")
     picks = np.concatenate([order[:16], order[-16:]]) if len(order) >= 32 else order
-    ds = ImageDataset(ctx.data.train, ctx.image_size, train=False)
     images = [ds[int(cols["index"][i])][0].permute(1, 2, 0).numpy() for i in picks]
     return plot_gallery(images, cols["label"][picks], cols["teacher_pred"][picks], cols["energy"][picks], ctx.data.class_names)
-
-
-def load_energy_index(ctx: RunContext) -> EnergyIndex:
-    path = ctx.run.require("score", "energy.npz")
-    info = json.loads((ctx.run / "energy.json").read_text())
-    with np.load(path) as z:
-        return EnergyIndex.from_scores(z["energy"], z["index"], z["group"], info["threshold_low"], info["threshold_high"], ctx.recipe.energy)
 
 
 # ---------------------------------------------------------------- plan
 
 
 def plan_stage(ctx: RunContext) -> dict:
-    from edgedistill.planning import plan
+    """Measure what a step costs on this device and pick the HE-DA fraction the budget allows."""
+    a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
+    cost = measure_cost(ctx)
+    fraction, reason, budget = _decide(ctx, cost)
+    r = fraction or 0.0
+    result = {
+        "fraction": fraction,
+        "selection": a.selection,
+        "method": a.method,
+        "reason": reason,
+        "budget": budget,
+        "predicted_epoch_seconds": cost.epoch_seconds(r),
+        "predicted_train_seconds": cost.epoch_seconds(r) - cost.eval_seconds,
+        "predicted_overhead": cost.overhead(r),
+        "predicted_total_minutes": cost.total_minutes(r, epochs),
+        "curve": curve(cost, epochs, sorted({0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0} | ({fraction} if fraction else set()))),
+        "cost_model": cost.__dict__,
+        "device": str(ctx.device),
+    }
+    if ctx.dist.is_main:
+        fsio.write_json(ctx.run / "plan.json", result)
+        ctx.print(plan_table(result))
+        ctx.print(f"HE-DA fraction: {fraction if fraction is not None else 'none'} — {reason}")
+    return {"fraction": fraction, "predicted_epoch_seconds": result["predicted_epoch_seconds"]}
 
-    return plan(ctx)
+
+def _decide(ctx: RunContext, cost) -> tuple[float | None, str, dict | None]:
+    a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
+    if a.selection == "all":
+        return 1.0, "selection 'all': ordinary augmentation of every sample (r = 1)", None
+    if a.fraction != "auto":
+        return float(a.fraction), "fixed by the recipe (augment.fraction)", None
+    b = a.budget
+    budget = {"max_overhead": b.max_overhead, "max_minutes": b.max_minutes, "range": list(b.range), "strict": b.strict}
+    choice = choose_fraction(cost, epochs=epochs, max_overhead=b.max_overhead, max_minutes=b.max_minutes, lo=b.range[0], hi=b.range[1])
+    if choice.fraction is None:
+        if b.strict:
+            raise InputError(f"augment.budget: {choice.reason} (strict: true)")
+        return 0.0, f"{choice.reason}; running without HE-DA", budget
+    return choice.fraction, choice.reason, budget
 
 
 # ---------------------------------------------------------------- distill
 
 
-def build_run_student(ctx: RunContext) -> torch.nn.Module:
-    s, data = ctx.recipe.student, ctx.data
-    torch.manual_seed(ctx.recipe.seed)  # the initial weights are part of what the seed fixes
-    return build_student(s.arch, data.num_classes, image_size=ctx.image_size, mean=data.mean, std=data.std, width=s.width, small_input=s.small_input, dropout=s.dropout)
-
-
-def distill_objective(ctx: RunContext, fraction: float) -> DistillObjective:
-    a, loss = ctx.recipe.augment, ctx.recipe.distill.loss
-    augmenter = Augmenter(a.method, a.alpha, a.selection, fraction, ctx.recipe.seed)
-    return DistillObjective(ctx.teacher, LOSSES.get(loss.name), loss.params, load_energy_index(ctx).to(ctx.device), augmenter, a.weight)
-
-
 def distill_stage(ctx: RunContext) -> dict:
     """Train the student against the teacher with the recipe's loss and the planned HE-DA fraction."""
-    plan = json.loads(ctx.run.require("plan", "plan.json").read_text())
-    fraction = plan["fraction"] or 0.0
-    student = build_run_student(ctx)
-    data = ctx.data
+    ctx.run.require("plan")
+    fraction = ctx.read_json("plan.json")["fraction"] or 0.0
+    student, data = ctx.build_student(), ctx.data
     result = fit(
-        student, distill_objective(ctx, fraction),
-        ctx.train_set(),
-        ImageDataset(data.test, ctx.image_size, train=False),
-        ctx.recipe.distill, _loop(ctx, "distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"),
-        ctx.device, ctx.dist,
+        student, ctx.objective(fraction), ctx.train_set(), ctx.test_set(), ctx.recipe.distill,
+        ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"), ctx.device, ctx.dist,
     )
     if ctx.dist.is_main:
         with fsio.atomic_path(ctx.run / "student.pt") as tmp:
@@ -191,45 +184,25 @@ def distill_stage(ctx: RunContext) -> dict:
     }
 
 
-def load_run_student(ctx: RunContext) -> torch.nn.Module:
-    path = ctx.run.require("distill", "student.pt")
-    student = build_run_student(ctx)
-    load_state(student, load_checkpoint(path)["model"], str(path))
-    return student.eval()
-
-
-def _loop(ctx: RunContext, label: str, checkpoint_dir: Path, metrics: Path) -> LoopConfig:
-    d = ctx.recipe.data
-    return LoopConfig(checkpoint_dir, metrics, d.batch_size, d.eval_batch_size, ctx.recipe.seed, d.num_workers, ctx.resume, ctx.recipe.to_dict(), label)
-
-
 # ---------------------------------------------------------------- export, validate, report
 
 
 def export_stage(ctx: RunContext) -> dict:
-    from edgedistill.export import class_balanced_sample, export_variants, onnx_metadata
-
     if not ctx.dist.is_main:
         return {}
-    student, data, cfg = load_run_student(ctx), ctx.data, ctx.recipe.export
-    calib_idx = class_balanced_sample(data.train.labels, cfg.calibration.samples, ctx.recipe.seed)
-    calib, _ = eval_arrays(data.train, ctx.image_size, indices=calib_idx)
+    data, cfg = ctx.data, ctx.recipe.export
+    calib, _ = eval_arrays(data.train, ctx.image_size, indices=limit_indices(data.train.labels, cfg.calibration.samples, ctx.recipe.seed))
     meta = onnx_metadata(data.class_names, ctx.image_size, data.mean, data.std, ctx.recipe.digest())
-    paths = export_variants(student, ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib, metadata=meta)
-    return {name: str(p) for name, p in paths.items()}
+    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib, metadata=meta)
+    return {"targets": sorted(summary["variants"])}
 
 
 def validate_stage(ctx: RunContext) -> dict:
-    from edgedistill.validate import validate_variants, validation_table
-
     if not ctx.dist.is_main:
         return {}
-    variants = {k: Path(v) for k, v in ctx.run.summary("export").items()} if ctx.run.done("export") else {}
-    if not variants:
-        ctx.run.require("export")
-    student = load_run_student(ctx)
+    ctx.run.require("export")
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
-    results = validate_variants(student, variants, test_x, test_y, ctx.recipe.validate_)
+    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), test_x, test_y, ctx.recipe.validate_)
     fsio.write_json(ctx.run / "validation.json", results)
     ctx.print(validation_table(results))
     return {"passed": results["passed"]}
@@ -237,11 +210,6 @@ def validate_stage(ctx: RunContext) -> dict:
 
 def validate_files(ctx: RunContext, files: list[Path]) -> None:
     """Validate ONNX files the user gives (no PyTorch model: accuracy, latency, size) on the recipe's test split."""
-    from edgedistill.validate import check_gates, validate_onnx_file, validation_table
-
-    for f in files:
-        if not Path(f).is_file():
-            raise InputError(f"--onnx: {f} not found")
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
     results = [validate_onnx_file(f, test_x, test_y, ctx.recipe.validate_) for f in files]
     merged = {"passed": all(r["passed"] for r in results), "variants": {k: v for r in results for k, v in r["variants"].items()}}
@@ -251,8 +219,8 @@ def validate_files(ctx: RunContext, files: list[Path]) -> None:
 
 
 def report_stage(ctx: RunContext) -> dict:
-    from edgedistill.report import write_report
-
     if not ctx.dist.is_main:
         return {}
-    return write_report(ctx)
+    summary = write_report(ctx.run.root, ctx.recipe)
+    ctx.print(summary_table(ctx.run.root))
+    return summary

@@ -7,6 +7,7 @@ channels_last, DDP, the learning-rate schedule, checkpoints, resume, graceful st
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -14,7 +15,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from edgedistill.data import EpochSampler, ImageDataset, make_loader, to_float
 from edgedistill.distributed import DistInfo, all_sum, broadcast_flag
 from edgedistill.errors import InputError, Interrupted, TrainingDiverged
 from edgedistill.models import load_checkpoint, load_state
+from edgedistill.objectives import Objective
 
 # ---------------------------------------------------------------- device and precision
 
@@ -158,6 +160,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def begin_epoch(seed: int, epoch: int, objective: Objective, resumed_rng: dict | None) -> None:
+    """Every random stream of an epoch, set in one place: the global RNGs from ``(seed, epoch)``, the objective's
+    own generator, and, for an epoch resumed mid-way, the global RNGs as they were when it stopped."""
+    torch.manual_seed(_epoch_seed(seed, epoch))
+    objective.set_epoch(epoch)
+    if resumed_rng is not None:
+        set_rng_state(resumed_rng)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -183,13 +194,54 @@ class FitResult:
     epochs: list[dict]
 
 
+@dataclass
+class _Position:
+    """Where training stands: the next epoch and step to run, the best test top-1 so far, and (mid-epoch) the RNGs."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    rng: dict | None = None
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "objective", "epoch", "step", "best_top1", "rng")
+
+
+class _Checkpoints:
+    """``last.pt`` (everything needed to continue) and ``best.pt`` (the weights of the best epoch)."""
+
+    def __init__(self, loop: LoopConfig, parts: dict[str, Any]):
+        self.dir, self.recipe, self.parts = loop.checkpoint_dir, loop.recipe, parts  # parts: objects with state_dict()
+        self.last = self.dir / "last.pt"
+
+    def restore(self) -> _Position:
+        ckpt = load_checkpoint(self.last)
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+        if missing:
+            raise InputError(f"{self.last}: not a training checkpoint of this tool (missing {', '.join(missing)})")
+        load_state(self.parts["model"], ckpt["model"], str(self.last))
+        for name, part in self.parts.items():
+            if name != "model":
+                part.load_state_dict(ckpt[name])
+        return _Position(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["rng"] if ckpt["step"] else None)
+
+    def save(self, at: _Position, top1: float | None = None) -> None:
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        state.update(epoch=at.epoch, step=at.step, best_top1=at.best, rng=rng_state(), recipe=self.recipe)
+        with fsio.atomic_path(self.last) as tmp:
+            torch.save(state, tmp)
+        if top1 is not None and top1 >= at.best:
+            with fsio.atomic_path(self.dir / "best.pt") as tmp:
+                torch.save({"model": state["model"], "epoch": at.epoch, "test_top1": top1, "recipe": self.recipe}, tmp)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def fit(
     model: nn.Module,
-    objective: Callable,
+    objective: Objective,
     train_set: ImageDataset,
     test_set: ImageDataset,
     cfg,
@@ -221,60 +273,20 @@ def fit(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule.name, milestones, cfg.schedule.gamma)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+    checkpoints = _Checkpoints(loop, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "objective": objective})
 
-    start_epoch, start_step, best = 0, 0, -1.0
-    last_path = loop.checkpoint_dir / "last.pt"
-    resumed_rng = None
-    if loop.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_top1", "rng") if k not in ckpt]
-        if missing:
-            raise InputError(f"{last_path}: not a training checkpoint of this tool (missing {', '.join(missing)})")
-        load_state(model, ckpt["model"], str(last_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if hasattr(objective, "load_state_dict") and ckpt.get("objective"):
-            objective.load_state_dict(ckpt["objective"])
-        start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        resumed_rng = ckpt["rng"] if start_step else None
-        if dist.is_main:
-            where = f"epoch {start_epoch + 1}, step {start_step}" if start_step else f"epoch {start_epoch + 1}"
-            console.print(f"[cyan]{loop.label}: resuming at {where} of {cfg.epochs}[/]")
-
+    at = checkpoints.restore() if loop.resume and checkpoints.last.exists() else _Position()
     if dist.is_main:
-        _trim_metrics(loop.metrics_path, start_epoch)  # a fresh run starts a fresh log; a resumed one drops redone epochs
-
-    def save(epoch: int, step: int, top1: float | None = None) -> None:
-        if not dist.is_main:
-            return
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
-            "epoch": epoch,
-            "step": step,
-            "best_top1": best,
-            "rng": rng_state(),
-            "recipe": loop.recipe,
-        }
-        with fsio.atomic_path(last_path) as tmp:
-            torch.save(state, tmp)
-        if top1 is not None and top1 >= best:
-            with fsio.atomic_path(loop.checkpoint_dir / "best.pt") as tmp:
-                torch.save({"model": state["model"], "epoch": epoch, "test_top1": top1, "recipe": loop.recipe}, tmp)
+        if at.epoch or at.step:
+            where = f"epoch {at.epoch + 1}, step {at.step}" if at.step else f"epoch {at.epoch + 1}"
+            console.print(f"[cyan]{loop.label}: resuming at {where} of {cfg.epochs}[/]")
+        _trim_metrics(loop.metrics_path, at.epoch)  # a fresh run starts a fresh log; a resumed one drops redone epochs
 
     history = []
     with graceful_stop() as stop, progress_bar(enabled=dist.is_main) as progress:
-        for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(_epoch_seed(loop.seed, epoch))
-            if hasattr(objective, "set_epoch"):
-                objective.set_epoch(epoch)
-            skip = start_step if epoch == start_epoch else 0
-            if resumed_rng is not None and skip:
-                set_rng_state(resumed_rng)
+        for epoch in range(at.epoch, cfg.epochs):
+            skip = at.step if epoch == at.epoch else 0
+            begin_epoch(loop.seed, epoch, objective, at.rng if skip else None)
             train_set.set_epoch(epoch)
             sampler.set_epoch(epoch, start=skip * loop.batch_size)
             loader = make_loader(train_set, loop.batch_size, sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
@@ -290,12 +302,7 @@ def fit(
                     losses, logits = objective(train_model, x, y, indices, epoch + step / steps_per_epoch)
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                    raise TrainingDiverged(
-                        f"{loop.label}: non-finite loss at epoch {epoch + 1} step {step} ({parts}); "
-                        + (f"the last good checkpoint is kept at {last_path}" if last_path.exists() else "no checkpoint was written yet")
-                        + " — lower the learning rate" + (" or disable amp" if precision.dtype else "")
-                    )
+                    raise _diverged(loop.label, epoch, step, losses, checkpoints.last, precision)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -313,8 +320,9 @@ def fit(
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 progress.update(task, advance=1, info=f"loss {sums['loss'] / seen:.3f} · acc {100 * correct / seen:.1f}% · {rate:.0f} img/s")
                 if broadcast_flag(dist, bool(stop)) and step + 1 < steps_per_epoch:
-                    save(epoch, step + 1)
-                    raise Interrupted(f"{loop.label}: stopped at epoch {epoch + 1} step {step + 1}; checkpoint saved to {last_path}")
+                    if dist.is_main:
+                        checkpoints.save(_Position(epoch, step + 1, at.best))
+                    raise Interrupted(f"{loop.label}: stopped at epoch {epoch + 1} step {step + 1}; checkpoint saved to {checkpoints.last}")
             epoch_seconds = time.perf_counter() - t0
             progress.remove_task(task)
 
@@ -332,18 +340,27 @@ def fit(
                 "stage": loop.label,
             }
             history.append(row)
-            best = max(best, top1)
+            at = _Position(epoch + 1, 0, max(at.best, top1))
             if dist.is_main:  # the line first: a kill before the checkpoint means a redone epoch, whose line resume trims
-                fsio.append_line(loop.metrics_path, _json_line(row))
+                fsio.append_line(loop.metrics_path, json.dumps(row))
                 console.print(
                     f"{loop.label} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} · test top-1 {top1:.2f}% "
                     f"· {epoch_seconds:.1f}s · {row['images_per_second']:.0f} img/s"
                 )
-            save(epoch + 1, 0, top1)
+                checkpoints.save(at, top1)
             if broadcast_flag(dist, bool(stop)):
-                raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {last_path}")
+                raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {checkpoints.last}")
     final = history[-1]["test_top1"] if history else _last_top1(loop.metrics_path)
-    return FitResult(final_top1=final, best_top1=best, epochs=history)
+    return FitResult(final_top1=final, best_top1=at.best, epochs=history)
+
+
+def _diverged(label: str, epoch: int, step: int, losses: dict, last: Path, precision: Precision) -> TrainingDiverged:
+    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    return TrainingDiverged(
+        f"{label}: non-finite loss at epoch {epoch + 1} step {step} ({parts}); "
+        + (f"the last good checkpoint is kept at {last}" if last.exists() else "no checkpoint was written yet")
+        + " — lower the learning rate" + (" or disable amp" if precision.dtype else "")
+    )
 
 
 @torch.no_grad()
@@ -364,16 +381,8 @@ def evaluate(model, test_set: ImageDataset, batch_size: int, device, dist: DistI
     return 100.0 * correct / max(total, 1)
 
 
-def _json_line(row: dict) -> str:
-    import json
-
-    return json.dumps(row)
-
-
 def _trim_metrics(path: Path, upto_epoch: int) -> None:
     """Drop metric lines of epochs a resumed run will redo (written after the last checkpoint)."""
-    import json
-
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -383,8 +392,6 @@ def _trim_metrics(path: Path, upto_epoch: int) -> None:
 
 
 def _last_top1(path: Path) -> float:
-    import json
-
     if not path.exists():
         return float("nan")
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,29 +1,32 @@
-"""Validate exported ONNX variants in ONNX Runtime on the CPU: parity, accuracy, latency, size.
+"""Validate the exported targets on the CPU, each in its own runtime: parity, accuracy, latency, size.
 
-:func:`validate_variants` returns a JSON-ready dict (the caller writes it as ``validation.json``)::
+:func:`validate_export` returns a JSON-ready dict (the caller writes it as ``validation.json``)::
 
     {
       "passed": bool,                      # every variant passed its gates
       "torch_top1": float,                 # PyTorch eager test top-1 (percent)
-      "torch_images_per_second": float,    # PyTorch eager throughput, same batch and threads as ORT
+      "torch_images_per_second": float,    # PyTorch eager throughput, same batch and threads
       "settings": {...},                   # the ValidateConfig used, number of test images
       "variants": {
         "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
                  "test_top1", "torch_top1", "delta_top1", "latency_ms_p50", "latency_ms_p90",
                  "images_per_second", "torch_images_per_second", "passed", "failures": [str]},
-        ...
+        ...                                # one row per target in export.json
       }
     }
 
-Gates (``ValidateConfig``): fp32 must match PyTorch (``max_abs_diff <= atol`` and identical top-1 on
-every parity batch); int8 / fp16 may lose at most ``max_int8_drop`` / ``max_fp16_drop`` top-1 points
-against PyTorch. Any variant that cannot be loaded fails. :func:`check_gates` turns failures into
-:class:`~edgedistill.errors.GateFailed` (exit code 1); write ``validation.json`` before calling it.
+The files, the runtime that runs them and the gates come from the export targets
+(:data:`edgedistill.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` and
+identical top-1 on every parity batch); int8 / fp16 may lose at most ``max_int8_drop`` /
+``max_fp16_drop`` top-1 points against PyTorch. Any variant that cannot be loaded fails.
+:func:`check_gates` turns failures into :class:`~edgedistill.errors.GateFailed` (exit code 1);
+write ``validation.json`` before calling it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from pathlib import Path
@@ -33,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgedistill.errors import GateFailed, InputError
-from edgedistill.export import check_images, eval_copy
+from edgedistill.errors import GateFailed, InputError, RecipeError, first_line
+from edgedistill.targets import TARGETS, OnnxTarget, Runner, Target, check_images
 
 DEFAULT_THROUGHPUT_SECONDS = 1.0
 LATENCY_WARMUP = 5
@@ -44,40 +47,29 @@ REFERENCE_BATCH = 64
 # ---------------------------------------------------------------- public API
 
 
-def validate_variants(
-    model: nn.Module,
-    variants: Mapping[str, Path],
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    cfg,
-    *,
-    throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS,
-) -> dict:
-    """Validate every ONNX file in ``variants`` against ``model`` (see the module docstring).
+def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
+                    cfg, *, throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS) -> dict:
+    """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
-    ``test_x``: (N, 3, H, W) float32 RGB in [0, 1]; ``test_y``: (N,) int64 labels; ``cfg``: a
-    :class:`edgedistill.recipe.ValidateConfig`. A variant that cannot be loaded fails on its own;
-    it never stops the others.
+    ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
+    ``test_y``: (N,) int64 labels; ``cfg``: a :class:`edgedistill.recipe.ValidateConfig`. A variant that
+    cannot be loaded fails on its own; it never stops the others.
     """
     test_x, test_y = _check_data(test_x, test_y)
-    ref_model = eval_copy(model)
-    with torch_threads(cfg.threads):
-        ref_logits = _torch_logits(ref_model, test_x)
-        torch_top1 = _top1(ref_logits, test_y)
-        parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
-        parity_refs = {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()}
-        torch_ips = _torch_throughput(ref_model, _take(test_x, cfg.throughput_batch), throughput_seconds)
-
-    reference = {"top1": torch_top1, "images_per_second": torch_ips, "parity": parity_refs,
-                 "parity_inputs": parity_inputs}
-    results = {
-        name: _validate_one(name, Path(path), test_x, test_y, cfg, reference, throughput_seconds)
-        for name, path in variants.items()
-    }
+    reference = _reference(model, test_x, test_y, cfg, throughput_seconds)
+    results = {}
+    for name, info in export_summary.get("variants", {}).items():
+        path = Path(out_dir) / info["path"]
+        try:
+            target = TARGETS.get(name)
+        except RecipeError as e:  # export.json written by a version that had this target
+            results[name] = _row(path, reference) | {"failures": [str(e)]}
+            continue
+        results[name] = _validate_one(target, path, test_x, test_y, cfg, reference, throughput_seconds)
     return {
         "passed": all(r["passed"] for r in results.values()),
-        "torch_top1": torch_top1,
-        "torch_images_per_second": torch_ips,
+        "torch_top1": reference["top1"],
+        "torch_images_per_second": reference["images_per_second"],
         "settings": _settings(cfg, len(test_x)),
         "variants": results,
     }
@@ -85,15 +77,15 @@ def validate_variants(
 
 def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None,
                        throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS) -> dict:
-    """Accuracy, latency and size of one ONNX file, with no PyTorch model (parity and drop gates skipped).
+    """Accuracy, latency and size of one ONNX (or ORT-format) file, with no PyTorch model (no parity, no gates).
 
-    Same result shape as :func:`validate_variants`; ``torch_*`` fields are ``None``. The only gate is
-    that the file loads and runs on the test images.
+    Same result shape as :func:`validate_export`; ``torch_*`` fields are ``None``. The only gate is
+    that the file loads and runs on the test images in ONNX Runtime.
     """
     test_x, test_y = _check_data(test_x, test_y)
     path = Path(path)
     name = name or path.name
-    r = _validate_one(name, path, test_x, test_y, cfg, None, throughput_seconds)
+    r = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None, throughput_seconds)  # ORT runner; no gate without a reference
     return {
         "passed": r["passed"],
         "torch_top1": None,
@@ -117,7 +109,7 @@ def validation_table(results: Mapping):
     from rich.table import Table
 
     settings = results.get("settings", {})
-    title = "ONNX Runtime validation (CPU"
+    title = "Validation of the exported models (CPU"
     if settings.get("threads"):
         title += f", {settings['threads']} threads"
     if settings.get("throughput_batch"):
@@ -146,8 +138,8 @@ def validation_table(results: Mapping):
 # ---------------------------------------------------------------- one variant
 
 
-def _validate_one(name: str, path: Path, test_x, test_y, cfg, reference: dict | None, throughput_seconds: float) -> dict:
-    r: dict = {
+def _row(path: Path, reference: dict | None) -> dict:
+    return {
         "path": path.name,
         "size_bytes": path.stat().st_size if path.is_file() else None,
         "max_abs_diff": None,
@@ -163,112 +155,55 @@ def _validate_one(name: str, path: Path, test_x, test_y, cfg, reference: dict | 
         "passed": False,
         "failures": [],
     }
+
+
+def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: dict | None, throughput_seconds: float) -> dict:
+    r = _row(path, reference)
     if not path.is_file():
         r["failures"].append(f"file not found: {path}")
         return r
     try:
-        session = make_session(path, cfg.threads)
+        runner = target.open(path, cfg.threads)
     except Exception as e:  # noqa: BLE001 - any load error is this variant's failure
-        r["failures"].append(f"not a loadable ONNX model: {path.name} ({_first_line(e)})")
+        r["failures"].append(f"not a loadable {target.format_name}: {path.name} ({first_line(e)})")
         return r
-    runner = _Runner(session)
     problem = runner.incompatible(test_x.shape[1:])
     if problem:
         r["failures"].append(f"{path.name}: {problem}")
         return r
     try:
         if reference is not None:
-            worst, agree, total = 0.0, 0, 0
-            for b, x in reference["parity_inputs"].items():
-                out = runner.run(x, batch=b)
-                ref = reference["parity"][b]
-                diff = float(np.max(np.abs(out.astype(np.float64) - ref))) if np.isfinite(out).all() else math.inf
-                same = int((out.argmax(1) == ref.argmax(1)).sum())
-                r["parity"][str(b)] = {"max_abs_diff": _num(diff), "top1_agreement": same / len(x)}
-                worst, agree, total = max(worst, diff), agree + same, total + len(x)
-            r["max_abs_diff"], r["top1_agreement"] = _num(worst), agree / total
+            _parity(r, runner, reference)
         logits = runner.run(test_x, batch=cfg.throughput_batch)
         r["test_top1"] = _top1(logits, test_y)
         if reference is not None:
             r["delta_top1"] = round(r["test_top1"] - reference["top1"], 4)
         r["latency_ms_p50"], r["latency_ms_p90"] = _latency(runner, test_x[:1], cfg.latency_runs)
-        r["images_per_second"] = _throughput(runner, _take(test_x, cfg.throughput_batch), throughput_seconds)
+        xb = _take(test_x, cfg.throughput_batch)
+        r["images_per_second"] = _throughput(lambda: runner.run(xb, batch=len(xb)), len(xb), throughput_seconds)
     except Exception as e:  # noqa: BLE001
-        r["failures"].append(f"{path.name} fails in ONNX Runtime: {_first_line(e)}")
+        r["failures"].append(f"{path.name} fails in {target.runtime_name}: {first_line(e)}")
         return r
     if reference is not None:
-        r["failures"].extend(_gate_failures(name, r, cfg))
+        r["failures"].extend(target.gate(r, cfg))
     r["passed"] = not r["failures"]
     return r
 
 
-def _gate_failures(name: str, r: dict, cfg) -> list[str]:
-    kind = name.split(".")[0].lower()
-    out = []
-    if kind == "fp32":
-        diff = r["max_abs_diff"]
-        if diff is None or not diff <= cfg.atol:
-            out.append(f"max_abs_diff {_g(diff)} > atol {cfg.atol:g} vs PyTorch")
-        if not r["top1_agreement"] == 1.0:
-            out.append(f"top1_agreement {r['top1_agreement']:.4f} < 1.0 on parity batches {list(cfg.parity_batches)}")
-    elif kind in ("int8", "fp16"):
-        limit = cfg.max_int8_drop if kind == "int8" else cfg.max_fp16_drop
-        drop = -r["delta_top1"]
-        if not drop <= limit + 1e-9:
-            out.append(f"top-1 drop {drop:.2f} points > max_{kind}_drop {float(limit)}")
-    return out
+def _parity(r: dict, runner: Runner, reference: dict) -> None:
+    """Max |logit difference| and top-1 agreement with PyTorch on every parity batch."""
+    worst, agree, total = 0.0, 0, 0
+    for b, x in reference["parity_inputs"].items():
+        out = runner.run(x, batch=b)
+        ref = reference["parity"][b]
+        diff = float(np.max(np.abs(out.astype(np.float64) - ref))) if np.isfinite(out).all() else math.inf
+        same = int((out.argmax(1) == ref.argmax(1)).sum())
+        r["parity"][str(b)] = {"max_abs_diff": _num(diff), "top1_agreement": same / len(x)}
+        worst, agree, total = max(worst, diff), agree + same, total + len(x)
+    r["max_abs_diff"], r["top1_agreement"] = _num(worst), agree / total
 
 
-# ---------------------------------------------------------------- ONNX Runtime
-
-
-def make_session(path, threads: int):
-    """A CPU InferenceSession with ``threads`` intra-op threads and one inter-op thread."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-class _Runner:
-    """Runs a session on NCHW batches, splitting into the model's fixed batch size if it has one."""
-
-    def __init__(self, session):
-        self.session = session
-        inp = session.get_inputs()[0]
-        self.input_name = inp.name
-        self.shape = list(inp.shape)
-        self.fixed_batch = self.shape[0] if self.shape and isinstance(self.shape[0], int) and self.shape[0] > 0 else None
-
-    def incompatible(self, chw) -> str | None:
-        if len(self.shape) != 4:
-            return f"input '{self.input_name}' has rank {len(self.shape)}, expected NCHW"
-        for want, got in zip(self.shape[1:], chw):
-            if isinstance(want, int) and want > 0 and want != got:
-                return f"input '{self.input_name}' expects shape {self.shape}, test images are {list(chw)}"
-        return None
-
-    def run_once(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def run(self, x: np.ndarray, batch: int) -> np.ndarray:
-        step = self.fixed_batch or batch
-        outs = []
-        for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            if self.fixed_batch and len(chunk) < step:  # pad the last chunk of a fixed-batch model
-                pad = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
-                outs.append(self.run_once(pad)[: len(chunk)])
-            else:
-                outs.append(self.run_once(chunk))
-        return np.concatenate(outs).astype(np.float32, copy=False)
-
-
-def _latency(runner: _Runner, x1: np.ndarray, runs: int) -> tuple[float, float]:
+def _latency(runner: Runner, x1: np.ndarray, runs: int) -> tuple[float, float]:
     x1 = np.ascontiguousarray(x1)
     for _ in range(min(LATENCY_WARMUP, runs)):
         runner.run(x1, batch=1)
@@ -280,20 +215,33 @@ def _latency(runner: _Runner, x1: np.ndarray, runs: int) -> tuple[float, float]:
     return round(float(np.percentile(times, 50)), 4), round(float(np.percentile(times, 90)), 4)
 
 
-def _throughput(runner: _Runner, xb: np.ndarray, seconds: float) -> float:
-    xb = np.ascontiguousarray(xb)
-    runner.run(xb, batch=len(xb))  # warm-up
+def _throughput(step, images_per_step: int, seconds: float) -> float:
+    """Images per second of ``step()`` (one batch): one warm-up call, then at least 3 calls and ``seconds``."""
+    step()  # warm-up
     n, t0 = 0, time.perf_counter()
     while True:
-        runner.run(xb, batch=len(xb))
+        step()
         n += 1
         elapsed = time.perf_counter() - t0
         if n >= 3 and elapsed >= seconds:
             break
-    return round(n * len(xb) / elapsed, 2)
+    return round(n * images_per_step / elapsed, 2)
 
 
 # ---------------------------------------------------------------- PyTorch reference
+
+
+def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg, throughput_seconds: float) -> dict:
+    """PyTorch's test top-1, its logits on the parity batches and its throughput (CPU, float32, eval copy)."""
+    ref_model = copy.deepcopy(model).cpu().float().eval()
+    with torch_threads(cfg.threads):
+        parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
+        return {
+            "top1": _top1(_torch_logits(ref_model, test_x), test_y),
+            "images_per_second": _torch_throughput(ref_model, _take(test_x, cfg.throughput_batch), throughput_seconds),
+            "parity_inputs": parity_inputs,
+            "parity": {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()},
+        }
 
 
 @contextlib.contextmanager
@@ -318,15 +266,7 @@ def _torch_logits(model: nn.Module, x: np.ndarray, batch: int = REFERENCE_BATCH)
 def _torch_throughput(model: nn.Module, xb: np.ndarray, seconds: float) -> float:
     t = torch.from_numpy(np.ascontiguousarray(xb))
     with torch.inference_mode():
-        model(t)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while True:
-            model(t)
-            n += 1
-            elapsed = time.perf_counter() - t0
-            if n >= 3 and elapsed >= seconds:
-                break
-    return round(n * len(xb) / elapsed, 2)
+        return _throughput(lambda: model(t), len(xb), seconds)
 
 
 # ---------------------------------------------------------------- helpers
@@ -363,10 +303,6 @@ def _num(v):
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def _g(v) -> str:
-    return "nan/inf" if v is None else f"{v:.3g}"
-
-
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else spec.format(v)
 
@@ -380,7 +316,3 @@ def _fmt_size(n) -> str:
         n /= 1024
     return str(n)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]

@@ -195,7 +195,7 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
     """The cost model rests on the plain-vs-extra difference; 'all' (which ignores the fraction) once let the
     'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead.
     The no-teacher baseline is neither run through the teacher nor charged for it."""
-    from edgedistill import stages
+    from edgedistill.context import RunContext
     from edgedistill.planning import WARMUP_STEPS, measure_cost
     from edgedistill.recipe import load_recipe
     from edgedistill.run import open_run
@@ -205,14 +205,14 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
     overrides = [f"augment.selection={selection}", "augment.profile_steps=2", f"distill.loss={{name: {loss}}}"]
     ctx = open_run(load_recipe(recipe, overrides), tmp_path, resume=True, force=True)
     sizes: list[int] = []
-    build = stages.build_run_student
+    build = RunContext.build_student
 
     def recording(ctx):
         model = build(ctx)
         model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])) if torch.is_grad_enabled() else None)
         return model
 
-    monkeypatch.setattr(stages, "build_run_student", recording)
+    monkeypatch.setattr(RunContext, "build_student", recording)
     teacher_calls = []
     ctx.teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
     cost = measure_cost(ctx)

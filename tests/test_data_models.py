@@ -318,6 +318,7 @@ def test_student_auto_stem_and_width():
 # ---------------------------------------------------------------- teachers
 
 K, SIZE = 7, 16
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the data statistics a teacher trained here would get
 
 
 class TinyCNN(nn.Module):
@@ -399,7 +400,7 @@ def test_every_file_teacher_source_is_tested_here(teacher_files):
 @pytest.mark.parametrize("source", ["torchvision", "torchscript", "export", "onnx"])
 def test_teacher_sources_load_frozen_and_match_the_original(source, teacher_files):
     kwargs, reference = teacher_files[source]
-    net = load_teacher(TeacherConfig(source=source, **kwargs), K, SIZE)
+    net = load_teacher(TeacherConfig(source=source, **kwargs), K, SIZE, MEAN, STD)
     x = torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, expected = net(x), reference(x)
@@ -418,7 +419,7 @@ def test_teacher_sources_load_frozen_and_match_the_original(source, teacher_file
 def test_teacher_normalize_is_applied_inside(teacher_files):
     kwargs, cnn = teacher_files["torchscript"]
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    net = load_teacher(TeacherConfig(source="torchscript", normalize={"mean": mean, "std": std}, **kwargs), K, SIZE)
+    net = load_teacher(TeacherConfig(source="torchscript", normalize={"mean": mean, "std": std}, **kwargs), K, SIZE, MEAN, STD)
     x = torch.rand(3, 3, SIZE, SIZE)
     normalized = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -434,7 +435,7 @@ def test_torchvision_state_dict_wrappers(wrap, teacher_files, tmp_path):
     elif wrap == "model-key":  # an edgedistill / training-script checkpoint
         state = {"model": state, "epoch": 3}
     torch.save(state, tmp_path / "t.pt")
-    net = load_teacher(TeacherConfig(source="torchvision", arch="resnet18", path=tmp_path / "t.pt"), K, SIZE)
+    net = load_teacher(TeacherConfig(source="torchvision", arch="resnet18", path=tmp_path / "t.pt"), K, SIZE, MEAN, STD)
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(net(x), tv(x))

@@ -1,16 +1,16 @@
-"""Export (torch → ONNX fp32 / int8 / fp16 / edge) and ONNX Runtime validation.
+"""Export targets (fp32 / int8 / fp16 / edge, and any registered later) and their validation.
 
-Every registered student is exported once at 32 px (dynamo exporter, ~5–10 s each on 2 cores);
-the other tests reuse mobilenet_v3_small's run folder. Untrained torchvision students output logits
-of ~1e-10 (their classifiers start at std 0.01), which would make parity checks vacuous, so the
-models here get BN statistics from a forward pass and a classifier that gives O(1)–O(10) logits.
+Every registered student is exported once at 32 px (dynamo exporter, ~5–10 s each on 2 cores); every
+registered export target is built for a tiny CNN; the other tests reuse mobilenet_v3_small's run folder.
+Untrained torchvision students output logits of ~1e-10 (their classifiers start at std 0.01), which would
+make parity checks vacuous, so the models here get BN statistics from a forward pass and a classifier
+that gives O(1)–O(10) logits.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 
 import numpy as np
@@ -21,11 +21,17 @@ import torch
 from torch import nn
 
 from edgedistill import __version__
-from edgedistill import export as E
-from edgedistill.errors import GateFailed, InputError
+from edgedistill.data import limit_indices
+from edgedistill.errors import GateFailed, InputError, RecipeError
+from edgedistill.fsio import atomic_path
 from edgedistill.models import STUDENTS, build_student
-from edgedistill.recipe import ExportConfig, ValidateConfig
-from edgedistill.validate import check_gates, validate_onnx_file, validate_variants, validation_table
+from edgedistill.recipe import ExportConfig, ValidateConfig, validate_recipe
+from edgedistill.report import _validation_section
+from edgedistill.targets import TARGETS, Target, build_order, export_all, onnx_metadata, read_metadata, register
+from edgedistill.targets import fp32 as FP32
+from edgedistill.targets.edge import make_batch_fixed
+from edgedistill.targets.int8 import quantize_int8
+from edgedistill.validate import check_gates, validate_export, validate_onnx_file, validation_table
 
 SIZE = 32
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
@@ -71,6 +77,20 @@ def lively(model: nn.Module, seed: int = 0, logit_scale: float = 8.0) -> nn.Modu
     return model
 
 
+def tiny_model(seed: int = 0) -> nn.Module:
+    """Two conv-BN-ReLU blocks and a classifier: every target builds it in a few seconds."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
+    )
+    return lively(net, seed)
+
+
+TINY_META = onnx_metadata([f"c{i}" for i in range(5)], SIZE, MEAN, STD, "tiny")
+
+
 def make_student(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)  # parity sits near atol for some archs: the weights must not depend on test order
     net = build_student(arch, CLASSES[arch], image_size=SIZE, mean=MEAN, std=STD, small_input=True)
@@ -78,7 +98,7 @@ def make_student(arch: str, seed: int = 0) -> nn.Module:
 
 
 def metadata_for(arch: str) -> dict[str, str]:
-    return E.onnx_metadata([f"class{i}" for i in range(CLASSES[arch])], SIZE, MEAN, STD, "abc123")
+    return onnx_metadata([f"class{i}" for i in range(CLASSES[arch])], SIZE, MEAN, STD, "abc123")
 
 
 def images(n: int, seed: int = 1) -> np.ndarray:
@@ -111,15 +131,15 @@ def snapshot(model: nn.Module) -> tuple:
 
 @pytest.fixture(scope="module")
 def main_run(tmp_path_factory):
-    """mobilenet_v3_small through export_variants: fp32 + int8 + fp16 + edge, as the pipeline does."""
+    """mobilenet_v3_small through export_all: fp32 + int8 + fp16 + edge, as the pipeline does."""
     out = tmp_path_factory.mktemp("run")
     model = make_student(MAIN)
     calib = images(24, seed=7)
     labels = np.arange(24) % CLASSES[MAIN]
-    idx = E.class_balanced_sample(labels, 16, seed=0)
-    cfg = ExportConfig(formats=["fp32", "int8", "fp16"], edge=True, calibration={"samples": 16, "method": "minmax"})
-    paths = E.export_variants(model, out, cfg, image_size=SIZE, calibration_images=calib[idx], metadata=metadata_for(MAIN))
-    summary = json.loads((out / "export.json").read_text())
+    idx = limit_indices(labels, 16, seed=0)  # how the export stage picks calibration images
+    cfg = ExportConfig(formats=["fp32", "int8", "fp16", "edge"], calibration={"samples": 16, "method": "minmax"})
+    summary = export_all(model, out, cfg, image_size=SIZE, calibration_images=calib[idx], metadata=metadata_for(MAIN))
+    paths = {name: out / info["path"] for name, info in summary["variants"].items()}
     return {"model": model, "dir": out, "paths": paths, "summary": summary}
 
 
@@ -137,12 +157,153 @@ def fp32_export(tmp_path_factory, main_run):
             model = make_student(arch).train()  # export must neither switch it to eval nor fold its BN
             before = snapshot(model)
             path = tmp_path_factory.mktemp(arch) / "student.onnx"
-            info = E.export_onnx(model, path, image_size=SIZE, metadata=metadata_for(arch))
+            info = FP32.export_onnx(model, path, image_size=SIZE, metadata=metadata_for(arch))
             info["caller_model_untouched"] = snapshot(model) == before
             _FP32[arch] = (model.eval(), path, info)
         return _FP32[arch]
 
     return get
+
+
+def summary_of(**files: str) -> dict:
+    """A minimal export.json: variant → the file validation runs."""
+    return {"variants": {name: {"path": f} for name, f in files.items()}}
+
+
+# ---------------------------------------------------------------- every registered target
+
+
+def confident_test_set(model: nn.Module, margin: float, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose PyTorch top-1 leads by more than ``margin``: a lossy target within its tolerance keeps it."""
+    x = images(400, seed=21)
+    z = torch_out(model, x)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    keep = np.flatnonzero(top2[:, 1] - top2[:, 0] > margin)[:n]
+    assert len(keep) >= 8, "the tiny model has too few confident images"
+    return x[keep], z[keep].argmax(1).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", TARGETS.names())
+def test_every_registered_target_builds_runs_and_passes_its_gate(name, tmp_path):
+    target = TARGETS.get(name)
+    model = tiny_model()
+    cfg = ExportConfig(formats=build_order([name]), calibration={"samples": 16})
+    summary = export_all(model, tmp_path, cfg, image_size=SIZE, calibration_images=images(16, seed=7), metadata=TINY_META)
+    assert json.loads((tmp_path / "export.json").read_text()) == json.loads(json.dumps(summary))
+    info = summary["variants"][name]
+    assert info["path"] == target.files[0] and info["files"] == list(target.files)
+    for f in target.files:
+        assert (tmp_path / f).stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+    tol = target.tolerance(VCFG)
+    x, y = confident_test_set(model, margin=2 * tol + 1e-3)
+    runner = target.open(tmp_path / info["path"], 1)
+    assert runner.incompatible(x.shape[1:]) is None
+    got = runner.run(x, batch=8)
+    assert got.shape == (len(x), 5) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_out(model, x), atol=tol, rtol=0)
+
+    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    row = res["variants"][name]
+    assert row["passed"], row["failures"]
+    assert row["path"] == target.files[0] and row["max_abs_diff"] <= tol and target.gate(row, VCFG) == []
+
+
+class Pt2(Target):
+    """A target that is not ONNX: a torch.export program, run by PyTorch."""
+
+    name = "test_pt2"
+    files = ("student.test.pt2",)
+    packages = ("torch",)
+    format_name = "torch.export program"
+    runtime_name = "PyTorch"
+
+    def build(self, ctx):
+        net = copy.deepcopy(ctx.model).eval()
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        program = torch.export.export(net, (torch.rand(2, 3, SIZE, SIZE),), dynamic_shapes=({0: batch},))
+        with atomic_path(ctx.out_dir / self.files[0]) as tmp:
+            torch.export.save(program, tmp)
+        return {"nodes": len(program.graph.nodes)}
+
+    def open(self, path, threads):
+        return Pt2Runner(torch.export.load(path).module())
+
+
+class Pt2Runner:
+    calls = 0
+
+    def __init__(self, module):
+        self.module = module
+
+    def incompatible(self, chw):
+        return None if tuple(chw) == (3, SIZE, SIZE) else f"expects 3x{SIZE}x{SIZE}"
+
+    def run(self, x, batch):
+        Pt2Runner.calls += 1
+        with torch.no_grad():
+            return np.concatenate([self.module(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+@pytest.fixture
+def pt2_target():
+    register(Pt2)
+    try:
+        yield TARGETS.get(Pt2.name)
+    finally:
+        TARGETS._items.pop(Pt2.name)  # the registry has no public removal: later tests see the real targets only
+
+
+def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_target, tmp_path):
+    model = tiny_model()
+    cfg = validate_recipe({"export": {"formats": [Pt2.name, "fp32"]}}).export  # the recipe accepts it
+    summary = export_all(model, tmp_path, cfg, image_size=SIZE, calibration_images=None, metadata=TINY_META)
+    written = json.loads((tmp_path / "export.json").read_text())
+    assert list(written["variants"]) == [Pt2.name, "fp32"]
+    assert written["variants"][Pt2.name]["files"] == ["student.test.pt2"] and written["variants"][Pt2.name]["nodes"] > 0
+    assert written["versions"]["torch"] == torch.__version__
+
+    x, y = confident_test_set(model, margin=0.01)
+    Pt2Runner.calls = 0
+    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    row = res["variants"][Pt2.name]
+    assert res["passed"] and row["passed"] and Pt2Runner.calls > 0  # run by its own runner
+    assert row["max_abs_diff"] <= VCFG.atol and row["top1_agreement"] == 1.0 and row["test_top1"] == 100.0
+    assert row["latency_ms_p50"] > 0 and row["images_per_second"] > 0 and row["size_bytes"] > 0
+    md = "\n".join(_validation_section(res, summary))
+    assert f"| {Pt2.name} | `student.test.pt2` |" in md and "| fp32 | `student.onnx` |" in md
+
+    (tmp_path / "student.test.pt2").write_bytes(b"garbage")
+    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    assert res["variants"]["fp32"]["passed"] and not res["passed"]
+    assert res["variants"][Pt2.name]["failures"][0].startswith("not a loadable torch.export program: student.test.pt2")
+
+
+def test_export_formats_are_checked_against_the_registry():
+    for formats, expected in (
+        (["fp32", "int4"], "export.formats: unknown export target 'int4' (did you mean 'int8'?); known: edge, fp16, fp32, int8"),
+        (["edge"], "export.formats: fp32 is required by edge"),
+        (["fp16", "int8"], "fp32 is required by fp16; fp32 is required by int8"),
+        (["fp32", "fp32"], "export.formats: duplicates"),
+    ):
+        with pytest.raises(RecipeError) as e:
+            validate_recipe({"export": {"formats": formats}})
+        assert expected in str(e.value)
+    with pytest.raises(RecipeError, match=r"export\.edge: removed; add 'edge' to export\.formats"):
+        validate_recipe({"export": {"formats": ["fp32"], "edge": True}})
+    assert build_order(["edge", "int8", "fp32"]) == ["fp32", "edge", "int8"]
+    assert validate_recipe({"export": {"formats": ["fp32", "edge"]}}).export.formats == ["fp32", "edge"]
+
+
+def test_int8_without_calibration_images_fails_before_anything_is_built(tmp_path):
+    with pytest.raises(InputError, match="int8 needs calibration images"):
+        export_all(nn.Identity(), tmp_path, ExportConfig(formats=["fp32", "int8"]), image_size=SIZE,
+                   calibration_images=None, metadata=TINY_META)
+    with pytest.raises(InputError, match=r"calibration images: images are 8x8"):
+        export_all(nn.Identity(), tmp_path, ExportConfig(formats=["fp32", "int8"]), image_size=SIZE,
+                   calibration_images=np.zeros((4, 3, 8, 8), np.float32), metadata=TINY_META)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- fp32 export, every student
@@ -151,10 +312,10 @@ def fp32_export(tmp_path_factory, main_run):
 @pytest.mark.parametrize("arch", list(STUDENTS))
 def test_every_student_exports_to_valid_dynamic_onnx(arch, fp32_export):
     model, path, info = fp32_export(arch)
-    assert info["exporter"] == "dynamo" and info["fallback_reason"] is None
-    if arch != MAIN:  # MAIN comes from export_variants (its summary has no such key)
+    assert info["exporter"] == "dynamo"
+    if arch != MAIN:  # MAIN's model was exported by export_all
         assert info["caller_model_untouched"]
-        assert info["prepared"]["conv_bn_folded"] > 0 and info["prepared"]["inplace_disabled"] > 0
+    assert info["prepared"]["conv_bn_folded"] > 0 and info["prepared"]["inplace_disabled"] > 0
     assert info["opset"] >= 18
 
     proto = onnx.load(str(path))
@@ -166,7 +327,7 @@ def test_every_student_exports_to_valid_dynamic_onnx(arch, fp32_export):
     assert [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
     assert "BatchNormalization" not in info["op_types"]
 
-    meta = E.read_metadata(path)
+    meta = read_metadata(path)
     assert json.loads(meta["class_names"]) == [f"class{i}" for i in range(CLASSES[arch])]
     assert json.loads(meta["input_size"]) == [3, SIZE, SIZE]
     assert json.loads(meta["mean"]) == pytest.approx(MEAN) and json.loads(meta["std"]) == pytest.approx(STD)
@@ -181,36 +342,36 @@ def test_every_student_exports_to_valid_dynamic_onnx(arch, fp32_export):
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_fallback_to_torchscript_exporter_is_logged_and_recorded(tmp_path, monkeypatch, caplog, fp32_export):
-    model, _, _ = fp32_export(MAIN)
-
+def test_an_exporter_failure_is_one_input_error_line(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("dynamo says no")
+        raise RuntimeError("dynamo says no.\nTraceback (most recent call last): ...")
 
-    monkeypatch.setattr(E, "_export_dynamo", broken)
-    with caplog.at_level(logging.WARNING, logger="edgedistill"):
-        info = E.export_onnx(model, tmp_path / "student.onnx", image_size=SIZE, metadata=metadata_for(MAIN))
-    assert info["exporter"] == "torchscript" and "dynamo says no" in info["fallback_reason"]
-    assert any("falling back" in r.getMessage() for r in caplog.records)
-    proto = onnx.load(str(tmp_path / "student.onnx"))
-    onnx.checker.check_model(proto, full_check=True)
-    assert E.read_metadata(tmp_path / "student.onnx")["recipe_digest"] == "abc123"
-    x = images(3)
-    np.testing.assert_allclose(ort_out(tmp_path / "student.onnx", x), torch_out(model, x), atol=1e-4, rtol=0)
-    assert [p.name for p in tmp_path.iterdir()] == ["student.onnx"]  # no temp or external-data leftovers
+    monkeypatch.setattr(FP32, "_export_dynamo", broken)
+    with pytest.raises(InputError) as e:
+        FP32.export_onnx(tiny_model(), tmp_path / "student.onnx", image_size=SIZE, metadata=TINY_META)
+    msg = str(e.value)
+    assert msg == "student.onnx: ONNX export failed (RuntimeError: dynamo says no)"
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_external_data_from_the_exporter_is_folded_into_one_file(tmp_path, monkeypatch, fp32_export):
-    model, _, _ = fp32_export(MAIN)
-    real_torchscript = E._export_torchscript
+def test_a_model_that_cannot_be_copied_is_an_input_error(tmp_path):
+    model = tiny_model()
+    model.stream = (i for i in range(3))  # generators cannot be deep-copied
+    with pytest.raises(InputError, match=r"student\.onnx: the model cannot be copied for export \(TypeError"):
+        FP32.export_onnx(model, tmp_path / "student.onnx", image_size=SIZE, metadata=TINY_META)
+
+
+def test_external_data_from_the_exporter_is_folded_into_one_file(tmp_path, monkeypatch):
+    real_dynamo = FP32._export_dynamo
+    model = tiny_model()
 
     def exporter_writing_external_data(net, example, out, opset, dynamic_batch):
-        real_torchscript(net, example, out, opset, dynamic_batch)
+        real_dynamo(net, example, out, opset, dynamic_batch)
         proto = onnx.load(str(out))
         onnx.save(proto, str(out), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
 
-    monkeypatch.setattr(E, "_export_dynamo", exporter_writing_external_data)
-    E.export_onnx(model, tmp_path / "student.onnx", image_size=SIZE, metadata=metadata_for(MAIN))
+    monkeypatch.setattr(FP32, "_export_dynamo", exporter_writing_external_data)
+    FP32.export_onnx(model, tmp_path / "student.onnx", image_size=SIZE, metadata=TINY_META)
     assert [p.name for p in tmp_path.iterdir()] == ["student.onnx"]
     proto = onnx.load(str(tmp_path / "student.onnx"), load_external_data=False)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
@@ -218,20 +379,23 @@ def test_external_data_from_the_exporter_is_folded_into_one_file(tmp_path, monke
     np.testing.assert_allclose(ort_out(tmp_path / "student.onnx", x), torch_out(model, x), atol=1e-4, rtol=0)
 
 
-def test_opset_below_18_is_refused(tmp_path, fp32_export):
+def test_opset_below_18_is_refused(tmp_path):
     with pytest.raises(InputError, match="opset"):
-        E.export_onnx(nn.Identity(), tmp_path / "x.onnx", image_size=SIZE, opset=17, metadata={})
+        FP32.export_onnx(nn.Identity(), tmp_path / "x.onnx", image_size=SIZE, opset=17, metadata={})
 
 
-# ---------------------------------------------------------------- variants
+# ---------------------------------------------------------------- int8, fp16, edge
 
 
-def test_export_variants_writes_int8_fp16_and_summary(main_run):
+def test_export_all_writes_int8_fp16_and_summary(main_run):
     d, paths, summary = main_run["dir"], main_run["paths"], main_run["summary"]
     assert {k: p.name for k, p in paths.items()} == {
-        "fp32": "student.onnx", "int8": "student.int8.onnx", "fp16": "student.fp16.onnx"}
-    assert summary["exporter"] == "dynamo" and summary["opset"] >= 18
-    assert set(summary["variants"]) == {"fp32", "int8", "fp16"}
+        "fp32": "student.onnx", "int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "edge": "student.b1.ort"}
+    assert summary["exporter"] == "dynamo" and summary["fallback_reason"] is None and summary["opset"] >= 18
+    assert summary["input"]["name"] == "input" and summary["input"]["shape"][1:] == [3, SIZE, SIZE]
+    assert summary["output"] == {"name": "logits", "shape": ["batch", CLASSES[MAIN]]}
+    assert set(summary["versions"]) == {"edgedistill", "torch", "onnx", "onnxruntime"}
+    assert list(summary["variants"]) == ["fp32", "int8", "fp16", "edge"]
     for name, p in paths.items():
         assert summary["variants"][name]["size_bytes"] == p.stat().st_size
     assert paths["int8"].stat().st_size < 0.5 * paths["fp32"].stat().st_size
@@ -243,15 +407,15 @@ def test_export_variants_writes_int8_fp16_and_summary(main_run):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert summary["variants"]["int8"]["calibration_samples"] == 16
     assert summary["variants"]["int8"]["activations"] == "QUInt8" and summary["variants"]["int8"]["weights"] == "QInt8"
-    meta = E.read_metadata(paths["int8"])
+    meta = read_metadata(paths["int8"])
     assert json.loads(meta["quantization"])["format"] == "QDQ" and "class_names" in meta
 
     fp16 = onnx.load(str(paths["fp16"]))
-    onnx.checker.check_model(fp16)
+    onnx.checker.check_model(fp16)  # includes: nodes in topological order
     assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
-    assert "class_names" in E.read_metadata(paths["fp16"])
+    assert "class_names" in read_metadata(paths["fp16"]) and "fp16" in read_metadata(paths["fp16"])["precision"]
 
     x = images(3)
     want = torch_out(main_run["model"], x)
@@ -262,32 +426,34 @@ def test_export_variants_writes_int8_fp16_and_summary(main_run):
 
 
 def test_edge_artifacts(main_run):
-    d, edge = main_run["dir"], main_run["summary"]["edge"]
+    d, edge = main_run["dir"], main_run["summary"]["variants"]["edge"]
+    assert main_run["summary"]["edge"].items() <= edge.items()  # export.json's top-level "edge" key, as before
+    assert edge["files"] == ["student.b1.ort", "student.b1.onnx", "student.b1.required_operators.config"]
     b1 = d / edge["b1_onnx"]
     dims = onnx.load(str(b1)).graph.input[0].type.tensor_type.shape.dim
     assert [x.dim_value for x in dims] == [1, 3, SIZE, SIZE]
+    assert read_metadata(b1)["batch"] == "1" and read_metadata(b1)["recipe_digest"] == "abc123"
     ort_file = d / edge["ort"]
-    assert ort_file.suffix == ".ort" and ort_file.stat().st_size > 0
+    assert ort_file.suffix == ".ort" and ort_file.stat().st_size == edge["ort_size_bytes"] > 0
     assert (d / edge["required_operators_config"]).read_text().strip()
     x = images(1)
     np.testing.assert_allclose(ort_out(ort_file, x), torch_out(main_run["model"], x), atol=1e-4, rtol=0)
     for ep in ("nnapi", "coreml_mlprogram", "coreml_neuralnetwork"):
         u = edge["usability"][ep]
         assert 0 <= u["supported_nodes"] <= u["nodes"] and u["nodes"] > 0 and u["partitions"] >= 0
+        assert u["suitability"] in ("YES", "MAYBE", "NO") and isinstance(u["unsupported_ops"], list)
 
 
-def test_usability_log_parser():
-    text = ("3 partitions with a total of 115/143 nodes can be handled by the NNAPI EP.\n"
-            "1 partitions with a total of 143/143 nodes can be handled by the CoreML MLProgram EP.\n")
-    got = E.parse_usability_log(text)
-    assert got["nnapi"] == {"nodes": 143, "supported_nodes": 115, "partitions": 3}
-    assert got["coreml_mlprogram"]["supported_nodes"] == 143
+def test_make_batch_fixed_keeps_metadata(main_run, tmp_path):
+    make_batch_fixed(main_run["paths"]["fp32"], tmp_path / "b4.onnx", (4, 3, SIZE, SIZE))
+    assert read_metadata(tmp_path / "b4.onnx")["batch"] == "4"
+    assert ort_out(tmp_path / "b4.onnx", images(4)).shape == (4, CLASSES[MAIN])
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_other_calibration_methods(method, fp32_export, tmp_path):
     _, path, _ = fp32_export("shufflenet_v2_x0_5")
-    info = E.quantize_int8(path, tmp_path / "q.onnx", images(8, seed=3), method, batch_size=4)
+    info = quantize_int8(path, tmp_path / "q.onnx", images(8, seed=3), method, batch_size=4)
     assert info["calibration"] == method
     out = ort_out(tmp_path / "q.onnx", images(2))
     assert out.shape == (2, CLASSES["shufflenet_v2_x0_5"]) and np.isfinite(out).all()
@@ -296,25 +462,12 @@ def test_other_calibration_methods(method, fp32_export, tmp_path):
 def test_bad_quantization_inputs_are_input_errors(fp32_export, tmp_path):
     _, path, _ = fp32_export(MAIN)
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        E.quantize_int8(path, tmp_path / "q.onnx", images(4) * 255, "minmax")
+        quantize_int8(path, tmp_path / "q.onnx", images(4) * 255, "minmax")
     with pytest.raises(InputError, match="activation_type"):
-        E.quantize_int8(path, tmp_path / "q.onnx", images(4), "minmax", activation_type="int4")
+        quantize_int8(path, tmp_path / "q.onnx", images(4), "minmax", activation_type="int4")
     with pytest.raises(InputError, match="method"):
-        E.quantize_int8(path, tmp_path / "q.onnx", images(4), "kl")
+        quantize_int8(path, tmp_path / "q.onnx", images(4), "kl")
     assert not (tmp_path / "q.onnx").exists()
-
-
-def test_class_balanced_sample():
-    labels = np.array([0] * 50 + [1] * 5 + [2] * 20)
-    idx = E.class_balanced_sample(labels, 12, seed=3)
-    assert len(idx) == 12 and len(set(idx.tolist())) == 12 and idx.dtype == np.int64
-    assert np.bincount(labels[idx], minlength=3).tolist() == [4, 4, 4]
-    assert np.array_equal(idx, E.class_balanced_sample(labels, 12, seed=3))
-    assert not np.array_equal(idx, E.class_balanced_sample(labels, 12, seed=4))
-    few = E.class_balanced_sample(labels, 30, seed=0)  # class 1 runs out after 5
-    counts = np.bincount(labels[few], minlength=3)
-    assert counts[1] == 5 and sorted([counts[0], counts[2]]) == [12, 13]
-    assert sorted(E.class_balanced_sample(labels, 1000, seed=0).tolist()) == list(range(len(labels)))
 
 
 # ---------------------------------------------------------------- validation
@@ -326,16 +479,19 @@ def _test_set(model, n=40):
 
 
 def test_validation_passes_on_a_healthy_model(main_run):
-    model, paths = main_run["model"], main_run["paths"]
+    model, d, summary = main_run["model"], main_run["dir"], main_run["summary"]
     x, y = _test_set(model)
     # int8 of an untrained net on noise images is not a fair accuracy test: its gate is checked separately.
     cfg = VCFG.model_copy(update={"max_int8_drop": 100.0, "max_fp16_drop": 5.0})
-    res = validate_variants(model, paths, x, y, cfg, **FAST)
+    res = validate_export(model, d, summary, x, y, cfg, **FAST)
     assert res["passed"], res
+    assert list(res["variants"]) == ["fp32", "int8", "fp16", "edge"]
     assert res["torch_top1"] == 100.0 and res["torch_images_per_second"] > 0
-    fp32 = res["variants"]["fp32"]
-    assert fp32["max_abs_diff"] <= 1e-4 and fp32["top1_agreement"] == 1.0 and fp32["test_top1"] == 100.0
-    assert set(fp32["parity"]) == {"1", "3", "8"}
+    for name in ("fp32", "edge"):  # parity-gated
+        r = res["variants"][name]
+        assert r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] == 1.0 and r["test_top1"] == 100.0
+        assert set(r["parity"]) == {"1", "3", "8"}
+    assert res["variants"]["edge"]["path"] == "student.b1.ort"
     for name, r in res["variants"].items():
         for key in ("max_abs_diff", "top1_agreement", "test_top1", "latency_ms_p50", "images_per_second", "size_bytes"):
             assert r[key] is not None, (name, key)
@@ -344,21 +500,28 @@ def test_validation_passes_on_a_healthy_model(main_run):
     json.dumps(res, allow_nan=False)  # validation.json is strict JSON
     check_gates(res)  # does not raise
     _render(validation_table(res))
+    md = "\n".join(_validation_section(res, summary))
+    for name in res["variants"]:
+        assert f"| {name} | `{res['variants'][name]['path']}` |" in md
+    assert "### edge: NNAPI / CoreML coverage" in md and "| nnapi |" in md and "`student.b1.required_operators.config`" in md
 
 
-def test_corrupted_files_fail_their_variant_only(main_run, tmp_path):
+def test_corrupted_or_missing_files_fail_their_variant_only(main_run, tmp_path):
     model, fp32 = main_run["model"], main_run["paths"]["fp32"]
+    (tmp_path / "student.onnx").write_bytes(fp32.read_bytes())
     garbage = tmp_path / "student.int8.onnx"
     garbage.write_bytes(b"\x00not an onnx model\xff" * 100)
     truncated = tmp_path / "student.fp16.onnx"
     truncated.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])
+    summary = summary_of(fp32="student.onnx", int8=garbage.name, fp16=truncated.name, edge="student.b1.ort")
     x, y = _test_set(model, n=16)
-    res = validate_variants(model, {"fp32": fp32, "int8": garbage, "fp16": truncated}, x, y, VCFG, **FAST)
+    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     for name, file in (("int8", garbage), ("fp16", truncated)):
         r = res["variants"][name]
         assert not r["passed"] and r["failures"][0].startswith("not a loadable ONNX model")
         assert file.name in r["failures"][0] and r["size_bytes"] == file.stat().st_size
+    assert res["variants"]["edge"]["failures"] == [f"file not found: {tmp_path / 'student.b1.ort'}"]
     with pytest.raises(GateFailed) as e:
         check_gates(res)
     msg = str(e.value)
@@ -367,15 +530,23 @@ def test_corrupted_files_fail_their_variant_only(main_run, tmp_path):
     assert "❌" in _render(validation_table(res))
 
 
-def test_perturbed_weights_fail_the_fp32_parity_gate(main_run):
+def test_a_variant_of_an_unknown_target_fails_with_the_known_names(main_run):
+    x, y = _test_set(main_run["model"], n=8)
+    res = validate_export(main_run["model"], main_run["dir"], summary_of(fp32="student.onnx", tflite="student.tflite"), x, y, VCFG, **FAST)
+    assert res["variants"]["fp32"]["passed"] and not res["passed"]
+    assert res["variants"]["tflite"]["failures"] == ["unknown export target 'tflite'; known: edge, fp16, fp32, int8"]
+
+
+def test_perturbed_weights_fail_the_parity_gates(main_run):
     model = copy.deepcopy(main_run["model"])
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
         conv.weight.add_(0.5 * torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)))
     x, y = _test_set(main_run["model"], n=16)
-    res = validate_variants(model, {"fp32": main_run["paths"]["fp32"]}, x, y, VCFG, **FAST)
-    r = res["variants"]["fp32"]
-    assert not r["passed"] and r["max_abs_diff"] > VCFG.atol
+    res = validate_export(model, main_run["dir"], summary_of(fp32="student.onnx", edge="student.b1.ort"), x, y, VCFG, **FAST)
+    for name in ("fp32", "edge"):
+        r = res["variants"][name]
+        assert not r["passed"] and r["max_abs_diff"] > VCFG.atol
     with pytest.raises(GateFailed) as e:
         check_gates(res)
     assert e.value.exit_code == 1
@@ -390,14 +561,14 @@ def test_accuracy_drop_gates_name_variant_and_limit():
     with pytest.raises(GateFailed, match=r"int8: top-1 drop 3\.20 points > max_int8_drop 1\.0"):
         check_gates(res)
 
-    from edgedistill.validate import _gate_failures
-
     cfg = ValidateConfig(max_int8_drop=1.0, max_fp16_drop=0.5)
-    assert _gate_failures("int8", {"delta_top1": -3.2}, cfg) == ["top-1 drop 3.20 points > max_int8_drop 1.0"]
-    assert _gate_failures("int8", {"delta_top1": -0.9}, cfg) == []
-    assert _gate_failures("fp16", {"delta_top1": -0.6}, cfg) == ["top-1 drop 0.60 points > max_fp16_drop 0.5"]
-    fails = _gate_failures("fp32", {"max_abs_diff": None, "top1_agreement": 0.5}, cfg)  # NaN outputs
+    int8, fp16, fp32 = (TARGETS.get(n) for n in ("int8", "fp16", "fp32"))
+    assert int8.gate({"delta_top1": -3.2}, cfg) == ["top-1 drop 3.20 points > max_int8_drop 1.0"]
+    assert int8.gate({"delta_top1": -0.9}, cfg) == []
+    assert fp16.gate({"delta_top1": -0.6}, cfg) == ["top-1 drop 0.60 points > max_fp16_drop 0.5"]
+    fails = fp32.gate({"max_abs_diff": None, "top1_agreement": 0.5}, cfg)  # NaN outputs
     assert len(fails) == 2 and "max_abs_diff" in fails[0] and "top1_agreement" in fails[1]
+    assert TARGETS.get("edge").gate({"max_abs_diff": 1e-6, "top1_agreement": 1.0}, cfg) == []
 
 
 def test_validate_onnx_file_without_torch_model(main_run):
@@ -406,15 +577,16 @@ def test_validate_onnx_file_without_torch_model(main_run):
     r = res["variants"]["student.int8.onnx"]
     assert res["passed"] and r["passed"] and r["max_abs_diff"] is None and r["delta_top1"] is None
     assert 0 <= r["test_top1"] <= 100 and r["latency_ms_p50"] > 0 and r["size_bytes"] > 0
-    b1 = main_run["dir"] / "student.b1.onnx"  # a fixed batch-1 model is run image by image
-    assert validate_onnx_file(b1, x, y, VCFG, **FAST)["variants"]["student.b1.onnx"]["test_top1"] == 100.0
+    for fixed_batch_1 in ("student.b1.onnx", "student.b1.ort"):  # run image by image
+        res = validate_onnx_file(main_run["dir"] / fixed_batch_1, x, y, VCFG, **FAST)
+        assert res["variants"][fixed_batch_1]["test_top1"] == 100.0
 
 
 def test_validation_refuses_bad_test_data(main_run):
     with pytest.raises(InputError, match="test labels"):
-        validate_variants(main_run["model"], {}, images(4), np.zeros(3, dtype=np.int64), VCFG)
+        validate_export(main_run["model"], main_run["dir"], {}, images(4), np.zeros(3, dtype=np.int64), VCFG)
     with pytest.raises(InputError, match="test images"):
-        validate_variants(main_run["model"], {}, images(4)[:, :1], np.zeros(4, dtype=np.int64), VCFG)
+        validate_export(main_run["model"], main_run["dir"], {}, images(4)[:, :1], np.zeros(4, dtype=np.int64), VCFG)
 
 
 def _render(table) -> str:

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from edgedistill import losses
 from edgedistill.losses import (
     LOSSES,
     MIN_TEMPERATURE,
@@ -350,3 +351,97 @@ def test_standardize_invariant_to_shift_and_positive_scale(name):
 def test_rejects_non_positive_temperatures(name, params):
     with pytest.raises(ValueError):
         LOSSES.get(name)(make_batch(), **params)
+
+
+# ---------------------------------------------------------------- composition: divergence × temperature policy
+
+#: the public parameters (recipes and docs/methods.md use them), in order, with their defaults
+PUBLIC_PARAMS = {
+    "ce": {},
+    "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize_logits": False},
+    "energy_kd": {"temperature": 4.0, "t_plus": 2.0, "t_minus": -2.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize_logits": False},
+    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0, "ce_weight": 1.0, "standardize_logits": False},
+    "energy_dkd": {
+        "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "t_plus": 2.0, "t_minus": -2.0, "warmup_epochs": 20.0, "ce_weight": 1.0,
+        "standardize_logits": False,
+    },
+    "mlkd": {
+        "temperatures": (2.0, 3.0, 4.0, 5.0, 6.0), "ce_weight": 1.0, "kd_weight": 1.0, "batch_weight": 1.0, "class_weight": 1.0,
+        "standardize_logits": False,
+    },
+    "energy_mlkd": {
+        "temperatures": (2.0, 3.0, 4.0, 5.0, 6.0), "t_plus": 2.0, "t_minus": -2.0, "ce_weight": 1.0, "kd_weight": 1.0,
+        "batch_weight": 1.0, "class_weight": 1.0, "standardize_logits": False,
+    },
+    "graded_kd": {"t_min": 2.0, "t_max": 6.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize_logits": False},
+}
+
+
+def keyword_params(fn) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def test_registered_names_parameters_and_defaults_are_the_public_ones():
+    assert LOSSES.names() == sorted(PUBLIC_PARAMS)
+    for name, expected in PUBLIC_PARAMS.items():
+        fn = LOSSES.get(name)
+        assert {p.name: p.default for p in keyword_params(fn)} == expected, name
+        assert list(inspect.signature(fn).parameters)[: 1 + len(expected)] == ["batch", *expected], name
+        hints = inspect.get_annotations(fn, eval_str=True)
+        for p in keyword_params(fn):
+            assert hints[p.name] == (tuple[float, ...] if p.name == "temperatures" else type(p.default)), (name, p.name)
+
+
+@pytest.mark.parametrize(("plain", "energy", "base"), [("kd", "energy_kd", "temperature"), ("dkd", "energy_dkd", "temperature"), ("mlkd", "energy_mlkd", "temperatures")])
+def test_energy_signature_is_plain_signature_plus_shifts(plain, energy, base):
+    """The energy variant adds exactly t_plus / t_minus after the base temperature; every other parameter is the
+    plain loss's own (same kind, default and annotation), so the two cannot drift apart."""
+    ours = keyword_params(LOSSES.get(plain))
+    theirs = keyword_params(LOSSES.get(energy))
+    at = [p.name for p in ours].index(base) + 1
+    assert [p.name for p in theirs] == [p.name for p in ours[:at]] + ["t_plus", "t_minus"] + [p.name for p in ours[at:]]
+    assert [p for p in theirs if p.name not in ("t_plus", "t_minus")] == ours
+    assert keyword_params(LOSSES.get("energy_kd"))[1:3] == keyword_params(LOSSES.get(energy))[at : at + 2]
+
+
+def test_each_loss_is_a_divergence_times_a_policy():
+    """Every parameter of a composed loss is declared once: by its divergence or by its temperature policy."""
+    pairs = {
+        "kd": (losses.kd_divergence, losses.CONSTANT),
+        "energy_kd": (losses.kd_divergence, losses.ENERGY),
+        "graded_kd": (losses.kd_divergence, losses.GRADED),
+        "dkd": (losses.dkd_divergence, losses.CONSTANT),
+        "energy_dkd": (losses.dkd_divergence, losses.ENERGY),
+        "mlkd": (losses.mlkd_divergence, losses.CONSTANT),
+        "energy_mlkd": (losses.mlkd_divergence, losses.ENERGY),
+    }
+    for name, (divergence, policy) in pairs.items():
+        own = keyword_params(divergence)
+        adds = [p for p in keyword_params(policy.vector) if not (divergence.per_base and p.name == "temperature")]
+        composed = keyword_params(LOSSES.get(name))
+        assert sorted(composed, key=lambda p: p.name) == sorted(own + adds, key=lambda p: p.name), name
+
+
+def test_composed_loss_equals_its_divergence_at_the_policy_temperatures():
+    batch = make_batch(seed=17, group=mixed_groups(), quantile=torch.rand(B), epoch=4.0)
+    t_vec = losses.GRADED.vector(batch, t_min=1.5, t_max=5.0)
+    a = losses.kd_divergence(batch, t_vec, ce_weight=0.3, kd_weight=0.6)
+    b = LOSSES.get("graded_kd")(batch, t_min=1.5, t_max=5.0, ce_weight=0.3, kd_weight=0.6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compose_rejects_a_policy_without_base_temperature_and_a_name_clash():
+    with pytest.raises(TypeError):
+        losses.compose("graded_mlkd", losses.mlkd_divergence, losses.GRADED, "no base temperature to grade")
+    clash = losses.Policy(lambda batch, *, ce_weight=0.5: None)
+    with pytest.raises(ValueError, match="duplicate"):
+        losses.compose("clashing_kd", losses.kd_divergence, clash, "ce_weight declared twice")
+    assert "graded_mlkd" not in LOSSES and "clashing_kd" not in LOSSES
+
+
+@pytest.mark.parametrize("name", KD_LOSSES)
+def test_composed_losses_reject_unknown_and_positional_params(name):
+    with pytest.raises(TypeError):
+        LOSSES.get(name)(make_batch(), not_a_param=1.0)
+    with pytest.raises(TypeError):
+        LOSSES.get(name)(make_batch(), 4.0)

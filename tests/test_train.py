@@ -16,7 +16,7 @@ from edgedistill.energy import EnergyIndex
 from edgedistill.errors import Interrupted, TrainingDiverged
 from edgedistill.losses import LOSSES
 from edgedistill.models import build_student
-from edgedistill.objectives import CrossEntropyObjective, DistillObjective
+from edgedistill.objectives import CrossEntropyObjective, DistillObjective, Objective
 from edgedistill.recipe import EnergyConfig, TrainConfig
 from edgedistill.train import LoopConfig, fit, lr_factor
 
@@ -91,7 +91,7 @@ def test_resume_at_epoch_boundary_matches_uninterrupted(tmp_path):
     # the first run trains 2 of 3 epochs (its schedule is built for 3: stop it with the flag after epoch 2)
     cfg_epochs = 3
 
-    class StopAfter:
+    class StopAfter(Objective):
         def __init__(self, steps):
             self.steps, self.inner = steps, CrossEntropyObjective()
 
@@ -112,7 +112,7 @@ def test_resume_at_epoch_boundary_matches_uninterrupted(tmp_path):
 def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     full, _ = train(tmp_path / "full")
 
-    class StopAt:
+    class StopAt(Objective):
         def __init__(self):
             self.calls, self.inner = 0, CrossEntropyObjective()
 
@@ -131,12 +131,13 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_parts(tmp_path):
-    def bad(model, x, y, idx, epoch):
-        logits = model(x)
-        return {"loss": logits.sum() * float("nan"), "kd": torch.tensor(1.0)}, logits
+    class Bad(Objective):
+        def __call__(self, model, x, y, idx, epoch):
+            logits = model(x)
+            return {"loss": logits.sum() * float("nan"), "kd": torch.tensor(1.0)}, logits
 
     with pytest.raises(TrainingDiverged, match="non-finite loss.*kd=1"):
-        train(tmp_path, objective=bad)
+        train(tmp_path, objective=Bad())
 
 
 def test_lr_schedule_shapes():
