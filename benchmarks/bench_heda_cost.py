@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides + ["distill.epochs=1", "distill.schedule={name: constant}", "export.formats=[fp32]"])
-    ctx = open_run(recipe, Path(args.out), resume=True, force=True)
+    ctx = open_run(recipe, Path(args.out) / recipe.name, resume=True, force=True)
     for stage in ("teacher", "score"):
         if not ctx.run.done(stage):
             run_stage(ctx, stage)
@@ -46,7 +46,7 @@ def main() -> None:
     for r in args.rs:
         objective = ctx.objective(fraction=r if r < 1 else 0.0)
         if r >= 1:  # r = 1 is ordinary full-data augmentation: every sample gets a mixed copy
-            objective.augmenter = Augmenter(recipe.augment.method, recipe.augment.alpha, "all", 1.0, recipe.seed)
+            objective.augmenter = Augmenter(recipe.augment.method, recipe.augment.alpha, "all", 1.0)
         tag = f"r{r:g}"
         loop = LoopConfig(ctx.run / "bench" / tag, ctx.run / "bench" / f"{tag}.jsonl", recipe.data.batch_size, recipe.data.eval_batch_size, recipe.seed)
         (ctx.run / "bench" / f"{tag}.jsonl").unlink(missing_ok=True)

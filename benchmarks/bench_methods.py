@@ -140,7 +140,8 @@ def config_recipe(cfg: Config, protocol: str, *extra: str) -> Recipe:
 
 
 def open_config(cfg: Config, protocol: str) -> RunContext:
-    return open_run(config_recipe(cfg, protocol), CACHE / protocol, resume=True)
+    recipe = config_recipe(cfg, protocol)
+    return open_run(recipe, CACHE / protocol / recipe.name, resume=True)
 
 
 def run_config(cfg: Config, protocol: str) -> None:
@@ -205,7 +206,7 @@ def loss_overhead(ctx: RunContext, names: list[str], rounds: int) -> dict[str, f
     student = ctx.build_student().to(ctx.device).train()
     optimizer = build_optimizer(student, ctx.recipe.distill.optimizer)
     energy = ctx.energy_index()
-    no_augment = Augmenter(ctx.recipe.augment.method, None, "high", 0.0, 0)
+    no_augment = Augmenter(ctx.recipe.augment.method, None, "high", 0.0)
     objectives = {n: DistillObjective(ctx.teacher, LOSSES.get(n), {}, energy, no_augment) for n in names}
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {n: [] for n in names}

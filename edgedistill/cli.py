@@ -1,4 +1,7 @@
-"""Command line: parses arguments, calls the pipeline, and owns every exit code. No logic lives here."""
+"""Command line: parses arguments, calls the pipeline, and owns every exit code. No logic lives here.
+
+Importing it loads neither torch nor the pipeline: each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -14,42 +18,54 @@ from pathlib import Path
 import click
 
 from edgedistill import __version__
-from edgedistill.console import console, setup_logging
-from edgedistill.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed
+from edgedistill.console import console, setup_logging, stdout
+from edgedistill.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed, InputError, RunStateError
+from edgedistill.folder import RunFolder
+from edgedistill.stage_table import BY_NAME, STAGE_NAMES, STAGES, StageSpec
 
-RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+DEFAULT_OUT = Path("runs")
+RECIPE = click.argument("recipe", metavar="RECIPE|RUN", type=click.Path(path_type=Path))
+TARGET_HELP = "RECIPE|RUN: a recipe file, or the run folder a recipe made (its recipe.yaml is used)."
+RESUME_HELP = {
+    "run": "Continue an interrupted run: skip finished stages, continue training from its last checkpoint.",
+    "teacher": "Continue the teacher's interrupted training from its last checkpoint.",
+    "distill": "Continue the student's interrupted training from checkpoints/last.pt.",
+}
 
 
-def common(fn):
-    """Options every pipeline command takes."""
+def common(trains: str | None = None):
+    """Options every pipeline command takes; ``--resume`` only where there is training to continue."""
 
-    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True, help="Parent folder of the run folder.")
-    @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip finished stages, continue training from checkpoints/last.pt.")
-    @click.option("--force", is_flag=True, help="Accept a recipe that differs from the one the run started with.")
-    @click.option("--debug", is_flag=True, help="Show tracebacks.")
-    @functools.wraps(fn)
-    def wrapper(*args, debug: bool, **kwargs):
-        setup_logging(debug)
-        try:
-            with _sigterm_interrupts():
-                return fn(*args, **kwargs)
-        except EdgeDistillError as e:
-            _fail(e, debug)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            console.print(f"[red]interrupted[/]\n  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
-            sys.exit(INTERRUPTED)
-        except OSError as e:
-            if debug or not e.filename:
-                raise
-            # a file the user pointed at (or --out) cannot be read or written: bad input, one line
-            console.print(f"[red]error:[/] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
-            sys.exit(BAD_INPUT)
+    def decorate(fn):
+        @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable).")
+        @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Parent folder of the run folder (default: runs). Only with a recipe file.")
+        @click.option("--force", is_flag=True, help="Accept a recipe that differs from the one the run started with.")
+        @click.option("--debug", is_flag=True, help="Show tracebacks.")
+        @functools.wraps(fn)
+        def wrapper(*args, debug: bool, **kwargs):
+            setup_logging(debug)
+            try:
+                with _sigterm_interrupts():
+                    return fn(*args, **kwargs)
+            except EdgeDistillError as e:
+                _fail(e, debug)
+                sys.exit(e.exit_code)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                console.print(f"[red]interrupted[/]\n  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
+                sys.exit(INTERRUPTED)
+            except OSError as e:
+                if debug or not e.filename:
+                    raise
+                # a file the user pointed at (or --out) cannot be read or written: bad input, one line
+                console.print(f"[red]error:[/] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
+                sys.exit(BAD_INPUT)
 
-    return wrapper
+        return click.option("--resume", is_flag=True, help=RESUME_HELP[trains])(wrapper) if trains else wrapper
+
+    return decorate
 
 
 def _fail(e: EdgeDistillError, debug: bool) -> None:
@@ -61,11 +77,18 @@ def _fail(e: EdgeDistillError, debug: bool) -> None:
         console.print(f"  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
 
 
-def _resume_command() -> str:
-    """The command line that continues this one: the same arguments plus ``--resume``, shell-quoted."""
+def _argv() -> list[str]:
     ctx = click.get_current_context(silent=True)
-    argv = list(ctx.meta.get(ARGV_KEY, sys.argv[1:])) if ctx else sys.argv[1:]
-    return shlex.join(["edgedistill", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return list(ctx.meta.get(ARGV_KEY, sys.argv[1:])) if ctx else sys.argv[1:]
+
+
+def _resume_command() -> str:
+    """The command line that continues this one, shell-quoted: the same arguments, plus ``--resume`` where the
+    command has training to continue (a stage that does not train simply runs again)."""
+    ctx = click.get_current_context(silent=True)
+    argv = _argv()
+    resumable = ctx is not None and any(p.name == "resume" for p in ctx.command.params)
+    return shlex.join(["edgedistill", *argv, *(["--resume"] if resumable and "--resume" not in argv else [])])
 
 
 @contextlib.contextmanager
@@ -93,31 +116,58 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
+# ---------------------------------------------------------------- opening a run
+
+
+def _locate(target: Path, out: Path | None) -> tuple[Path, Path | None]:
+    """The recipe file and, when ``target`` is a run folder, that folder (its own recipe.yaml is the recipe)."""
+    if not target.is_dir():
+        return target, None
+    if not (target / "recipe.yaml").is_file():
+        raise InputError(f"{target}: a folder without recipe.yaml; give a recipe file or a run folder")
+    if out is not None:
+        raise InputError(f"--out: {target} is a run folder already; --out only places the run folder of a recipe file")
+    return target / "recipe.yaml", target
+
+
+def _check_needs(stage: StageSpec, run: RunFolder, target: Path) -> None:
+    """The stages this one needs have finished: checked before anything is created or written."""
+    if stage.name == "report" and not any(run.done(s) for s in STAGE_NAMES):
+        raise RunStateError(f"{run.root}: nothing to report yet: no stage has finished; run 'edgedistill run {target}' first")
+    for need in stage.needs:
+        if not run.done(need):
+            raise RunStateError(
+                f"{run.root}: stage '{need}' has not finished; run 'edgedistill {need} {target}' "
+                f"(or 'edgedistill run {target} --resume') first"
+            )
+
+
 @contextlib.contextmanager
-def _opened(recipe_path: Path, overrides, out: Path, resume: bool, force: bool, new_run: bool = False):
-    """Load the recipe, take the run folder's lock, then open the run (nothing is written before the lock)."""
-    from edgedistill.folder import RunFolder
+def _opened(target: Path, overrides, out: Path | None, force: bool, *, resume: bool = False, stage: StageSpec | None = None,
+            new_run: bool = False):
+    """Load the recipe, check that ``stage`` (if any) can start, take the run folder's lock, open the run.
+
+    ``new_run``: the whole pipeline, which refuses a folder holding a run unless resumed. A run folder this command creates is removed again if the
+    command fails on bad input before any work is saved: nothing is left where nothing was made.
+    """
     from edgedistill.recipe import load_recipe
     from edgedistill.run import open_run
 
+    recipe_path, root = _locate(target, out)
     recipe = load_recipe(recipe_path, list(overrides))
+    run = RunFolder(root or (out or DEFAULT_OUT) / recipe.name)
+    if stage is not None:
+        _check_needs(stage, run, target)
+    created = next((p for p in reversed([run.root, *run.root.parents]) if not p.exists()), None)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the lock for the job
-    with RunFolder(Path(out) / recipe.name).lock(take=main_rank):
-        yield open_run(recipe, out, resume=resume, force=force, new_run=new_run)
-
-
-def _stage_command(name: str, help: str):
-    @cli.command(name, help=help)
-    @RECIPE
-    @common
-    def command(recipe: Path, overrides, out: Path, resume: bool, force: bool):
-        from edgedistill.run import run_stage
-
-        with _opened(recipe, overrides, out, resume, force) as ctx:
-            run_stage(ctx, name)
-        _raise_gates(ctx)
-
-    return command
+    try:
+        with run.lock(take=main_rank):
+            yield open_run(recipe, run.root, resume=resume, force=force, new_run=new_run,
+                           preflight=stage is None or stage.reads_inputs, command=shlex.join(["edgedistill", *_argv()]))
+    except EdgeDistillError as e:
+        if e.exit_code == BAD_INPUT and created is not None and main_rank and not run.has_work():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def _raise_gates(ctx) -> None:
@@ -127,6 +177,9 @@ def _raise_gates(ctx) -> None:
         from edgedistill.validate import check_gates
 
         check_gates(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------- commands
 
 
 ARGV_KEY = "edgedistill.argv"
@@ -141,65 +194,73 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgedistill")
 def cli():
-    """Distill a big image classifier into a small edge model with Energy KD, export it to ONNX and validate it."""
+    """Distill a big image classifier into a small edge model with Energy KD, export it and validate it."""
 
 
-@cli.command()
+@cli.command(help=f"Run the whole pipeline: {' → '.join(STAGE_NAMES)}.\n\n{TARGET_HELP}")
 @RECIPE
-@common
-def run(recipe: Path, overrides, out: Path, resume: bool, force: bool):
-    """Run the whole pipeline: teacher → score → plan → distill → export → validate → report."""
+@common(trains="run")
+def run(recipe: Path, overrides, out: Path | None, force: bool, resume: bool):
     from edgedistill.run import run_all
 
-    with _opened(recipe, overrides, out, resume, force, new_run=True) as ctx:
+    with _opened(recipe, overrides, out, force, resume=resume, new_run=True) as ctx:
         run_all(ctx)
     if ctx.dist.is_main:
         console.print(f"[green]done:[/] {ctx.run.root}")
     _raise_gates(ctx)
 
 
-_stage_command("teacher", "Load (or train) the teacher and measure its test accuracy.")
-_stage_command("score", "Score every training image with the teacher's energy; write energy.npz and plots.")
-_stage_command("plan", "Measure the training cost and pick the HE-DA fraction that fits the budget; write plan.json.")
-_stage_command("distill", "Distill the student (use --resume to continue from checkpoints/last.pt).")
-_stage_command("export", "Export the student to ONNX (fp32, int8, fp16, edge).")
+def _stage_command(stage: StageSpec) -> None:
+    @cli.command(stage.name, help=f"{stage.help}\n\n{TARGET_HELP}")
+    @RECIPE
+    @common(stage.name if stage.trains else None)
+    def command(recipe: Path, overrides, out: Path | None, force: bool, resume: bool = False):
+        from edgedistill.run import run_stage
+
+        with _opened(recipe, overrides, out, force, resume=resume, stage=stage) as ctx:
+            run_stage(ctx, stage.name)
+        _raise_gates(ctx)
 
 
-@cli.command()
+for _stage in STAGES:
+    if _stage.name != "validate":  # validate has an option of its own, below
+        _stage_command(_stage)
+
+
+@cli.command(help=f"{BY_NAME['validate'].help}\n\n{TARGET_HELP}")
 @RECIPE
 @click.option("--onnx", "onnx_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
-              help="Validate this ONNX file (repeatable) on the recipe's test data instead of the run's exports: accuracy, latency, size.")
-@common
-def validate(recipe: Path, onnx_files, overrides, out: Path, resume: bool, force: bool):
-    """Validate the exported models in ONNX Runtime: parity, accuracy, latency, size."""
+              help="Validate this ONNX or ORT file (repeatable) on the recipe's test data instead of the run's exports: accuracy, latency, size.")
+@common()
+def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool):
     from edgedistill.run import run_stage
     from edgedistill.stages import validate_files
 
-    with _opened(recipe, overrides, out, resume, force) as ctx:
+    with _opened(recipe, overrides, out, force, stage=None if onnx_files else BY_NAME["validate"]) as ctx:
         if onnx_files:
             validate_files(ctx, list(onnx_files))
             return
         run_stage(ctx, "validate")
     _raise_gates(ctx)
-_stage_command("report", "Write report.md with tables and plots.")
 
 
 @cli.command("list")
 def list_registered():
-    """List the registered data sources, models, losses and augmentations."""
+    """List the registered data sources, students, teachers, losses, augmentations and export targets (on stdout)."""
     from rich.table import Table
 
     from edgedistill.augment import AUGMENTS
     from edgedistill.data import DATA_SOURCES
     from edgedistill.losses import LOSSES
     from edgedistill.models import STUDENTS, TEACHERS
+    from edgedistill.targets import TARGETS
 
     table = Table(title="edgedistill registries")
     table.add_column("kind")
     table.add_column("names")
-    for reg in (DATA_SOURCES, STUDENTS, TEACHERS, LOSSES, AUGMENTS):
+    for reg in (DATA_SOURCES, STUDENTS, TEACHERS, LOSSES, AUGMENTS, TARGETS):
         table.add_row(reg.kind, ", ".join(reg.names()))
-    console.print(table)
+    stdout.print(table)
 
 
 def main() -> None:

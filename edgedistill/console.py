@@ -1,4 +1,4 @@
-"""The one rich Console (on stderr, so stdout stays clean for scripts) and the progress bar."""
+"""The rich Console on stderr (so stdout stays clean for scripts), one on stdout for piped output, and the progress bar."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)  # for the few outputs meant to be piped (edgedistill list)
 
 
 def setup_logging(debug: bool = False) -> None:

@@ -94,7 +94,7 @@ class RunContext:
 
     def objective(self, fraction: float) -> DistillObjective:
         a, loss = self.recipe.augment, self.recipe.distill.loss
-        augmenter = Augmenter(a.method, a.alpha, a.selection, fraction, self.recipe.seed)
+        augmenter = Augmenter(a.method, a.alpha, a.selection, fraction)
         return DistillObjective(self.teacher, LOSSES.get(loss.name), loss.params, self.energy_index().to(self.device), augmenter, a.weight)
 
     def loop(self, label: str, checkpoint_dir: Path, metrics: Path) -> LoopConfig:

@@ -12,13 +12,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edgedistill.errors import InputError
+from edgedistill.fsio import path_problem
 from edgedistill.registry import Registry
 from edgedistill.transforms import SMALL_IMAGE, eval_transform, train_transform
 
@@ -67,7 +68,16 @@ class DataBundle:
         return len(self.class_names)
 
 
-DATA_SOURCES: Registry[Callable[..., DataBundle]] = Registry("data source")
+@dataclass(frozen=True)
+class DataSource:
+    """``load(cfg)``; ``root``: what data.root must be ("file", "folder", None: no files are read), ``what``: in words."""
+
+    load: Callable[..., DataBundle]
+    root: Literal["file", "folder"] | None = None
+    what: str = ""
+
+
+DATA_SOURCES: Registry[DataSource] = Registry("data source")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
@@ -123,7 +133,6 @@ def _array_bundle(x_train, y_train, x_test, y_test, class_names, what: str, sour
     return DataBundle(train, test, [str(c) for c in class_names], x_train.shape[1], mean, std, source)
 
 
-@DATA_SOURCES.register("digits")
 def _digits(cfg) -> DataBundle:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download), as RGB, split 80/20 per class."""
     try:
@@ -142,12 +151,11 @@ def _digits(cfg) -> DataBundle:
     return _array_bundle(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], [str(i) for i in range(10)], "digits", "digits")
 
 
-@DATA_SOURCES.register("npz")
 def _npz(cfg) -> DataBundle:
     """One .npz with x_train, y_train, x_test, y_test (uint8 NHWC, int labels) and optional class_names."""
     import zipfile
 
-    path = _need_root(cfg, "a .npz file")
+    path = _need_root(cfg)
     if not zipfile.is_zipfile(path):
         raise InputError(f"data.root: {path} is not a .npz file, or is truncated (no zip directory found; expected numpy.savez output with x_train, y_train, x_test, y_test)")
     try:
@@ -171,7 +179,7 @@ def _cifar(cls_name: str):
     def load(cfg) -> DataBundle:
         import torchvision
 
-        root = _need_root(cfg, "a folder holding torchvision's CIFAR files", folder=True)
+        root = _need_root(cfg)
         cls = getattr(torchvision.datasets, cls_name)
         folder = root / cls.base_folder
         files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -194,14 +202,9 @@ def _cifar(cls_name: str):
     return load
 
 
-DATA_SOURCES.register("cifar10")(_cifar("CIFAR10"))
-DATA_SOURCES.register("cifar100")(_cifar("CIFAR100"))
-
-
-@DATA_SOURCES.register("imagefolder")
 def _imagefolder(cfg) -> DataBundle:
     """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg``; classes from the train folder."""
-    root = _need_root(cfg, "a folder with train/ and test/ class folders", folder=True)
+    root = _need_root(cfg)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
     if not classes:
         raise InputError(f"data.root: {root / 'train'} has no class folders")
@@ -238,13 +241,19 @@ def _scan_folder(split_dir: Path, classes: list[str]) -> Split:
     return Split(np.array(labels, dtype=np.int64), paths=paths)
 
 
-def _need_root(cfg, what: str, folder: bool = False) -> Path:
-    if cfg.root is None:
-        raise InputError(f"data.root: data source '{cfg.source}' needs {what}")
-    root = Path(cfg.root).expanduser()
-    if not (root.is_dir() if folder else root.is_file()):
-        raise InputError(f"data.root: {root} not found (expected {what})")
-    return root
+def _need_root(cfg) -> Path:
+    """``data.root``, checked again: the recipe checked it when it loaded, but the files may have moved since."""
+    spec = DATA_SOURCES.get(cfg.source)
+    if problem := f"data source '{cfg.source}' needs {spec.what}" if cfg.root is None else path_problem(cfg.root, spec.root, spec.what):
+        raise InputError(f"data.root: {problem}")
+    return Path(cfg.root).expanduser()
+
+
+DATA_SOURCES.register("digits")(DataSource(_digits))
+DATA_SOURCES.register("npz")(DataSource(_npz, "file", "a .npz file"))
+DATA_SOURCES.register("cifar10")(DataSource(_cifar("CIFAR10"), "folder", "a folder holding torchvision's CIFAR-10 files (cifar-10-batches-py/)"))
+DATA_SOURCES.register("cifar100")(DataSource(_cifar("CIFAR100"), "folder", "a folder holding torchvision's CIFAR-100 files (cifar-100-python/)"))
+DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, "folder", "a folder with train/ and test/ class folders"))
 
 
 # ---------------------------------------------------------------- subsets
@@ -273,7 +282,7 @@ def limit_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def load_data(cfg, seed: int = 0) -> DataBundle:
     """Load ``cfg.source`` and apply the long-tail profile and size limits of the recipe."""
-    bundle = DATA_SOURCES.get(cfg.source)(cfg)
+    bundle = DATA_SOURCES.get(cfg.source).load(cfg)
     if cfg.image_size:
         bundle.image_size = cfg.image_size
     if cfg.long_tail.imbalance > 1:
@@ -309,9 +318,11 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = self._read(i)  # uint8 (3, H, W)
-        g = sample_generator(self.seed, self.epoch, i) if self.train else None
-        small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
-        img = train_transform(img, self.size, small, g, self.hflip) if self.train else eval_transform(img, self.size, small)
+        if self.train:
+            small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
+            img = train_transform(img, self.size, small, sample_generator(self.seed, self.epoch, i), self.hflip)
+        else:  # decided by the model input size alone: what the ONNX metadata records (transforms.eval_preprocessing)
+            img = eval_transform(img, self.size)
         return img, int(self.split.labels[i]), i
 
     def _read(self, i: int) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Atomic file writes: every artifact goes to a temp file in the same folder, then is renamed.
+"""Files: atomic writes, and the check that a path a user gives is the kind of thing a key needs.
+
+Every artifact goes to a temp file in the same folder, then is renamed.
 
 A reader (or a resumed run) therefore sees either the old file or the complete new one,
 never a half-written one, even after ``kill -9``.
@@ -60,6 +62,16 @@ def append_line(path, line: str) -> None:
     path = Path(path)
     old = path.read_text("utf-8") if path.exists() else ""
     write_text(path, old + line.rstrip("\n") + "\n")
+
+
+def path_problem(path: str | Path, kind: str, what: str) -> str | None:
+    """Why ``path`` is not the ``kind`` ("file" or "folder") a key needs (``what``, in words), or None."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return f"{path} not found (expected {what})"
+    if path.is_dir() != (kind == "folder"):
+        return f"{path} is a {'folder' if path.is_dir() else 'file'}, expected {what}"
+    return None
 
 
 def _jsonable(obj: Any):

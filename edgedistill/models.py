@@ -136,17 +136,36 @@ def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_inp
 # ---------------------------------------------------------------- teachers
 
 
+def teacher_arch_problem(arch: str) -> str | None:
+    """Why ``teacher.arch`` names no architecture :func:`build_torchvision` can build (one line), or None."""
+    if arch in STUDENTS:
+        return None
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch in known:
+        return None
+    from edgedistill.registry import did_you_mean
+
+    return f"'{arch}' is not a torchvision classifier{did_you_mean(arch, known)}; see torchvision.models.list_models()"
+
+
 @dataclass(frozen=True)
 class TeacherSource:
     """How a teacher source builds its network: ``load(cfg, num_classes, image_size)``, without normalisation.
 
-    ``trained_here``: the source gives an untrained architecture that the pipeline's teacher stage trains.
+    ``trained_here``: the source gives an untrained architecture that the pipeline's teacher stage trains
+    (the only source that uses ``teacher.train``).
+    ``takes_arch``: the source builds a torchvision architecture, so ``teacher.arch`` and ``teacher.small_input``
+    mean something to it (``needs_arch``: it cannot do without ``arch``).
+    ``what``: the file ``teacher.path`` must name, in words (``needs_path`` sources only).
+    The recipe refuses, when it loads, a key the chosen source would ignore.
     """
 
     load: Callable[..., nn.Module]
     needs_path: bool
     needs_arch: bool
     trained_here: bool = False
+    takes_arch: bool = False
+    what: str = "a file"
 
 
 TEACHERS: Registry[TeacherSource] = Registry("teacher source")
@@ -274,11 +293,12 @@ def _untrained(cfg, num_classes: int, image_size: int) -> nn.Module:
     return build_torchvision(cfg.arch or DEFAULT_TEACHER_ARCH, num_classes, image_size=image_size, small_input=cfg.small_input)
 
 
-TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_path=True, needs_arch=True))
-TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=True, needs_arch=False))
-TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False))
-TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False))
-TEACHERS.register("train")(TeacherSource(_untrained, needs_path=False, needs_arch=False, trained_here=True))
+TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_path=True, needs_arch=True, takes_arch=True,
+                                                 what="a PyTorch state_dict file"))
+TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=True, needs_arch=False, what="a TorchScript file"))
+TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False, what="a torch.export program (.pt2)"))
+TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False, what="an ONNX model file"))
+TEACHERS.register("train")(TeacherSource(_untrained, needs_path=False, needs_arch=False, trained_here=True, takes_arch=True))
 
 
 def load_teacher(cfg, num_classes: int, image_size: int, mean, std) -> nn.Module:

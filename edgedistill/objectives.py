@@ -15,14 +15,15 @@ from edgedistill.losses import LossBatch
 
 
 class Objective:
-    """What the loop calls. ``set_epoch`` re-seeds any randomness of its own; ``state_dict`` is what a checkpoint keeps."""
+    """What the loop calls. ``begin_step`` hands over the step's seed (see :func:`edgedistill.train.step_seed`)
+    for any randomness of the objective's own; ``state_dict`` is what a checkpoint keeps of it."""
 
     uses_teacher = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float) -> tuple[dict[str, Tensor], Tensor]:
         raise NotImplementedError
 
-    def set_epoch(self, epoch: int) -> None:
+    def begin_step(self, seed: int) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -45,21 +46,22 @@ class Augmenter:
     """HE-DA: which samples of a batch get a mixed extra copy, and how it is mixed.
 
     Selection uses the energy ranking of the score stage (``selection`` high/low/mixed/all at
-    fraction ``r``); the randomness (partners, boxes, λ) comes from the run's own generator,
-    re-seeded every epoch from ``(seed, epoch)`` so runs and resumes repeat exactly.
+    fraction ``r``); the randomness (partners, boxes, λ) comes from its own generator, seeded at every
+    step by the loop, so runs and resumes repeat exactly.
     """
 
-    def __init__(self, method: str, alpha: float | None, selection: str, fraction: float, seed: int):
+    def __init__(self, method: str, alpha: float | None, selection: str, fraction: float):
         self.fn = AUGMENTS.get(method)
-        self.alpha, self.selection, self.fraction, self.seed = alpha, selection, fraction, seed
+        self.alpha, self.selection, self.fraction = alpha, selection, fraction
         self.generator = torch.Generator()
 
     @property
     def active(self) -> bool:
         return self.selection == "all" or self.fraction > 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 1_000_033 + epoch)
+    def seed(self, seed: int) -> None:
+        # a stream of its own: seeded like the global RNG, its draws would mirror the step's dropout masks
+        self.generator.manual_seed(seed + 1)
 
     def __call__(self, x: Tensor, quantile: Tensor):
         mask = selection_mask(quantile, self.selection, self.fraction).to(x.device)
@@ -82,16 +84,9 @@ class DistillObjective(Objective):
         # a loss that never reads the teacher (the no-teacher baseline) skips its forward pass
         self.uses_teacher = getattr(loss_fn, "uses_teacher", True)
 
-    def set_epoch(self, epoch: int) -> None:
+    def begin_step(self, seed: int) -> None:
         if self.augmenter:
-            self.augmenter.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.augmenter.generator.get_state()} if self.augmenter else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.augmenter:
-            self.augmenter.generator.set_state(state["generator"])
+            self.augmenter.seed(seed)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):
         b = len(x)

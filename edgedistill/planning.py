@@ -46,8 +46,8 @@ def measure_cost(ctx: RunContext) -> CostModel:
     # plain: no extras whatever the selection mode ('all' ignores the fraction); extra: one per sample
     plain, extra = ctx.objective(fraction=0.0), ctx.objective(fraction=0.0)
     plain.augmenter = None
-    extra.augmenter = Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0, ctx.recipe.seed)
-    extra.augmenter.set_epoch(0)
+    extra.augmenter = Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0)
+    extra.augmenter.seed(ctx.recipe.seed)
 
     def step(objective, images, labels, indices):
         x = to_float(images, device, channels_last)

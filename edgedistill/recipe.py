@@ -1,8 +1,9 @@
 """The recipe: a typed, validated tree loaded from YAML.
 
-Everything a run does is decided here, at load time: unknown keys, wrong types, out-of-range
-values, names missing from a registry and loss parameters the loss function does not take are
-all reported before any data is read, each as one line naming the full key path.
+Everything a run does is decided here, at load time: unknown keys, wrong types, out-of-range values, names
+missing from a registry, loss parameters the loss function does not take, files (``data.root``, ``teacher.path``)
+missing or of the wrong kind, and keys the rest of the recipe would silently ignore are all reported before any
+data is read, each as one line naming the full key path (the words: :mod:`edgedistill.params`).
 """
 
 from __future__ import annotations
@@ -10,34 +11,18 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgedistill.errors import RecipeError
-from edgedistill.params import coerce_params, dry_run_loss, known, registered
-from edgedistill.registry import did_you_mean
-
-
-def _data_sources():
-    from edgedistill.data import DATA_SOURCES
-
-    return DATA_SOURCES
-
-
-def _students():
-    from edgedistill.models import STUDENTS
-
-    return STUDENTS
-
-
-def _augments():
-    from edgedistill.augment import AUGMENTS
-
-    return AUGMENTS
+from edgedistill.params import (
+    augments, coerce_params, data_sources, students, device_name, dry_run_loss, given, ignored, known, refuse_given, registered, run_name,
+)
+from edgedistill.fsio import path_problem
+from edgedistill.recipe_text import apply_override, describe, read_recipe_file
 
 
 class Section(BaseModel):
@@ -62,7 +47,7 @@ class LongTail(Section):
 
 
 class DataConfig(Section):
-    source: Annotated[str, registered(_data_sources)] = "digits"
+    source: Annotated[str, registered(data_sources)] = "digits"
     root: Path | None = None
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 128
@@ -73,6 +58,19 @@ class DataConfig(Section):
     test_limit: Annotated[int, Field(ge=1)] | None = None
     long_tail: LongTail = Field(default_factory=LongTail)
 
+    @model_validator(mode="after")
+    def _root_fits_source(self) -> "DataConfig":
+        sources = data_sources()
+        spec, readers = sources.get(self.source), ", ".join(n for n in sources.names() if sources.get(n).root)
+        if self.root is not None and "source" not in self.model_fields_set:
+            raise ValueError(f"source: not set, but data.root is; name the source that reads it ({readers})")
+        if self.root is not None and spec.root is None:
+            raise ignored("root", f"data source '{self.source}' reads no files", f"remove data.root, or pick a source that reads it ({readers})")
+        if self.root is None and spec.root is not None:
+            raise ValueError(f"root: data source '{self.source}' needs {spec.what}")
+        if problem := self.root is not None and path_problem(self.root, spec.root, spec.what):
+            raise ValueError(f"root: {problem}")
+        return self
 
 
 class OptimizerConfig(Section):
@@ -82,12 +80,25 @@ class OptimizerConfig(Section):
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
 
+    @model_validator(mode="after")
+    def _sgd_keys(self) -> "OptimizerConfig":
+        if self.name != "sgd":
+            refuse_given(self, ("momentum", "nesterov"), f"only sgd uses it, and the optimizer is '{self.name}'", "remove {key} or set name: sgd")
+        return self
+
 
 class ScheduleConfig(Section):
     name: Literal["cosine", "multistep", "constant"] = "cosine"
     warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
     milestones: list[Annotated[int, Field(ge=1)]] = []
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _multistep_keys(self) -> "ScheduleConfig":
+        if self.name != "multistep":
+            refuse_given(self, ("milestones", "gamma"), f"only the multistep schedule uses it, and the schedule is '{self.name}'",
+                         "remove {key} or set name: multistep")
+        return self
 
 
 class TrainConfig(Section):
@@ -121,25 +132,41 @@ class TeacherConfig(Section):
 
     @model_validator(mode="after")
     def _source_needs(self) -> "TeacherConfig":
-        from edgedistill.models import TEACHERS
+        from edgedistill.models import TEACHERS, teacher_arch_problem
 
         spec = known(TEACHERS, self.source, "source")
+        src = f"teacher source '{self.source}'"
         if spec.needs_path and self.path is None:
-            raise ValueError(f"path: teacher source '{self.source}' needs a file path")
+            raise ValueError(f"path: {src} needs a file path ({spec.what})")
+        if self.path is not None and not spec.needs_path:
+            raise ignored("path", f"{src} trains its teacher here and reads no file", "remove teacher.path, or pick a source that reads it "
+                          f"({', '.join(n for n in TEACHERS.names() if TEACHERS.get(n).needs_path)})")
+        if not spec.takes_arch:
+            refuse_given(self, ("arch", "small_input"), f"{src} reads the whole network, stem included, from teacher.path", "remove teacher.{key}")
+        if not spec.trained_here:
+            refuse_given(self, ("train",), f"{src} loads a trained teacher; only source 'train' trains one", "remove teacher.train")
         if spec.needs_arch and not self.arch:
-            raise ValueError(f"arch: teacher source '{self.source}' needs an architecture name")
-        if self.path is not None and not Path(self.path).is_file():
-            found = "is a folder, expected a file" if Path(self.path).is_dir() else "file not found"
-            raise ValueError(f"path: {found}: {self.path}")
+            raise ValueError(f"arch: {src} needs an architecture name")
+        if problem := self.arch is not None and teacher_arch_problem(self.arch):
+            raise ValueError(f"arch: {problem}")
+        if problem := self.path is not None and path_problem(self.path, "file", spec.what):
+            raise ValueError(f"path: {problem}")
         return self
 
 
 class StudentConfig(Section):
-    arch: Annotated[str, registered(_students)] = "mobilenet_v2"
+    arch: Annotated[str, registered(students)] = "mobilenet_v2"
     width: PositiveFloat = 1.0
     small_input: bool | Literal["auto"] = "auto"
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
+    @model_validator(mode="after")
+    def _shufflenet_keys(self) -> "StudentConfig":
+        if self.arch.startswith("shufflenet_v2"):
+            if self.width != 1.0:
+                raise ValueError(f"width: ShuffleNetV2 has no width multiplier (its width is the variant: shufflenet_v2_x0_5 … x2_0), got {self.width:g}")
+            refuse_given(self, ("dropout",), "ShuffleNetV2 has no dropout", "remove student.dropout")
+        return self
 
 
 class EnergyConfig(Section):
@@ -198,7 +225,7 @@ class BudgetConfig(Section):
 
 
 class AugmentConfig(Section):
-    method: Annotated[str, registered(_augments)] = "cutmix"
+    method: Annotated[str, registered(augments)] = "cutmix"
     alpha: PositiveFloat | None = None
     selection: Literal["high", "low", "mixed", "all"] = "high"
     fraction: Union[Fraction, Literal["auto"]] = 0.0
@@ -206,11 +233,19 @@ class AugmentConfig(Section):
     weight: Annotated[float, Field(ge=0)] = 1.0
     profile_steps: Annotated[int, Field(ge=1)] = 5
 
-
     @model_validator(mode="after")
-    def _auto_needs_budget(self) -> "AugmentConfig":
-        if self.fraction == "auto" and self.budget is None:
+    def _fraction_and_budget(self) -> "AugmentConfig":
+        if self.selection == "all":  # (budget is never given at its default, None)
+            refuse_given(self, ("fraction", "budget"), "selection 'all' gives every training image a mixed copy (r = 1)",
+                         "remove augment.{key}, or pick selection high, low or mixed")
+        elif self.fraction == "auto" and self.budget is None:
             raise ValueError("fraction: 'auto' needs a budget (augment.budget.max_overhead or augment.budget.max_minutes)")
+        elif self.fraction != "auto" and self.budget is not None:
+            raise ignored("budget", f"augment.fraction is fixed at {self.fraction:g}, so no budget chooses it",
+                          "set fraction: auto to let the budget choose it, or remove augment.budget")
+        elif self.fraction == 0:
+            refuse_given(self, ("selection", "weight"), "augment.fraction is 0, so no image gets a mixed copy",
+                         "set augment.fraction (or auto with a budget), or remove augment.{key}")
         return self
 
 
@@ -259,9 +294,9 @@ class ValidateConfig(Section):
 
 
 class Recipe(Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "run"
+    name: Annotated[str, AfterValidator(run_name)] = "run"
     seed: Annotated[int, Field(ge=0)] = 0
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: Annotated[str, AfterValidator(device_name)] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -272,6 +307,21 @@ class Recipe(Section):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Recipe":
+        """Keys another section makes meaningless (export.calibration here: export code builds ExportConfig alone)."""
+        from edgedistill.losses import LOSSES
+        loss = self.distill.loss.name
+        if not {"t_plus", "t_min"} & set(inspect.signature(LOSSES.get(loss)).parameters):  # no energy temperature policy
+            refuse_given(self.energy, ("direction", "grouping"), f"loss '{loss}' uses no energy groups", "remove energy.{key}", at="energy.")
+        for section, key, fmt in (("export", "calibration", "int8"), ("validate", "max_int8_drop", "int8"), ("validate", "max_fp16_drop", "fp16")):
+            if given(getattr(self, "validate_" if section == "validate" else section), key) and fmt not in (formats := self.export.formats):
+                raise ignored(f"{section}.{key}", f"export.formats ({', '.join(formats)}) has no {fmt}", f"add {fmt} to export.formats or remove {section}.{key}")
+        for section, cfg in (("distill", self.distill), ("teacher.train", self.teacher.train)):
+            if self.device == "cpu" and given(cfg, "sync_bn"):
+                raise ignored(f"{section}.sync_bn", "SyncBatchNorm works on CUDA only, and device is cpu", f"remove {section}.sync_bn")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -284,101 +334,52 @@ class Recipe(Section):
 
 # ---------------------------------------------------------------- loading
 
+RECIPE_START = "recipes/quickstart.yaml"
+
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Load a YAML recipe (``None`` → all defaults), apply ``key.path=value`` overrides, validate."""
+    """Load a YAML recipe file, apply ``key.path=value`` overrides, validate. A recipe file must at least set
+    ``data.source``: nothing runs on defaults nobody chose. ``None`` gives the defaults, for tests and tools."""
     raw: dict[str, Any] = {}
+    source = "recipe"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text("utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-        raw.setdefault("name", path.stem)
+        source = str(path)
+        raw = read_recipe_file(path, RECIPE_START)
         _resolve_paths(raw, path.parent)
     for item in overrides:
         apply_override(raw, item)
-    return validate_recipe(raw, source=str(path) if path else "recipe")
+    _resolve_paths(raw, Path.cwd())  # what --set gave: a command-line path, relative to the working directory
+    if path is not None and "name" not in raw:
+        try:
+            raw["name"] = run_name(path.stem)
+        except ValueError:
+            raise RecipeError(f"{source}: name: not set, and the file name {path.stem!r} cannot name the run folder "
+                              "(letters, digits, '_', '.' and '-'); set name: in the recipe") from None
+    recipe = validate_recipe(raw, source=source)
+    if path is not None and "source" not in recipe.data.model_fields_set:
+        raise RecipeError(f"{source}: data.source: not set; a recipe must say what it distills "
+                          f"({', '.join(data_sources().names())}); see {RECIPE_START}")
+    return recipe
 
 
 PATH_KEYS = (("data", "root"), ("teacher", "path"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative file paths in a recipe file are relative to that file, so recipes travel with their data.
-
-    (Paths given with --set stay relative to the working directory, like any command-line path.)
-    """
+    """Relative paths become absolute: in a recipe file relative to that file (recipes travel with their data),
+    so the run folder's recipe.yaml names the same files from anywhere."""
     for section, key in PATH_KEYS:
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).expanduser().is_absolute():
             node[key] = str((base / node[key]).resolve())
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``a.b.c=value``: value parsed as YAML (so numbers, booleans and lists work)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--set {item!r}: expected key.path=value")
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"--set {key}: '{part}' is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
-
-
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_describe(e.errors()[0], raw)}") from None
-
-
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    # pydantic puts the names of union branches in loc; keep only the recipe keys.
-    keys = [str(p) for p in err["loc"] if not re.fullmatch(r"(function-after|literal|union|lax-or-strict)\[.*\]|float|int|str|bool|tuple\[.*\]|list\[.*\]|none|is-instance\[.*\]", str(p))]
-    path = ".".join(keys)
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        fields = _fields_at(keys[:-1])
-        return f"unknown key '{path}'{did_you_mean(keys[-1], fields)}; valid keys here: {', '.join(sorted(fields))}"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        # validators prefix their message with the sub-key they are about ("t_minus: ...").
-        sub, colon, rest = msg.partition(": ")
-        if colon and re.fullmatch(r"[A-Za-z_][\w.]*", sub):
-            return f"{'.'.join(keys + [sub]) if keys else sub}: {rest}"
-        return f"{path}: {msg}" if path else msg
-    if msg.startswith("Assertion failed, "):
-        msg = msg[len("Assertion failed, "):]
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f", got {got!r}"
-    return f"{path or 'recipe'}: {msg[0].lower() + msg[1:]}{shown}"
-
-
-def _fields_at(keys: list[str]) -> list[str]:
-    model: Any = Recipe
-    for k in keys:
-        fields = {(f.alias or n): f for n, f in model.model_fields.items()}
-        ann = fields[k].annotation if k in fields else None
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            return []
-    return [(f.alias or n) for n, f in model.model_fields.items()]
+        raise RecipeError(f"{source}: {describe(e.errors(), raw, Recipe)}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,16 +20,20 @@ from edgedistill.distributed import barrier, init_from_env
 from edgedistill.errors import RunStateError
 from edgedistill.folder import RunFolder
 from edgedistill.recipe import Recipe, dump_recipe
+from edgedistill.stage_table import STAGE_NAMES
 
 
-def open_run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False, new_run: bool = False) -> RunContext:
-    """Create or re-open ``out/<recipe.name>``; write recipe.yaml and env.json; refuse a changed recipe.
+def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = False, new_run: bool = False,
+             preflight: bool = True, command: str | None = None) -> RunContext:
+    """Create or re-open the run folder ``root``; write recipe.yaml and env.json; refuse a changed recipe.
 
     ``new_run`` (the ``run`` command) refuses a folder that already holds a run unless ``resume``:
-    finished work is never silently redone or overwritten.
+    finished work is never silently redone or overwritten. ``preflight`` loads the data and a file teacher
+    before anything is written, so that a bad input leaves nothing behind. ``command`` (the CLI's own command
+    line, default this process's) goes into env.json.
     """
     dist = init_from_env("cuda" if recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu")
-    run = RunFolder(Path(out) / recipe.name)
+    run = RunFolder(root)
     saved = run / "recipe.yaml"
     # a folder whose run failed before finishing anything (bad input) holds nothing to protect: start afresh
     started = saved.exists() and run.has_work()
@@ -42,15 +49,28 @@ def open_run(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = F
             )
         if diff and force and dist.is_main:
             console.print(f"[yellow]recipe changed ({_keys(diff)}); continuing because of --force[/]")
-    existed = started
-    barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
-    if dist.is_main and (not existed or force):
-        fsio.write_text(saved, dump_recipe(recipe))
     ctx = RunContext(recipe, run, dist, resume=resume)
+    if preflight:
+        ctx.device, ctx.data  # noqa: B018 - bad data or a bad device fail here, before anything is written
+        if not ctx.teacher_trained_here:
+            ctx.teacher  # noqa: B018
+    barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
     if dist.is_main:
-        fsio.write_json(run / "env.json", environment(ctx))
+        if not started or force:
+            fsio.write_text(saved, dump_recipe(recipe))
+        fsio.write_json(run / "env.json", _with_history(run / "env.json", environment(ctx, command or shlex.join(sys.argv))))
     barrier(dist)
     return ctx
+
+
+def _with_history(path: Path, now: dict[str, Any]) -> dict[str, Any]:
+    """env.json keeps the environment and command that started the run; every later command is appended to
+    its ``history`` (with the versions and device it ran with), so nothing about how the run was made is lost."""
+    if not path.exists():
+        return {**now, "history": []}
+    env = json.loads(path.read_text())
+    env.setdefault("history", []).append({k: now[k] for k in ("command", "started_at", "edgedistill", "torch", "device", "cpu_threads", "world_size")})
+    return env
 
 
 def _keys(diff: list[str], shown: int = 8) -> str:
@@ -66,7 +86,7 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
         yield prefix.rstrip(".")
 
 
-def environment(ctx: RunContext) -> dict[str, Any]:
+def environment(ctx: RunContext, command: str) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torchvision
@@ -84,23 +104,15 @@ def environment(ctx: RunContext) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "world_size": ctx.dist.world,
-        "command": " ".join(sys.argv),
+        "command": command,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 # ---------------------------------------------------------------- the pipeline
 
 
-PIPELINE: list[tuple[str, Callable[[RunContext], dict]]] = [
-    ("teacher", stages.teacher_stage),
-    ("score", stages.score_stage),
-    ("plan", stages.plan_stage),
-    ("distill", stages.distill_stage),
-    ("export", stages.export_stage),
-    ("validate", stages.validate_stage),
-    ("report", stages.report_stage),
-]
-STAGES = [name for name, _ in PIPELINE]
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {name: getattr(stages, f"{name}_stage") for name in STAGE_NAMES}
 
 
 def run_stage(ctx: RunContext, name: str) -> dict:
@@ -109,9 +121,9 @@ def run_stage(ctx: RunContext, name: str) -> dict:
     Its marker and those of every later stage are removed first: they describe results built on the old
     output, so ``run --resume`` redoes them instead of keeping, e.g., an ONNX file of a replaced student.
     """
-    fn = dict(PIPELINE)[name]
+    fn = STAGE_FUNCTIONS[name]
     if ctx.dist.is_main:
-        ctx.run.clear(STAGES[STAGES.index(name):])
+        ctx.run.clear(list(STAGE_NAMES[STAGE_NAMES.index(name):]))
         console.rule(f"[bold]{name}")
     summary = fn(ctx) or {}
     if ctx.dist.is_main:
@@ -122,7 +134,7 @@ def run_stage(ctx: RunContext, name: str) -> dict:
 
 def run_all(ctx: RunContext) -> None:
     """Every stage in order; with a resumed run, finished stages are skipped."""
-    for name in STAGES:
+    for name in STAGE_NAMES:
         if ctx.resume and ctx.run.done(name):
             ctx.print(f"[dim]{name}: already done, skipped[/]")
             continue

@@ -22,7 +22,7 @@ from edgedistill.planning import measure_cost
 from edgedistill.report import energy_table, plan_table, summary_table, write_report
 from edgedistill.targets import export_all, onnx_metadata
 from edgedistill.train import evaluate, fit
-from edgedistill.validate import check_gates, validate_export, validate_onnx_file, validation_table
+from edgedistill.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file, validation_table
 
 # ---------------------------------------------------------------- teacher
 
@@ -209,7 +209,15 @@ def validate_stage(ctx: RunContext) -> dict:
 
 
 def validate_files(ctx: RunContext, files: list[Path]) -> None:
-    """Validate ONNX files the user gives (no PyTorch model: accuracy, latency, size) on the recipe's test split."""
+    """Validate ONNX files the user gives (no PyTorch model: accuracy, latency, size) on the recipe's test split.
+
+    A file ONNX Runtime cannot load, or whose input does not take the recipe's images, is bad input (exit 2):
+    a gate failure (exit 1) is for models that run but fall short.
+    """
+    for f in files:
+        problem = onnx_file_problem(f, ctx.image_size)
+        if problem:
+            raise InputError(f"--onnx: {f}: {problem}")
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
     results = [validate_onnx_file(f, test_x, test_y, ctx.recipe.validate_) for f in files]
     merged = {"passed": all(r["passed"] for r in results), "variants": {k: v for r in results for k, v in r["variants"].items()}}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -130,43 +128,14 @@ def graceful_stop() -> Iterator[StopFlag]:
             signal.signal(s, h)
 
 
-# ---------------------------------------------------------------- RNG state
+# ---------------------------------------------------------------- randomness
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 104_729 + epoch * 7_919 + 1) % (2**63)
-
-
-def rng_state() -> dict[str, Any]:
-    """All global RNG states, as tensors and plain values so ``torch.load(weights_only=True)`` reads them."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def begin_epoch(seed: int, epoch: int, objective: Objective, resumed_rng: dict | None) -> None:
-    """Every random stream of an epoch, set in one place: the global RNGs from ``(seed, epoch)``, the objective's
-    own generator, and, for an epoch resumed mid-way, the global RNGs as they were when it stopped."""
-    torch.manual_seed(_epoch_seed(seed, epoch))
-    objective.set_epoch(epoch)
-    if resumed_rng is not None:
-        set_rng_state(resumed_rng)
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """The seed of one training step. Every random draw of a step (dropout, HE-DA partners, boxes and λ) comes
+    from it, so a step's randomness depends on nothing but where it is: an interrupted run, resumed at any step,
+    repeats exactly what the uninterrupted run did. (Data augmentation is seeded per sample, in data.py.)"""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % 2**63
 
 
 # ---------------------------------------------------------------- the loop
@@ -196,15 +165,14 @@ class FitResult:
 
 @dataclass
 class _Position:
-    """Where training stands: the next epoch and step to run, the best test top-1 so far, and (mid-epoch) the RNGs."""
+    """Where training stands: the next epoch and step to run, and the best test top-1 so far."""
 
     epoch: int = 0
     step: int = 0
     best: float = -1.0
-    rng: dict | None = None
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "objective", "epoch", "step", "best_top1", "rng")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "objective", "epoch", "step", "best_top1")
 
 
 class _Checkpoints:
@@ -223,11 +191,11 @@ class _Checkpoints:
         for name, part in self.parts.items():
             if name != "model":
                 part.load_state_dict(ckpt[name])
-        return _Position(ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["rng"] if ckpt["step"] else None)
+        return _Position(ckpt["epoch"], ckpt["step"], ckpt["best_top1"])
 
     def save(self, at: _Position, top1: float | None = None) -> None:
         state = {name: part.state_dict() for name, part in self.parts.items()}
-        state.update(epoch=at.epoch, step=at.step, best_top1=at.best, rng=rng_state(), recipe=self.recipe)
+        state.update(epoch=at.epoch, step=at.step, best_top1=at.best, recipe=self.recipe)
         with fsio.atomic_path(self.last) as tmp:
             torch.save(state, tmp)
         if top1 is not None and top1 >= at.best:
@@ -286,7 +254,6 @@ def fit(
     with graceful_stop() as stop, progress_bar(enabled=dist.is_main) as progress:
         for epoch in range(at.epoch, cfg.epochs):
             skip = at.step if epoch == at.epoch else 0
-            begin_epoch(loop.seed, epoch, objective, at.rng if skip else None)
             train_set.set_epoch(epoch)
             sampler.set_epoch(epoch, start=skip * loop.batch_size)
             loader = make_loader(train_set, loop.batch_size, sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
@@ -296,6 +263,9 @@ def fit(
             seen = correct = 0
             t0 = time.perf_counter()
             for step, (images, labels, indices) in enumerate(loader, start=skip):
+                seed = step_seed(loop.seed, epoch, step, dist.rank)
+                torch.manual_seed(seed)
+                objective.begin_step(seed)
                 x = to_float(images, device, channels_last)
                 y = labels.to(device, non_blocking=True)
                 with precision.autocast():

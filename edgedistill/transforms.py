@@ -1,17 +1,29 @@
 """Image transforms on uint8 CHW tensors: the training augmentation and the evaluation preprocessing.
 
-Small images (CIFAR-like, at most ``SMALL_IMAGE`` pixels, and a model input that small) get the CIFAR recipe; larger
-ones the Inception-style random-resized crop for training and resize-then-centre-crop for evaluation.
+Small images (CIFAR-like, at most ``SMALL_IMAGE`` pixels, and a model input that small) get the CIFAR recipe for
+training; larger ones the Inception-style random-resized crop. Evaluation is decided by the model input size alone
+(:func:`eval_preprocessing`): at most ``SMALL_IMAGE`` pixels, resize to exactly H×W; larger, resize the shorter
+side to ``round(size / CROP_RATIO)`` and centre-crop. That description is what every exported ONNX file records
+under ``preprocessing``, and :func:`eval_transform` computes from it, so they cannot drift apart.
+
+Every resize, training and evaluation alike, is Pillow's bilinear ``Image.resize`` on RGB uint8 (antialiased
+when shrinking), so a deployment that only has Pillow and numpy reproduces the validated inputs bit for bit
+(see docs/deploy.md).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 SMALL_IMAGE = 64
+CROP_RATIO = 0.875
+INTERPOLATION = "bilinear"
+RESAMPLER = "Pillow Image.resize, Image.Resampling.BILINEAR, on RGB uint8"
+INPUT_NOTE = "RGB uint8 / 255 -> float32 in [0, 1], NCHW"
 
 
 def train_transform(img: torch.Tensor, size: int, small: bool, g: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -19,11 +31,15 @@ def train_transform(img: torch.Tensor, size: int, small: bool, g: torch.Generato
 
 
 def _resize(img: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    size = (size, size) if isinstance(size, int) else size
-    if tuple(img.shape[1:]) == tuple(size):
+    """uint8 (3, h, w) → uint8 (3, *size) with Pillow's bilinear filter (the one resampler of the tool)."""
+    from PIL import Image
+
+    size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    if tuple(img.shape[1:]) == size:
         return img
-    out = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
+    hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+    out = np.asarray(Image.fromarray(hwc, "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    return torch.from_numpy(out.copy()).permute(2, 0, 1)
 
 
 def _small_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -58,13 +74,63 @@ def _large_train(img: torch.Tensor, size: int, g: torch.Generator, hflip: bool) 
     return out.flip(-1) if r[2] < 0.5 and hflip else out
 
 
-def eval_transform(img: torch.Tensor, size: int, small: bool) -> torch.Tensor:
-    """Small images: resize only. Larger: resize the short side to size/0.875, centre crop."""
+# ---------------------------------------------------------------- evaluation
+
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        h, w = size
+        return int(h), int(w)
+    return int(size), int(size)
+
+
+def eval_is_small(size) -> bool:
+    """The evaluation rule depends on the model input only: at most ``SMALL_IMAGE`` px → resize, no crop."""
+    return max(_hw(size)) <= SMALL_IMAGE
+
+
+def eval_preprocessing(size, small: bool | None = None) -> dict:
+    """The exact evaluation preprocessing for a model input of ``size`` (int, or (H, W)) as a JSON-ready dict.
+
+    ``small`` (default: :func:`eval_is_small`) picks the rule::
+
+        {"resize": "exact", "resize_to": [H, W], "crop": "none", ...}
+        {"resize": "shorter_side", "shorter_side": S, "crop": "center", "crop_size": [H, W], "crop_ratio": 0.875, ...}
+
+    with ``S = round(max(H, W) / crop_ratio)``. Shorter side: ``scale = S / min(h, w)`` (float), the image
+    (h × w) is resized to ``(max(H, round(h·scale)), max(W, round(w·scale)))`` (Python ``round``: half to
+    even), then rows ``(h' − H) // 2`` and columns ``(w' − W) // 2`` start the crop. Both rules share
+    ``interpolation``, ``resampler`` and ``input`` (how the uint8 pixels become the model input).
+    """
+    h, w = _hw(size)
+    small = eval_is_small((h, w)) if small is None else bool(small)
+    common = {"interpolation": INTERPOLATION, "resampler": RESAMPLER, "input": INPUT_NOTE}
     if small:
-        return _resize(img, size)
+        return {"resize": "exact", "resize_to": [h, w], "crop": "none", **common}
+    return {
+        "resize": "shorter_side",
+        "shorter_side": round(max(h, w) / CROP_RATIO),
+        "crop": "center",
+        "crop_size": [h, w],
+        "crop_ratio": CROP_RATIO,
+        **common,
+    }
+
+
+def apply_preprocessing(img: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Apply an :func:`eval_preprocessing` description to a uint8 (3, h, w) image."""
+    if spec["resize"] == "exact":
+        return _resize(img, tuple(spec["resize_to"]))
+    if spec["resize"] != "shorter_side" or spec["crop"] != "center":
+        raise ValueError(f"unknown preprocessing {spec['resize']!r} / {spec['crop']!r}")
+    ch, cw = spec["crop_size"]
     _, h, w = img.shape
-    short = int(round(size / 0.875))
-    scale = short / min(h, w)
-    img = _resize(img, (max(size, round(h * scale)), max(size, round(w * scale))))
-    top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
-    return img[:, top : top + size, left : left + size]
+    scale = spec["shorter_side"] / min(h, w)
+    img = _resize(img, (max(ch, round(h * scale)), max(cw, round(w * scale))))
+    top, left = (img.shape[1] - ch) // 2, (img.shape[2] - cw) // 2
+    return img[:, top : top + ch, left : left + cw]
+
+
+def eval_transform(img: torch.Tensor, size, small: bool | None = None) -> torch.Tensor:
+    """Small model input: resize only. Larger: resize the short side to size/0.875, centre crop."""
+    return apply_preprocessing(img, eval_preprocessing(size, small))

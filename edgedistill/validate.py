@@ -95,6 +95,15 @@ def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, nam
     }
 
 
+def onnx_file_problem(path: Path, image_size: int) -> str | None:
+    """Why ONNX Runtime cannot run ``path`` on (N, 3, image_size, image_size) images, or None when it can."""
+    try:
+        runner = OnnxTarget().open(Path(path), threads=1)
+    except Exception as e:  # noqa: BLE001 - whatever ORT says about the file is the message
+        return f"not a loadable ONNX model ({first_line(e)})"
+    return runner.incompatible((3, image_size, image_size))
+
+
 def check_gates(results: Mapping) -> None:
     """Raise :class:`GateFailed` (exit 1) naming every failed variant and gate, in one line."""
     variants = results.get("variants", results)

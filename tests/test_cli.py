@@ -23,6 +23,7 @@ from conftest import TINY
 from edgedistill import __version__
 from edgedistill import cli as cli_module
 from edgedistill.cli import cli, main
+from edgedistill.folder import RunFolder
 
 STAGES = ["teacher", "score", "plan", "distill", "export", "validate", "report"]
 
@@ -30,9 +31,10 @@ STAGES = ["teacher", "score", "plan", "distill", "export", "validate", "report"]
 pytestmark = pytest.mark.usefixtures("isolated")
 
 
-def write_recipe(folder: Path, name: str = "tiny", filename: str | None = None) -> Path:
+def write_recipe(folder: Path, name: str = "tiny", filename: str | None = None, **sections) -> Path:
     raw = copy.deepcopy(TINY)
     raw["name"] = name
+    raw.update(sections)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (filename or f"{name}.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -63,12 +65,14 @@ def test_help_lists_every_command():
         assert f"  {name}" in result.output
 
 
-def test_every_pipeline_command_takes_the_common_options():
+def test_every_pipeline_command_takes_the_common_options_and_resume_only_where_it_trains():
     for name in ["run", *STAGES]:
         result = invoke(name, "--help")
         assert result.exit_code == 0, name
-        for option in ("--set", "--out", "--resume", "--force", "--debug"):
+        for option in ("--set", "--out", "--force", "--debug"):
             assert option in result.output, (name, option)
+        assert ("--resume" in result.output) == (name in ("run", "teacher", "distill")), name
+        assert "RECIPE|RUN" in result.output
 
 
 def test_version():
@@ -87,7 +91,7 @@ def test_list_shows_the_registries():
     "args, expected",
     [
         (["bogus"], "No such command 'bogus'"),
-        (["run"], "Missing argument 'RECIPE'"),
+        (["run"], "Missing argument 'RECIPE|RUN'"),
         (["run", "x.yaml", "--bogus"], "--bogus"),
         (["run", "x.yaml", "--set"], "requires an argument"),
     ],
@@ -202,8 +206,11 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
 
     recipe, run = finished
     shutil.copytree(run, tmp_path / "tiny")
-    overrides = [f"augment.selection={selection}", "augment.profile_steps=2", f"distill.loss={{name: {loss}}}"]
-    ctx = open_run(load_recipe(recipe, overrides), tmp_path, resume=True, force=True)
+    # the whole augment section: with selection 'all' a fraction would be ignored, and is refused
+    augment = f"{{selection: {selection}, profile_steps: 2{', fraction: 0.2' if selection != 'all' else ''}}}"
+    overrides = [f"augment={augment}", f"distill.loss={{name: {loss}}}"]
+    recipe = load_recipe(recipe, overrides)
+    ctx = open_run(recipe, tmp_path / recipe.name, resume=True, force=True)
     sizes: list[int] = []
     build = RunContext.build_student
 
@@ -243,6 +250,55 @@ def test_validate_given_onnx_files(finished, tmp_path):
     saved = json.loads((tmp_path / "runs" / "tiny" / "validation.files.json").read_text())
     assert saved["passed"] and saved["variants"]["student.onnx"]["test_top1"] is not None
     result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", good, "--onnx", bad)
-    assert result.exit_code == 1 and "garbage.onnx" in result.output.splitlines()[-1]
+    last = result.output.splitlines()[-1]
+    assert result.exit_code == 2 and "garbage.onnx" in last and "not a loadable ONNX model" in last, "a file that is no model is bad input"
     result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", tmp_path / "nope.onnx")
     assert result.exit_code == 2 and "nope.onnx" in result.output
+
+
+# ---------------------------------------------------------------- scriptability: run folders, prerequisites, history
+
+
+def test_list_writes_its_table_to_stdout():
+    result = invoke("list")
+    assert result.exit_code == 0 and "shufflenet_v2_x0_5" in result.stdout and "fp32" in result.stdout
+
+
+def test_a_stage_command_takes_the_run_folder_and_keeps_the_command_history(finished, tmp_path):
+    _, run = finished
+    copy_run = tmp_path / "elsewhere" / "renamed"  # the folder is the run, whatever its name
+    shutil.copytree(run, copy_run)
+    first = json.loads((copy_run / "env.json").read_text())
+    result = invoke("report", copy_run)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs").exists() and not Path("runs", "tiny", "report.md").exists()
+    env = json.loads((copy_run / "env.json").read_text())
+    assert env["command"] == first["command"], "the command that made the run is kept"
+    assert [h["command"].split()[1:2] for h in env["history"]][-1] == ["report"]
+    assert invoke("report", copy_run, "--out", tmp_path).exit_code == 2, "--out with a run folder is a contradiction"
+
+
+@pytest.mark.parametrize("stage, missing", [("score", "teacher"), ("plan", "score"), ("distill", "plan"), ("export", "distill"), ("validate", "export")])
+def test_a_stage_whose_input_is_missing_creates_nothing(stage, missing, tmp_path):
+    recipe = write_recipe(tmp_path)
+    result = invoke(stage, recipe, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert f"stage '{missing}' has not finished" in last and f"'edgedistill {missing} {recipe}'" in last
+    assert not (tmp_path / "runs").exists()
+
+
+def test_report_on_a_folder_with_nothing_finished_is_refused_and_leaves_no_marker(tmp_path):
+    recipe = write_recipe(tmp_path)
+    result = invoke("report", recipe, "--out", tmp_path / "runs")
+    assert result.exit_code == 2 and "nothing to report yet" in result.output
+    assert not (tmp_path / "runs").exists()
+    # the refused report blocks nothing: the run starts normally afterwards
+    assert not RunFolder(tmp_path / "runs" / "tiny").has_work()
+
+
+def test_a_run_that_fails_on_bad_data_leaves_no_folder(tmp_path):
+    recipe = write_recipe(tmp_path, data={"source": "npz", "root": str(tmp_path / "missing.npz")})
+    result = invoke("run", recipe, "--out", tmp_path / "out" / "runs")
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()

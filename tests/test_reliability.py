@@ -2,25 +2,21 @@
 
 * bad input anywhere (recipe, files, data, teacher, device, run folder): exit 2, one line naming the key
   or file, no traceback;
-* interruption: SIGINT → checkpoint + exit 130 + the command that resumes; SIGKILL loses at most an epoch;
-* resume: bit-identical weights on the CPU; a changed recipe is refused unless --force;
+* resume: a changed recipe is refused unless --force (interruption and exact resume: tests/test_resume.py);
 * guards: corrupt checkpoints are reported, never loaded; checkpoints never run code; one process per folder.
 
 Most cases run in-process with click's CliRunner (fast); a few go through ``python -m edgedistill`` in a
-subprocess, as a user would, and the interruption tests must (signals, kill -9).
+subprocess, as a user would.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +127,16 @@ class _Flat32(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
+def _identity_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])), str(path))
+    return path
+
+
 def _truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -180,6 +186,7 @@ def fx(tmp_path_factory) -> Path:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (d / "bad_cifar" / "cifar-10-batches-py" / name).write_bytes(b"not a pickle")
     (d / "a_file").write_text("not a folder")
+    _identity_onnx(d / "tiny.onnx")  # a real (binary) ONNX model, to be given where a recipe belongs
 
     def empty_class(r):
         for p in (r / "train" / "b").iterdir():
@@ -200,40 +207,142 @@ def fx(tmp_path_factory) -> Path:
     (d / "broken.yaml").write_text("data: [1, 2\n")
     (d / "list.yaml").write_text("- 1\n- 2\n")
     (d / "python_tag.yaml").write_text(f"name: !!python/object/apply:os.system ['touch {d / 'pwned'}']\n")
+    (d / "scalar.yaml").write_text("just a sentence\n")
+    (d / "empty.yaml").write_bytes(b"")
+    (d / "comments.yaml").write_text("# a recipe\n# (to be written)\n")
+    (d / "braces.yaml").write_text("{}\n")
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "latin1.yaml").write_bytes("name: caf\xe9\ndata: {source: digits}\n".encode("latin-1"))
+    (d / "dup.yaml").write_text("data: {source: digits}\nseed: 1\ndata: {source: npz}\n")
+    (d / "dup_nested.yaml").write_text("data:\n  source: digits\n  batch_size: 8\n  batch_size: 16\n")
+    no_source = copy.deepcopy(TINY)
+    del no_source["data"]["source"]
+    (d / "no_source.yaml").write_text(yaml.safe_dump(no_source))
+    unnamed = {k: v for k, v in TINY.items() if k != "name"}
+    (d / "my recipe.yaml").write_text(yaml.safe_dump(unnamed))
     return d
 
 
-def teacher(source: str, path: str, arch: str | None = None) -> dict:
-    return {"_replace": True, "source": source, "path": path, **({"arch": arch} if arch else {})}
+def teacher(source: str, path: str, arch: str | None = None, **extra) -> dict:
+    return {"_replace": True, "source": source, "path": path, **({"arch": arch} if arch else {}), **extra}
 
 
 def data(source: str, root: str | None = None, **extra) -> dict:
     return {"source": source, **({"root": root} if root else {}), **extra}
 
 
-# (id, sections for the recipe or a callable building the args, extra CLI args, pieces the error line must hold)
-# "{fx}" in a piece or a path is replaced with the fixture folder.
+def fresh_run_folder(tmp: Path, recipe_text: str | None = None) -> Path:
+    """``tmp/runs/tiny`` as a run folder whose recipe.yaml is TINY resolved, and no stage has finished."""
+    from edgedistill.recipe import dump_recipe, validate_recipe
+
+    run = tmp / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe_text if recipe_text is not None else dump_recipe(validate_recipe(copy.deepcopy(TINY))))
+    return run
+
+
+# Each case: (id, recipe, extra CLI args, pieces the one error line must hold).
+# * recipe: sections merged into TINY (see write_recipe), or a callable (fx, tmp_path) → the arguments after the command;
+# * extra args: a first "@stage" runs that stage instead of `run`; "--out tmp_path/runs" is added unless given;
+# * pieces: "{fx}" / "{tmp}" stand for the fixture folder / the test's tmp_path; a piece starting with "!" must NOT be in the line;
+# * the id's kind (before "/"): "run/" cases work on a run folder made beforehand; every other case must create nothing at all
+#   (the --out folder does not exist afterwards).
 BAD_INPUTS = [
-    # ---- recipe
+    # ---- recipe files that are not recipes (issue items 2 and 3)
+    ("recipe/file-missing", lambda fx, tmp: [fx / "nope.yaml"], [], ["nope.yaml", "not found"]),
+    ("recipe/not-yaml", lambda fx, tmp: [fx / "broken.yaml"], [], ["broken.yaml", "line", "not valid YAML"]),
+    ("recipe/not-a-mapping", lambda fx, tmp: [fx / "list.yaml"], [], ["list.yaml", "expected a mapping", "list"]),
+    ("recipe/a-plain-string", lambda fx, tmp: [fx / "scalar.yaml"], [], ["scalar.yaml", "expected a mapping", "a string"]),
+    ("recipe/python-tag-never-runs", lambda fx, tmp: [fx / "python_tag.yaml"], [], ["python_tag.yaml", "python/object/apply"]),
+    ("recipe/folder-without-recipe-yaml", lambda fx, tmp: [fx / "no_cifar"], [], ["no_cifar", "a folder without recipe.yaml", "give a recipe file or a run folder"]),
+    ("recipe/empty-file", lambda fx, tmp: [fx / "empty.yaml"], [], ["empty.yaml", "the recipe is empty", "recipes/quickstart.yaml"]),
+    ("recipe/only-comments", lambda fx, tmp: [fx / "comments.yaml"], [], ["comments.yaml", "the recipe is empty"]),
+    ("recipe/empty-mapping", lambda fx, tmp: [fx / "braces.yaml"], [], ["braces.yaml", "the recipe is empty"]),
+    ("recipe/binary-file", lambda fx, tmp: [fx / "binary.yaml"], [], ["binary.yaml", "not a YAML recipe (not UTF-8 text)"]),
+    ("recipe/latin-1-text", lambda fx, tmp: [fx / "latin1.yaml"], [], ["latin1.yaml", "not a YAML recipe (not UTF-8 text)"]),
+    ("recipe/an-image", lambda fx, tmp: [fx / "if_gray" / "train" / "a" / "gray.png"], [], ["gray.png", "not a YAML recipe (not UTF-8 text)"]),
+    ("recipe/an-onnx-model", lambda fx, tmp: [fx / "tiny.onnx"], [], ["tiny.onnx", "not a YAML recipe", ".onnx", "teacher.path"]),
+    ("recipe/a-text-file-named-onnx", lambda fx, tmp: [fx / "garbage.onnx"], [], ["garbage.onnx", "not a YAML recipe", ".onnx"]),
+    ("recipe/a-checkpoint", lambda fx, tmp: [fx / "resnet18.pt"], [], ["resnet18.pt", "not a YAML recipe", ".pt"]),
+    ("recipe/a-pt2-program", lambda fx, tmp: [fx / "static_batch.pt2"], [], ["static_batch.pt2", "not a YAML recipe", ".pt2"]),
+    ("recipe/an-npz-archive", lambda fx, tmp: [fx / "labels_negative.npz"], [], ["labels_negative.npz", "not a YAML recipe", "data.root"]),
+    ("recipe/key-given-twice", lambda fx, tmp: [fx / "dup.yaml"], [], ["dup.yaml", "line 3", "key 'data' is given twice", "first on line 1"]),
+    ("recipe/nested-key-given-twice", lambda fx, tmp: [fx / "dup_nested.yaml"], [], ["dup_nested.yaml", "key 'batch_size' is given twice"]),
+    ("recipe/no-data-source", lambda fx, tmp: [fx / "no_source.yaml"], [], ["no_source.yaml", "data.source: not set", "what it distills"]),
+    ("recipe/file-name-cannot-name-the-run", lambda fx, tmp: [fx / "my recipe.yaml"], [], ["my recipe.yaml", "name: not set", "'my recipe'"]),
+    # ---- recipe keys and values
     ("recipe/unknown-key", {}, ["--set", "data.batch_sise=3"], ["data.batch_sise", "did you mean 'batch_size'"]),
+    ("recipe/unknown-section", {"dat": {"source": "digits"}}, [], ["'dat'", "did you mean 'data'"]),
+    ("recipe/section-is-a-value", {"data": 3}, [], ["data:", "expected a section of keys", "got 3"]),
     ("recipe/wrong-type", {}, ["--set", "data.batch_size=many"], ["data.batch_size", "integer", "'many'"]),
     ("recipe/r-above-0.5", {}, ["--set", "energy.fraction=0.7"], ["energy.fraction", "0.5", "0.7"]),
     ("recipe/T+t_minus<=0", {}, ["--set", "distill.loss.temperature=2", "--set", "distill.loss.t_minus=-2"], ["distill.loss.t_minus", "2.0 + -2.0", "must be > 0"]),
     ("recipe/empty-formats", {}, ["--set", "export.formats=[]"], ["export.formats", "at least 1"]),
     ("recipe/empty-parity-batches", {}, ["--set", "validate.parity_batches=[]"], ["validate.parity_batches", "at least 1"]),
     ("recipe/negative-epochs", {}, ["--set", "distill.epochs=-1"], ["distill.epochs", "greater than or equal to 1", "-1"]),
+    ("recipe/teacher-epochs-zero", {}, ["--set", "teacher.train.epochs=0"], ["teacher.train.epochs", "greater than or equal to 1"]),
     ("recipe/unknown-student", {}, ["--set", "student.arch=mobilenetv2"], ["student.arch", "did you mean 'mobilenet_v2'"]),
+    ("recipe/unknown-loss", {}, ["--set", "distill.loss.name=kdd"], ["distill.loss.name", "did you mean 'kd'"]),
     ("recipe/unknown-loss-param", {}, ["--set", "distill.loss.temprature=3"], ["distill.loss.temprature", "did you mean 'temperature'"]),
-    ("recipe/set-without-equals", {}, ["--set", "nonsense"], ["--set", "nonsense", "key.path=value"]),
-    ("recipe/set-into-a-value", {}, ["--set", "seed.x=1"], ["--set seed.x", "'seed' is a value"]),
-    ("recipe/file-missing", lambda fx: [fx / "nope.yaml"], [], ["nope.yaml", "not found"]),
-    ("recipe/not-yaml", lambda fx: [fx / "broken.yaml"], [], ["broken.yaml", "line", "not valid YAML"]),
-    ("recipe/not-a-mapping", lambda fx: [fx / "list.yaml"], [], ["list.yaml", "expected a mapping", "list"]),
-    ("recipe/python-tag-never-runs", lambda fx: [fx / "python_tag.yaml"], [], ["python_tag.yaml", "python/object/apply"]),
-    ("recipe/is-a-folder", lambda fx: [fx / "no_cifar"], [], ["no_cifar", "is a directory"]),
+    ("recipe/unknown-data-source", {}, ["--set", "data.source=cifar"], ["data.source", "unknown data source 'cifar'", "known:"]),
+    ("recipe/unknown-teacher-source", {}, ["--set", "teacher.source=onnxx"], ["teacher.source", "did you mean 'onnx'"]),
+    ("recipe/unknown-augmentation", {}, ["--set", "augment.method=cutmx"], ["augment.method", "did you mean 'cutmix'"]),
+    ("recipe/unknown-export-target", {}, ["--set", "export.formats=[fp32, int4]"], ["export.formats", "unknown export target 'int4'", "did you mean 'int8'"]),
+    ("recipe/target-needs-another", {}, ["--set", "export.formats=[int8]"], ["export.formats:", "fp32 is required by int8", "!formats.formats"]),
+    ("recipe/target-twice", {}, ["--set", "export.formats=[fp32, fp32]"], ["export.formats:", "duplicates", "!formats.formats"]),
+    ("recipe/removed-export-edge", {}, ["--set", "export.edge=true"], ["export.edge", "removed", "export.formats"]),
+    ("recipe/opset-too-old", {}, ["--set", "export.opset=13"], ["export.opset", "18", "13"]),
+    ("recipe/auto-without-budget", {}, ["--set", "augment.fraction=auto"], ["augment.fraction", "'auto' needs a budget"]),
+    ("recipe/budget-of-both-kinds", {"augment": {"fraction": "auto", "budget": {"max_overhead": 0.1, "max_minutes": 5}}}, [], ["augment.budget", "exactly one"]),
+    ("recipe/budget-range-reversed", {"augment": {"fraction": "auto", "budget": {"max_overhead": 0.1, "range": [0.5, 0.1]}}}, [], ["augment.budget.range", "above"]),
+    ("recipe/multistep-without-milestones", {}, ["--set", "distill.schedule.name=multistep"], ["distill.schedule.milestones", "at least one milestone"]),
+    ("recipe/milestone-beyond-epochs", {"distill": {"schedule": {"name": "multistep", "milestones": [5]}}}, [], ["distill.schedule.milestones", "beyond epochs=2"]),
+    ("recipe/warmup-not-below-epochs", {}, ["--set", "distill.schedule.warmup_epochs=2"], ["distill.schedule.warmup_epochs", "must be < epochs=2"]),
+    ("recipe/image-size-too-small", {}, ["--set", "data.image_size=4"], ["data.image_size", "greater than or equal to 8", "got 4"]),
+    # ---- messages in plain words: no regular expression, no union tag, no type or class name (issue item 4)
+    ("words/name-with-a-slash", {}, ["--set", "name=a/b"], ["name:", "letters, digits", "'a/b'", "!pattern", "!^["]),
+    ("words/union-of-bool-and-auto", {}, ["--set", "student.small_input=maybe"], ["student.small_input", "expected true, false or 'auto'", "'maybe'", "!bool"]),
+    ("words/union-of-number-and-auto", {}, ["--set", "augment.fraction=half"], ["augment.fraction:", "expected a number or 'auto'", "'half'", "!constrained"]),
+    ("words/choice", {}, ["--set", "energy.direction=backwards"], ["energy.direction", "expected 'paper' or 'reversed'", "'backwards'"]),
+    ("words/optimizer-choice", {}, ["--set", "distill.optimizer.name=adam"], ["distill.optimizer.name", "expected 'sgd' or 'adamw'", "'adam'"]),
+    ("words/calibration-choice", {}, ["--set", "export.calibration.method=best"], ["export.calibration.method", "'minmax', 'entropy' or 'percentile'"]),
+    ("words/not-a-file-path", {}, ["--set", "teacher.path=[1]"], ["teacher.path", "expected a file path", "!<class"]),
+    ("words/list-item", {}, ["--set", "export.formats=[fp32, 3]"], ["export.formats[1]", "expected a string", "got 3"]),
+    ("words/whole-number", {}, ["--set", "distill.epochs=1.5"], ["distill.epochs", "expected a whole number", "1.5"]),
+    ("words/boolean", {}, ["--set", "data.hflip=maybe"], ["data.hflip", "expected true or false", "'maybe'"]),
+    ("words/three-values", {"teacher": {"normalize": {"mean": [0.5, 0.5], "std": [1, 1, 1]}}}, [], ["teacher.normalize.mean", "expected 3 values", "[0.5, 0.5]", "!.2"]),
+    ("words/missing-key", {"teacher": {"normalize": {"mean": [0.5, 0.5, 0.5]}}}, [], ["teacher.normalize.std", "missing"]),
+    ("words/loss-parameter-type", {}, ["--set", "distill.loss.temperature=hot"], ["distill.loss.temperature", "expected a number", "'hot'", "!float"]),
+    ("words/budget-flag", {"augment": {"fraction": "auto", "budget": {"max_overhead": 0.1, "strict": "maybe"}}}, [], ["augment.budget.strict", "expected true or false"]),
+    # ---- keys that the rest of the recipe would silently ignore (issue item 2)
+    ("ignored/root-for-digits", {"data": {"root": "{fx}/labels_negative.npz"}}, [], ["data.root", "would be ignored", "'digits' reads no files"]),
+    ("ignored/root-without-source", {"data": {"_replace": True, "root": "{fx}/labels_negative.npz"}}, [], ["data.source", "not set, but data.root is"]),
+    ("ignored/path-for-a-trained-teacher", {"teacher": {"path": "{fx}/resnet18.pt"}}, [], ["teacher.path", "would be ignored", "'train' trains its teacher here"]),
+    ("ignored/arch-for-onnx", {"teacher": teacher("onnx", "{fx}/garbage.onnx", "resnet18")}, [], ["teacher.arch", "would be ignored", "'onnx'"]),
+    ("ignored/arch-for-torchscript", {"teacher": teacher("torchscript", "{fx}/five.ts", "resnet18")}, [], ["teacher.arch", "would be ignored", "'torchscript'"]),
+    ("ignored/arch-for-export", {"teacher": teacher("export", "{fx}/static_batch.pt2", "resnet18")}, [], ["teacher.arch", "would be ignored", "'export'"]),
+    ("ignored/small-input-for-a-file-teacher", {"teacher": teacher("onnx", "{fx}/garbage.onnx", small_input=True)}, [], ["teacher.small_input", "would be ignored"]),
+    ("ignored/train-for-a-file-teacher", {"teacher": teacher("torchscript", "{fx}/five.ts", train={"epochs": 3})}, [], ["teacher.train", "would be ignored", "only source 'train'"]),
+    ("ignored/budget-with-a-fixed-fraction", {"augment": {"budget": {"max_overhead": 0.2}}}, [], ["augment.budget", "would be ignored", "fixed at 0.2", "fraction: auto"]),
+    ("ignored/fraction-with-selection-all", {}, ["--set", "augment.selection=all"], ["augment.fraction", "would be ignored", "selection 'all'"]),
+    ("ignored/selection-without-fraction", {"augment": {"fraction": 0, "selection": "low"}}, [], ["augment.selection", "augment.fraction is 0"]),
+    ("ignored/weight-without-fraction", {"augment": {"fraction": 0, "weight": 0.5}}, [], ["augment.weight", "augment.fraction is 0"]),
+    ("ignored/milestones-with-cosine", {}, ["--set", "distill.schedule.milestones=[1]"], ["distill.schedule.milestones", "would be ignored", "'cosine'"]),
+    ("ignored/gamma-with-constant", {}, ["--set", "teacher.train.schedule={name: constant, gamma: 0.5}"], ["teacher.train.schedule.gamma", "would be ignored"]),
+    ("ignored/momentum-with-adamw", {}, ["--set", "distill.optimizer={name: adamw, momentum: 0.5}"], ["distill.optimizer.momentum", "only sgd uses it"]),
+    ("ignored/nesterov-with-adamw", {}, ["--set", "teacher.train.optimizer={name: adamw, nesterov: false}"], ["teacher.train.optimizer.nesterov", "only sgd uses it"]),
+    ("ignored/shufflenet-width", {}, ["--set", "student.width=0.5"], ["student.width", "no width multiplier", "0.5"]),
+    ("ignored/shufflenet-dropout", {}, ["--set", "student.dropout=0.1"], ["student.dropout", "would be ignored", "no dropout"]),
+    ("ignored/calibration-without-int8", {}, ["--set", "export.calibration.samples=64"], ["export.calibration", "would be ignored", "no int8"]),
+    ("ignored/int8-gate-without-int8", {}, ["--set", "validate.max_int8_drop=2"], ["validate.max_int8_drop", "would be ignored", "no int8"]),
+    ("ignored/fp16-gate-without-fp16", {}, ["--set", "validate.max_fp16_drop=2"], ["validate.max_fp16_drop", "would be ignored", "no fp16"]),
+    ("ignored/sync-bn-on-the-cpu", {}, ["--set", "distill.sync_bn=true"], ["distill.sync_bn", "would be ignored", "device is cpu"]),
+    ("ignored/energy-direction-with-kd", {"energy": {"direction": "reversed"}}, ["--set", "distill.loss={name: kd}"], ["energy.direction", "would be ignored", "loss 'kd' uses no energy groups"]),
     # ---- files (teacher)
-    ("file/teacher-missing", {"teacher": teacher("onnx", "{fx}/nope.onnx")}, [], ["teacher.path", "nope.onnx", "not found"]),
-    ("file/teacher-is-a-folder", {"teacher": teacher("onnx", "{fx}/folder.onnx")}, [], ["teacher.path", "is a folder, expected a file", "folder.onnx"]),
+    ("file/teacher-missing", {"teacher": teacher("onnx", "{fx}/nope.onnx")}, [], ["teacher.path", "nope.onnx", "not found", "ONNX model file"]),
+    ("file/teacher-is-a-folder", {"teacher": teacher("onnx", "{fx}/folder.onnx")}, [], ["teacher.path", "folder.onnx", "is a folder, expected an ONNX model file"]),
+    ("file/pt2-is-a-folder", {"teacher": teacher("export", "{fx}/no_cifar")}, [], ["teacher.path", "no_cifar", "is a folder, expected a torch.export program"]),
+    ("file/torchscript-missing", {"teacher": teacher("torchscript", "{fx}/nope.ts")}, [], ["teacher.path", "nope.ts", "not found", "TorchScript file"]),
     ("file/onnx-garbage", {"teacher": teacher("onnx", "{fx}/garbage.onnx")}, [], ["teacher.path", "garbage.onnx", "not a loadable ONNX model"]),
     ("file/torchscript-garbage", {"teacher": teacher("torchscript", "{fx}/garbage.ts")}, [], ["teacher.path", "garbage.ts", "not a TorchScript file"]),
     ("file/pt2-garbage", {"teacher": teacher("export", "{fx}/garbage.pt2")}, [], ["teacher.path", "garbage.pt2", "not a torch.export"]),
@@ -245,15 +354,23 @@ BAD_INPUTS = [
     ("file/checkpoint-pickled-module", {"teacher": teacher("torchvision", "{fx}/module.pt", "resnet18")}, [], ["module.pt", "pickled Python objects", "weights_only"]),
     ("file/checkpoint-not-a-dict", {"teacher": teacher("torchvision", "{fx}/list.pt", "resnet18")}, [], ["list.pt", "holds a list", "expected a state_dict"]),
     ("file/torchscript-as-state-dict", {"teacher": teacher("torchvision", "{fx}/five.ts", "resnet18")}, [], ["five.ts", "TorchScript archive", "teacher.source: torchscript"]),
-    ("file/out-under-a-file", {}, ["--out", "{fx}/a_file/runs"], ["a_file"]),
-    # ---- teacher does not fit the data
+    # ---- teacher does not fit the data, or is not described fully
     ("teacher/5-outputs-for-10-classes", {"teacher": teacher("torchscript", "{fx}/five.ts")}, [], ["teacher.path", "five.ts", "(2, 5)", "expected (2, 10)", "10 classes in the data"]),
     ("teacher/static-batch-export", {"teacher": teacher("export", "{fx}/static_batch.pt2")}, [], ["teacher.path", "static_batch.pt2", "batch of 3", "dynamic batch axis"]),
     ("teacher/input-size", {"teacher": teacher("torchscript", "{fx}/flat32.ts")}, [], ["teacher.path", "flat32.ts", "3x8x8", "cannot be multiplied"]),
     ("teacher/unknown-torchvision-arch", {"teacher": teacher("torchvision", "{fx}/resnet18.pt", "resnet1000")}, [], ["teacher.arch", "'resnet1000'", "did you mean"]),
+    ("teacher/unknown-arch-to-train", {}, ["--set", "teacher.arch=resnet1000"], ["teacher.arch", "'resnet1000'", "not a torchvision classifier"]),
+    ("teacher/file-source-without-path", {"teacher": {"_replace": True, "source": "onnx"}}, [], ["teacher.path", "'onnx' needs a file path", "ONNX model file"]),
+    ("teacher/torchvision-without-arch", {"teacher": teacher("torchvision", "{fx}/resnet18.pt")}, [], ["teacher.arch", "needs an architecture name"]),
     # ---- data
-    ("data/npz-missing", {"data": data("npz", "{fx}/nope.npz")}, [], ["data.root", "nope.npz", "not found"]),
+    ("data/npz-missing", {"data": data("npz", "{fx}/nope.npz")}, [], ["data.root", "nope.npz", "not found", "a .npz file"]),
     ("data/npz-no-root", {"data": data("npz")}, [], ["data.root", "'npz' needs a .npz file"]),
+    ("data/npz-root-is-a-folder", {"data": data("npz", "{fx}/no_cifar")}, [], ["data.root", "no_cifar", "is a folder, expected a .npz file", "!not found"]),
+    ("data/cifar-root-is-a-file", {"data": data("cifar10", "{fx}/a_file")}, [], ["data.root", "a_file", "is a file, expected a folder", "CIFAR-10", "!not found"]),
+    ("data/cifar-root-missing", {"data": data("cifar100", "{fx}/nope")}, [], ["data.root", "nope", "not found", "CIFAR-100"]),
+    ("data/cifar-no-root", {"data": data("cifar100")}, [], ["data.root", "'cifar100' needs a folder"]),
+    ("data/imagefolder-root-is-a-file", {"data": data("imagefolder", "{fx}/a_file")}, [], ["data.root", "a_file", "is a file, expected a folder with train/ and test/"]),
+    ("data/imagefolder-no-root", {"data": data("imagefolder")}, [], ["data.root", "'imagefolder' needs a folder"]),
     ("data/npz-garbage", {"data": data("npz", "{fx}/fake.npz")}, [], ["data.root", "fake.npz", "not a .npz file"]),
     ("data/npz-truncated", {"data": data("npz", "{fx}/trunc.npz")}, [], ["data.root", "trunc.npz", "truncated"]),
     ("data/npz-labels-negative", {"data": data("npz", "{fx}/labels_negative.npz")}, [], ["labels_negative.npz", "y_train", "0..3", "-1..2"]),
@@ -274,69 +391,141 @@ BAD_INPUTS = [
     # ---- devices
     ("device/cuda-without-gpu", {}, ["--set", "device=cuda"], ["device", "'cuda'", "no CUDA device"]),
     ("device/cuda-index", {}, ["--set", "device=cuda:3"], ["device", "'cuda:3'"]),
-    ("device/unknown-kind", {}, ["--set", "device=gpu"], ["device", "auto|cpu|cuda", "'gpu'"]),
-    # ---- run folder
-    ("run/stage-out-of-order", {}, ["@distill"], ["stage 'plan' has not finished", "'edgedistill plan "]),
+    ("device/unknown-kind", {}, ["--set", "device=gpu"], ["device:", "expected auto, cpu, cuda or cuda:N, got 'gpu'", "!(cuda(", "!pattern"]),
+    ("device/bad-index", {}, ["--set", "device=cuda:x"], ["device:", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"]),
+    ("device/upper-case", {}, ["--set", "device=CPU"], ["device:", "got 'CPU'"]),
+    # ---- the command line: --set, --out, --onnx, options
+    ("cli/set-without-equals", {}, ["--set", "nonsense"], ["--set", "nonsense", "key.path=value"]),
+    ("cli/set-without-key", {}, ["--set", "=3"], ["--set", "key.path=value"]),
+    ("cli/set-empty-key-part", {}, ["--set", "data..root=x"], ["--set", "data..root", "empty part"]),
+    ("cli/set-into-a-value", {}, ["--set", "seed.x=1"], ["--set seed.x", "'seed' is a value"]),
+    ("cli/set-into-a-list", {}, ["--set", "export.formats.0=fp16"], ["--set export.formats.0", "'formats' is a value"]),
+    ("cli/set-key-twice-in-a-value", {}, ["--set", "data={source: npz, source: digits}"], ["--set data", "key 'source' is given twice"]),
+    ("cli/set-unknown-section", {}, ["--set", "dataa.source=npz"], ["'dataa'", "did you mean 'data'"]),
+    ("cli/set-section-to-a-value", {}, ["--set", "teacher=onnx"], ["teacher:", "expected a section of keys", "'onnx'"]),
+    ("cli/set-relative-root-missing", {}, ["--set", "data.source=npz", "--set", "data.root=nope.npz"], ["data.root", "nope.npz not found"]),
+    ("cli/out-is-a-file", {}, ["--out", "{fx}/a_file"], ["--out", "a_file"]),
+    ("cli/out-under-a-file", {}, ["--out", "{fx}/a_file/runs"], ["a_file"]),
+    ("cli/unknown-option", {}, ["--sett", "seed=1"], ["--sett"]),
+    ("cli/resume-for-a-stage-that-does-not-train", {}, ["@plan", "--resume"], ["--resume"]),
+    ("cli/onnx-missing", {}, ["@validate", "--onnx", "{fx}/nope.onnx"], ["--onnx", "nope.onnx"]),
+    ("cli/onnx-is-a-folder", {}, ["@validate", "--onnx", "{fx}/folder.onnx"], ["--onnx", "folder.onnx"]),
+    ("cli/onnx-garbage", {}, ["@validate", "--onnx", "{fx}/garbage.onnx"], ["--onnx", "garbage.onnx", "not a loadable ONNX model"]),
+    ("cli/onnx-is-a-recipe", {}, ["@validate", "--onnx", "{fx}/broken.yaml"], ["--onnx", "broken.yaml", "not a loadable ONNX model"]),
+    # ---- stages out of order, from a recipe file: refused before anything is created
+    ("stage/score-before-teacher", {}, ["@score"], ["stage 'teacher' has not finished", "'edgedistill teacher {tmp}/tiny.yaml'", "'edgedistill run {tmp}/tiny.yaml --resume'"]),
+    ("stage/plan-before-score", {}, ["@plan"], ["stage 'score' has not finished", "'edgedistill score "]),
+    ("stage/distill-before-plan", {}, ["@distill"], ["stage 'plan' has not finished", "'edgedistill plan "]),
+    ("stage/export-before-distill", {}, ["@export"], ["stage 'distill' has not finished", "'edgedistill distill "]),
+    ("stage/validate-before-export", {}, ["@validate"], ["stage 'export' has not finished", "'edgedistill export "]),
+    ("stage/report-before-anything", {}, ["@report"], ["nothing to report yet: no stage has finished"]),
+    # ---- a run folder given as the recipe argument (the folder exists beforehand)
+    ("run/distill-on-a-fresh-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@distill"], ["{tmp}/runs/tiny", "stage 'plan' has not finished", "'edgedistill plan {tmp}/runs/tiny'"]),
+    ("run/report-on-a-fresh-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@report"], ["{tmp}/runs/tiny", "nothing to report yet: no stage has finished"]),
+    ("run/out-with-a-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@report", "--out", "{tmp}/elsewhere"], ["--out", "is a run folder already"]),
+    ("run/run-folder-with-an-empty-recipe", lambda fx, tmp: [fresh_run_folder(tmp, "")], ["@teacher"], ["runs/tiny/recipe.yaml", "the recipe is empty"]),
+    ("run/run-folder-with-a-bad-recipe", lambda fx, tmp: [fresh_run_folder(tmp, "data: {source: digits}\nseed: -1\n")], ["@teacher"], ["runs/tiny/recipe.yaml", "seed", "greater than or equal to 0"]),
 ]
 
+KINDS = {"recipe", "words", "ignored", "file", "teacher", "data", "device", "cli", "stage", "run"}
 
-def _fill(value, fxdir: Path):
+
+def _fill(value, fxdir: Path, tmp: Path | None = None):
     if isinstance(value, str):
-        return value.replace("{fx}", str(fxdir))
+        value = value.replace("{fx}", str(fxdir))
+        return value.replace("{tmp}", str(tmp)) if tmp is not None else value
     if isinstance(value, dict):
-        return {k: _fill(v, fxdir) for k, v in value.items()}
+        return {k: _fill(v, fxdir, tmp) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fill(v, fxdir) for v in value]
+        return [_fill(v, fxdir, tmp) for v in value]
     return value
 
 
 def bad_input_args(case, fxdir: Path, tmp_path: Path) -> tuple[list[str], list[str]]:
-    _, sections, extra, expected = case
-    extra = _fill(list(extra), fxdir)
+    """The command line of a case, and the pieces its error line must (or, with a leading "!", must not) hold."""
+    case_id, sections, extra, expected = case
+    extra = _fill(list(extra), fxdir, tmp_path)
     command = "run"
     if extra and extra[0].startswith("@"):
         command, extra = extra[0][1:], extra[1:]
     if callable(sections):
-        args = [command, *sections(fxdir)]
+        args = [command, *sections(fxdir, tmp_path)]
     else:
-        args = [command, write_recipe(tmp_path, **_fill(copy.deepcopy(sections), fxdir))]
-    if "--out" not in extra:
+        args = [command, write_recipe(tmp_path, **_fill(copy.deepcopy(sections), fxdir, tmp_path))]
+    if "--out" not in extra and not case_id.startswith("run/"):
         extra = [*extra, "--out", tmp_path / "runs"]
-    return [str(a) for a in [*args, *extra]], _fill(list(expected), fxdir)
+    return [str(a) for a in [*args, *extra]], _fill(list(expected), fxdir, tmp_path)
+
+
+def _out_folder(args: list[str]) -> Path | None:
+    return Path(args[args.index("--out") + 1]) if "--out" in args else None
+
+
+def check_bad_input(case_id: str, output: str, exit_code: int, expected: list[str], args: list[str], out_existed: bool) -> str:
+    """assert_bad_input, the pieces that must not be in the line, and nothing created under --out."""
+    line = assert_bad_input(output, exit_code, [p for p in expected if not p.startswith("!")], case_id)
+    for piece in (p[1:] for p in expected if p.startswith("!")):
+        assert piece not in line, f"{case_id}: {piece!r} should not be in {line!r}"
+    out = _out_folder(args)
+    if out is not None and not out_existed and not case_id.startswith("run/"):
+        made = sorted(str(p) for p in out.rglob("*")) if out.is_dir() else []
+        assert not out.exists(), f"{case_id}: bad input created {out} ({made[:5]})"
+    return line
 
 
 def test_the_table_is_big_enough():
-    assert len(BAD_INPUTS) >= 25
-    kinds = {case[0].split("/")[0] for case in BAD_INPUTS}
-    assert {"recipe", "file", "data", "teacher", "device", "run"} <= kinds
+    assert len(BAD_INPUTS) >= 80
+    ids = [case[0] for case in BAD_INPUTS]
+    assert len(set(ids)) == len(ids), "case ids are unique"
+    kinds = {case_id.split("/")[0] for case_id in ids}
+    assert kinds == KINDS, kinds ^ KINDS
+    for kind in KINDS:
+        assert sum(i.startswith(f"{kind}/") for i in ids) >= 3, kind
+    # every data source and every teacher source has a case, and so has every issue item
+    from edgedistill.data import DATA_SOURCES
+    from edgedistill.models import TEACHERS
+
+    text = repr(BAD_INPUTS)
+    for name in DATA_SOURCES.names():
+        assert f"'{name}'" in text, f"no case for data source {name}"
+    for name in TEACHERS.names():
+        assert f"'{name}'" in text, f"no case for teacher source {name}"
+    for case_id in ("recipe/empty-file", "ignored/root-for-digits", "recipe/binary-file", "recipe/an-onnx-model", "data/npz-root-is-a-folder",
+                    "recipe/target-needs-another", "device/unknown-kind"):
+        assert case_id in ids, case_id
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2(case, fx, tmp_path, capfd):
     args, expected = bad_input_args(case, fx, tmp_path)
+    out_folder = _out_folder(args)
+    out_existed = out_folder is not None and out_folder.exists()
     result = invoke(*args)
     out = result.output
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         import traceback
 
         out += "".join(traceback.format_exception(result.exception))
-    assert_bad_input(out, result.exit_code, expected, case[0])
+    check_bad_input(case[0], out, result.exit_code, expected, args, out_existed)
     captured = capfd.readouterr()  # what bypassed click's capture (library loggers, warnings)
     assert "Traceback" not in captured.err + captured.out
     assert not (fx / "pwned").exists(), "a recipe executed code"
 
 
 # A few of the same through a real process: `python -m edgedistill` (main(), exit codes, stderr).
-SUBPROCESS_CASES = ["recipe/unknown-key", "file/onnx-garbage", "device/cuda-without-gpu"]
+SUBPROCESS_CASES = ["recipe/unknown-key", "recipe/an-onnx-model", "recipe/binary-file", "file/onnx-garbage", "device/cuda-without-gpu", "cli/out-is-a-file"]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
 def test_bad_input_through_a_real_process(case_id, fx, tmp_path):
     case = next(c for c in BAD_INPUTS if c[0] == case_id)
     args, expected = bad_input_args(case, fx, tmp_path)
+    out_folder = _out_folder(args)
+    out_existed = out_folder is not None and out_folder.exists()
     proc = python_m(*args, cwd=tmp_path)
-    line = assert_bad_input(proc.stderr, proc.returncode, expected, case_id)
+    line = check_bad_input(case_id, proc.stderr, proc.returncode, expected, args, out_existed)
     assert line.count("\n") == 0
+    assert "Traceback" not in proc.stderr
     assert proc.stdout.strip() == "", "messages belong on stderr"
 
 
@@ -359,7 +548,7 @@ def test_convertible_images_are_converted_with_a_warning(folder, name, fx, tmp_p
 
 # ---------------------------------------------------------------- a prepared run folder (teacher, score, plan done)
 
-# 64 training images in batches of 8: 8 steps an epoch, 8 epochs. Long enough for a signal to land mid-training.
+# 64 training images in batches of 8: 8 steps an epoch. (Interruption and resume: tests/test_resume.py.)
 PREP = {"data": {"batch_size": 8}, "distill": {"epochs": 8, "optimizer": {"lr": 0.01}}, "validate": {"atol": 0.01}}
 
 
@@ -380,104 +569,11 @@ def clone(prepared: Path, dest: Path) -> tuple[Path, Path]:
     return dest / "tiny.yaml", dest / "runs" / "tiny"
 
 
-@pytest.fixture(scope="module")
-def reference(prepared, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The student weights of an uninterrupted ``distill`` from the prepared folder."""
-    recipe, run = clone(prepared, tmp_path_factory.mktemp("reference") / "w")
-    result = invoke("distill", recipe, "--out", run.parent)
-    assert result.exit_code == 0, result.output
-    return load_student(run)
-
-
-def load_student(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "student.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-
-
-def start(args: list, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgedistill", *map(str, args)], cwd=cwd, env=ENV,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    """Until ``path`` exists (written atomically, so complete); fail if the process ends first."""
-    t0 = time.monotonic()
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the process ended (exit {proc.returncode}) before {path.name} appeared:\n{err[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
 def leftover_temp_files(run: Path) -> list[Path]:
     return [p for p in run.rglob(".*.tmp")]
 
 
-# ---------------------------------------------------------------- interruption and resume (fast: the distill stage)
-
-
-def test_sigint_during_distill_saves_exits_130_and_prints_the_resume_command(prepared, reference, tmp_path):
-    recipe, run = clone(prepared, tmp_path / "w")
-    args = ["distill", "tiny.yaml", "--out", "runs"]
-    proc = start(args, cwd=tmp_path / "w")
-    wait_for(run / "checkpoints" / "last.pt", proc)  # epoch 1 finished: training is under way
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
-    assert "SIGINT: finishing this step" in err
-    expected = shlex.join(["edgedistill", *args, "--resume"])
-    assert f"resume with: {expected}" in err, err[-2000:]
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert 1 <= ckpt["epoch"] < 8, "interrupted mid-training"
-    assert not (run / "stages" / "distill.done").exists()
-    assert not (run / ".lock").exists(), "the lock is released on the way out"
-    # run exactly the printed command (in-process, same working directory), then compare with the uninterrupted run
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path / "w")
-        result = invoke(*shlex.split(expected)[1:])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    assert "resuming at epoch" in result.output
-    assert_same_weights(load_student(run), reference)
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 9))
-
-
-def test_sigkill_during_distill_loses_at_most_the_epoch(prepared, reference, tmp_path):
-    recipe, run = clone(prepared, tmp_path / "w")
-    proc = start(["distill", recipe, "--out", run.parent], cwd=tmp_path)
-    wait_for(run / "checkpoints" / "last.pt", proc)
-    time.sleep(0.1)  # somewhere in the next epoch (or in the middle of writing a checkpoint)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    # every artifact on disk is complete: the checkpoint, the metrics, the markers
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] >= 1 and ckpt["step"] == 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        json.loads(line)
-    for marker in (run / "stages").glob("*.done"):
-        json.loads(marker.read_text())
-    assert (run / ".lock").exists()  # the dead process could not remove it: it is stale, and replaced
-    result = invoke("distill", recipe, "--out", run.parent, "--resume")
-    assert result.exit_code == 0, result.output
-    assert_same_weights(load_student(run), reference)
-    assert not (run / ".lock").exists()
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 9))
+# ---------------------------------------------------------------- checkpoints that must not be loaded, file modes
 
 
 def test_truncated_checkpoint_is_reported_not_loaded(prepared, tmp_path):
@@ -604,57 +700,3 @@ def test_non_finite_loss_stops_with_the_step_and_the_parts(prepared, tmp_path):
     assert (str(last) in line) if last.exists() else ("no checkpoint was written yet" in line)
     assert not (run / "stages" / "distill.done").exists()
     assert not leftover_temp_files(run)
-
-
-# ---------------------------------------------------------------- the whole pipeline, killed and resumed (slow)
-
-
-def _pipeline(tmp_path: Path, name: str) -> tuple[Path, Path, list[str]]:
-    folder = tmp_path / name
-    write_recipe(folder, **copy.deepcopy(PREP))
-    return folder, folder / "runs" / "tiny", ["run", "tiny.yaml", "--out", "runs"]
-
-
-@pytest.fixture(scope="module")
-def full_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    folder, run, args = _pipeline(tmp_path_factory.mktemp("full"), "ref")
-    proc = python_m(*args, cwd=folder, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_student(run)
-
-
-@pytest.mark.slow
-def test_full_run_killed_with_sigkill_resumes_to_the_same_weights(full_reference, tmp_path):
-    folder, run, args = _pipeline(tmp_path, "killed")
-    proc = start(args, cwd=folder)
-    wait_for(run / "checkpoints" / "last.pt", proc, timeout=300)  # distill has finished an epoch
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run / "stages" / "distill.done").exists()
-    resumed = python_m(*args, "--resume", cwd=folder, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for stage in ("teacher", "score", "plan"):
-        assert f"{stage}: already done, skipped" in resumed.stderr
-    assert_same_weights(load_student(run), full_reference)
-    assert (run / "report.md").exists() and (run / "student.onnx").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_full_run_interrupted_resumes_with_the_printed_command(sig, full_reference, tmp_path):
-    folder, run, args = _pipeline(tmp_path, "interrupted")
-    proc = start(args, cwd=folder)
-    wait_for(run / "checkpoints" / "last.pt", proc, timeout=300)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
-    command = shlex.join(["edgedistill", *args, "--resume"])
-    assert f"resume with: {command}" in err
-    # run the printed command verbatim, with `edgedistill` being this interpreter's module
-    resumed = subprocess.run([sys.executable, "-m", "edgedistill", *shlex.split(command)[1:]], cwd=folder, env=ENV, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at epoch" in resumed.stderr
-    assert_same_weights(load_student(run), full_reference)

@@ -16,7 +16,7 @@ from edgedistill.energy import EnergyIndex
 from edgedistill.errors import Interrupted, TrainingDiverged
 from edgedistill.losses import LOSSES
 from edgedistill.models import build_student
-from edgedistill.objectives import CrossEntropyObjective, DistillObjective, Objective
+from edgedistill.objectives import Augmenter, CrossEntropyObjective, DistillObjective, Objective
 from edgedistill.recipe import EnergyConfig, TrainConfig
 from edgedistill.train import LoopConfig, fit, lr_factor
 
@@ -128,6 +128,63 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
     resumed, _ = train(tmp_path / "part", resume=True, model=tiny_model(seed=5))
     assert same_weights(full, resumed)
+
+
+class StopAtCall(Objective):
+    """Wraps an objective; sends this process SIGINT during its ``call``-th step (a chosen step, no timing)."""
+
+    def __init__(self, inner: Objective, call: int):
+        self.inner, self.call, self.calls = inner, call, 0
+
+    def begin_step(self, seed):
+        self.inner.begin_step(seed)
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(*args)
+
+
+def dropout_student(seed=0):
+    """MobileNetV2 with heavy dropout: a resume that replays a step with other random draws shows in the weights."""
+    torch.manual_seed(seed)
+    return build_student("mobilenet_v2", 3, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, width=0.25, dropout=0.5)
+
+
+def heda_objective() -> DistillObjective:
+    """Energy KD with CutMix extras on the upper half of the energy ranking (every batch mixes some samples)."""
+    n = len(tiny_data())
+    energy = np.random.default_rng(1).normal(size=n).astype(np.float32)
+    groups = np.zeros(n, np.int8)
+    order = np.argsort(energy)
+    groups[order[: n // 5]], groups[order[-(n // 5):]] = -1, 1
+    index = EnergyIndex.from_scores(energy, np.arange(n), groups, float(energy[order[n // 5 - 1]]), float(energy[order[-(n // 5)]]), EnergyConfig())
+    teacher = tiny_model(seed=7).eval()
+    return DistillObjective(teacher, LOSSES.get("energy_kd"), {}, index, Augmenter("cutmix", None, "high", 0.5))
+
+
+@pytest.mark.parametrize("call", [1, 2, 4, 6, 8])  # 3 steps an epoch: mid-epoch, at an epoch's end, in the last epoch
+def test_resume_at_any_step_with_heda_and_dropout_is_bit_exact(tmp_path, call):
+    full, _ = train(tmp_path / "full", objective=heda_objective(), model=dropout_student())
+    with pytest.raises(Interrupted):
+        train(tmp_path / "part", objective=StopAtCall(heda_objective(), call), model=dropout_student())
+    ckpt = torch.load(tmp_path / "part" / "ckpt" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == divmod(call, 3)
+    resumed, _ = train(tmp_path / "part", resume=True, objective=heda_objective(), model=dropout_student(seed=5))
+    assert same_weights(full, resumed)
+
+
+def test_the_step_seed_decides_the_heda_draws_and_dropout(tmp_path, monkeypatch):
+    """Guards the test above against passing vacuously: with the same data order but other step seeds (other
+    dropout masks and CutMix draws) the weights differ, so a resume that replayed a step's draws wrongly would show."""
+    import edgedistill.train as train_module
+
+    a, _ = train(tmp_path / "a", objective=heda_objective(), model=dropout_student())
+    seed_of = train_module.step_seed
+    monkeypatch.setattr(train_module, "step_seed", lambda *args: seed_of(*args) + 12345)
+    b, _ = train(tmp_path / "b", objective=heda_objective(), model=dropout_student())
+    assert not same_weights(a, b)
 
 
 def test_non_finite_loss_stops_with_the_parts(tmp_path):

@@ -31,8 +31,12 @@ class OnnxTarget(Target):
 
 
 def onnx_metadata(class_names: Sequence[str], image_size, mean, std, recipe_digest: str) -> dict[str, str]:
-    """The ``metadata_props`` every exported file carries (all values are strings; lists are JSON)."""
+    """The ``metadata_props`` every exported file carries (all values are strings; lists and dicts are JSON).
+
+    ``preprocessing`` is :func:`edgedistill.transforms.eval_preprocessing` of ``image_size``: the exact image
+    preprocessing validation used (resize rule, crop, interpolation); docs/deploy.md's snippet applies it."""
     from edgedistill import __version__
+    from edgedistill.transforms import eval_preprocessing
 
     h, w = hw(image_size)
     return {
@@ -47,6 +51,7 @@ def onnx_metadata(class_names: Sequence[str], image_size, mean, std, recipe_dige
         "mean": json.dumps([float(v) for v in mean]),
         "std": json.dumps([float(v) for v in std]),
         "normalization": NORMALIZATION_NOTE,
+        "preprocessing": json.dumps(eval_preprocessing((h, w))),
         "recipe_digest": str(recipe_digest),
         "edgedistill_version": __version__,
     }

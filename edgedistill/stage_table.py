@@ -1,0 +1,31 @@
+"""The pipeline's stages as data: their order, what each needs before it can start, and their help text.
+
+Torch-free, so that the CLI can build one command per stage without loading anything heavy; ``run.py``
+pairs each name with its function in ``stages.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    help: str
+    needs: tuple[str, ...] = ()  # stages whose markers must exist (re-running a stage clears the later markers)
+    trains: bool = False  # it runs the training loop, so --resume continues from its last checkpoint
+    reads_inputs: bool = True  # it loads the data (and a file teacher): checked before anything is written
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("teacher", "Load (or train) the teacher and measure its test accuracy.", trains=True),
+    StageSpec("score", "Score every training image with the teacher's energy; write energy.npz and plots.", ("teacher",)),
+    StageSpec("plan", "Measure the training cost and pick the HE-DA fraction that fits the budget; write plan.json.", ("score",)),
+    StageSpec("distill", "Distill the student into the run folder (student.pt, metrics.jsonl, checkpoints/).", ("plan",), trains=True),
+    StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge).", ("distill",)),
+    StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",)),
+    StageSpec("report", "Write report.md with tables and plots from the run folder's files.", reads_inputs=False),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
