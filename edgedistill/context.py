@@ -97,6 +97,14 @@ class RunContext:
         augmenter = Augmenter(a.method, a.alpha, a.selection, fraction)
         return DistillObjective(self.teacher, LOSSES.get(loss.name), loss.params, self.energy_index().to(self.device), augmenter, a.weight)
 
+    def timing_objective(self, augmenter: Augmenter | None) -> DistillObjective:
+        """The distillation step as far as its cost goes, before anything is trained or scored: a file teacher as
+        loaded, an in-pipeline one as its untrained architecture, energies evenly spread."""
+        teacher = self.teacher if not self.teacher_trained_here else freeze(self.new_teacher()).to(self.device)
+        loss = self.recipe.distill.loss
+        energy = EnergyIndex.evenly_spread(len(self.data.train), self.recipe.energy).to(self.device)
+        return DistillObjective(teacher, LOSSES.get(loss.name), loss.params, energy, augmenter, self.recipe.augment.weight)
+
     def loop(self, label: str, checkpoint_dir: Path, metrics: Path) -> LoopConfig:
         d = self.recipe.data
         return LoopConfig(checkpoint_dir, metrics, d.batch_size, d.eval_batch_size, self.recipe.seed, d.num_workers, self.resume, self.recipe.to_dict(), label)

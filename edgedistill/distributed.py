@@ -69,3 +69,12 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def broadcast_value(info: DistInfo, value: float) -> float:
+    """Rank 0's ``value`` on every rank (a decision all ranks must share)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())

@@ -93,6 +93,15 @@ class EnergyIndex:
             threshold_low, threshold_high, cfg.temperature, cfg.grouping == "dynamic", cfg.direction == "reversed",
         )
 
+    @classmethod
+    def evenly_spread(cls, n: int, cfg) -> "EnergyIndex":
+        """N samples whose energies rise with their index: groups and quantiles of a real score, with no teacher
+        run (the plan stage times steps before anything is scored; the cost does not depend on which sample is
+        in which group)."""
+        energy = np.arange(n, dtype=np.float32)
+        groups, low, high = assign_groups(energy, cfg.fraction)
+        return cls.from_scores(energy, np.arange(n), groups, low, high, cfg)
+
     def to(self, device) -> "EnergyIndex":
         self.groups, self.quantiles, self.sorted_energy = (t.to(device) for t in (self.groups, self.quantiles, self.sorted_energy))
         return self

@@ -79,7 +79,8 @@ class DistillObjective(Objective):
 
     def __init__(self, teacher: nn.Module, loss_fn, params: dict, energy: EnergyIndex, augmenter: Augmenter | None = None, augment_weight: float = 1.0):
         self.teacher, self.loss_fn, self.params, self.energy = teacher, loss_fn, params, energy
-        self.augmenter = augmenter if augmenter is not None and augmenter.active else None
+        self.augmenter = augmenter
+        self.last_extras = 0  # mixed samples in the last step: what a step's cost depends on
         self.augment_weight = augment_weight
         # a loss that never reads the teacher (the no-teacher baseline) skips its forward pass
         self.uses_teacher = getattr(loss_fn, "uses_teacher", True)
@@ -88,10 +89,17 @@ class DistillObjective(Objective):
         if self.augmenter:
             self.augmenter.seed(seed)
 
+    def set_fraction(self, fraction: float) -> None:
+        """HE-DA's r from now on (the budget controller re-chooses it between epochs)."""
+        if self.augmenter is None:
+            raise ValueError("set_fraction: this objective was built without an augmenter")
+        self.augmenter.fraction = fraction
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor, epoch: float):
         b = len(x)
-        mixed = self.augmenter(x, self.energy.static(indices)[1]) if self.augmenter else None
+        mixed = self.augmenter(x, self.energy.static(indices)[1]) if self.augmenter and self.augmenter.active else None
         inputs = torch.cat([x, mixed.images.to(x.dtype)]) if mixed is not None and len(mixed.images) else x
+        self.last_extras = len(inputs) - b
         student_all = model(inputs)
         if self.uses_teacher:
             with torch.no_grad():

@@ -22,7 +22,10 @@ WARMUP_STEPS = 2
 
 
 def measure_cost(ctx: RunContext) -> CostModel:
-    """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns."""
+    """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns.
+
+    Nothing needs to be trained or scored first: a step costs the same with untrained weights and any energies.
+    """
     steps = ctx.recipe.augment.profile_steps
     data, d = ctx.data, ctx.recipe.data
     device = ctx.device
@@ -44,9 +47,8 @@ def measure_cost(ctx: RunContext) -> CostModel:
     student.train()
     optimizer = build_optimizer(student, ctx.recipe.distill.optimizer)
     # plain: no extras whatever the selection mode ('all' ignores the fraction); extra: one per sample
-    plain, extra = ctx.objective(fraction=0.0), ctx.objective(fraction=0.0)
-    plain.augmenter = None
-    extra.augmenter = Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0)
+    plain = ctx.timing_objective(None)
+    extra = ctx.timing_objective(Augmenter(ctx.recipe.augment.method, ctx.recipe.augment.alpha, "all", 1.0))
     extra.augmenter.seed(ctx.recipe.seed)
 
     def step(objective, images, labels, indices):
@@ -78,7 +80,7 @@ def measure_cost(ctx: RunContext) -> CostModel:
 
     plain_step, extra_step = (s + load_per_step for s in timed(lambda *b: step(plain, *b), lambda *b: step(extra, *b)))
     # the no-teacher baseline never runs the teacher, so its steps must not be charged for one
-    teacher = ctx.teacher if plain.uses_teacher else (lambda x: x)
+    teacher = plain.teacher if plain.uses_teacher else (lambda x: x)
     with torch.no_grad():
         teacher_step, augment_step = timed(
             lambda images, *_: teacher(to_float(images, device, channels_last)),

@@ -54,6 +54,25 @@ def _over_budget(row: dict, budget: dict) -> bool:
     return False
 
 
+def budget_line(budget: dict) -> str:
+    """One terminal line: what the budget was, what was spent, and the verdict."""
+    return f"budget: {budget['verdict']} · r per epoch: {' '.join(f'{r:g}' for r in budget['fractions'])}"
+
+
+def _budget_section(budget: dict) -> list[str]:
+    pred = budget["prediction"]
+    goal = budget.get("budget") or {}
+    kind = (f"+{100 * goal['max_overhead']:.0f}% over the same run without extras" if goal.get("max_overhead") is not None
+            else f"{goal['max_minutes']:g} min of distillation" if goal.get("max_minutes") is not None else "none")
+    lines = ["## Budget (distillation)", "", f"Budget: {kind}. **{budget['verdict']}**.", "",
+             "| | seconds |", "| --- | ---: |", f"| spent (distill stage, wall time) | {budget['spent_seconds']:.1f} |"]
+    if budget.get("allowed_seconds") is not None:
+        lines.append(f"| allowed | {budget['allowed_seconds']:.1f} |")
+    lines.append(f"| a-priori prediction (plan, r = {pred['fraction'] or 0:g}) | {60 * pred['predicted_total_minutes']:.1f} |")
+    lines += ["", "r per epoch: " + ", ".join(f"{r:g}" for r in budget["fractions"]) + ".", ""]
+    return lines
+
+
 def summary_table(run: Path) -> Table:
     t = Table(title=f"edgedistill · {run.name}")
     t.add_column("what")
@@ -83,8 +102,12 @@ def _headline(run: Path) -> list[tuple[str, str]]:
     if metrics:
         rows.append(("student test top-1 (PyTorch)", f"{metrics[-1]['test_top1']:.2f}%"))
         rows.append(("distillation time", f"{sum(m['epoch_seconds'] for m in metrics) / 60:.1f} min"))
-    if plan:
-        rows.append(("HE-DA fraction r", "none" if not plan["fraction"] else f"{plan['fraction']:.2f}"))
+    budget = _load(run, "budget.json")
+    if budget:
+        rows.append(("HE-DA r per epoch", " ".join(f"{r:g}" for r in budget["fractions"]) or "–"))
+        rows.append(("budget", budget["verdict"]))
+    elif plan:
+        rows.append(("HE-DA fraction r (planned)", "none" if not plan["fraction"] else f"{plan['fraction']:.2f}"))
     for name, v in (val or {}).get("variants", {}).items():
         if v.get("test_top1") is not None:
             rows.append((f"{name} ONNX top-1 · p50", f"{v['test_top1']:.2f}% · {v.get('latency_ms_p50', float('nan')):.2f} ms · {'✅' if v.get('passed') else '❌'}"))
@@ -141,15 +164,10 @@ def write_report(run: Path, r) -> dict:
         lines += ["## Compute plan (HE-DA)", "", f"Chosen r: **{plan['fraction'] if plan['fraction'] is not None else 'none'}** — {plan['reason']}.", ""]
         lines += ["| r | predicted epoch s | overhead | total min |", "| ---: | ---: | ---: | ---: |"]
         lines += [f"| {row['r']:.2f} | {row['epoch_seconds']:.2f} | {100 * row['overhead']:+.1f}% | {row['total_minutes']:.2f} |" for row in plan["curve"]]
-        if metrics:
-            measured = sum(m["epoch_seconds"] for m in metrics) / len(metrics)
-            predicted = plan["predicted_train_seconds"]
-            lines += [
-                "",
-                f"Predicted training time per epoch {predicted:.2f} s; measured {measured:.2f} s "
-                f"({100 * (predicted - measured) / measured:+.1f}% error).",
-            ]
         lines.append("")
+    budget = _load(run, "budget.json")
+    if budget:
+        lines += _budget_section(budget)
     if metrics:
         fsio.write_bytes(run / "training.png", training_plot(metrics, teacher and teacher.get("test_top1")))
         lines += ["## Distillation", "", "![training curves](training.png)", "", "| epoch | train loss | test top-1 | epoch s | img/s | lr |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]

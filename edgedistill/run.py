@@ -20,7 +20,7 @@ from edgedistill.distributed import barrier, init_from_env
 from edgedistill.errors import RunStateError
 from edgedistill.folder import RunFolder
 from edgedistill.recipe import Recipe, dump_recipe
-from edgedistill.stage_table import STAGE_NAMES
+from edgedistill.stage_table import BY_NAME, STAGE_NAMES
 
 
 def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = False, new_run: bool = False,
@@ -120,10 +120,11 @@ def run_stage(ctx: RunContext, name: str) -> dict:
 
     Its marker and those of every later stage are removed first: they describe results built on the old
     output, so ``run --resume`` redoes them instead of keeping, e.g., an ONNX file of a replaced student.
+    (Not after a plan, which only forecasts: the distill stage keeps the prediction it ran with in budget.json.)
     """
     fn = STAGE_FUNCTIONS[name]
     if ctx.dist.is_main:
-        ctx.run.clear(list(STAGE_NAMES[STAGE_NAMES.index(name):]))
+        ctx.run.clear(list(STAGE_NAMES[STAGE_NAMES.index(name):]) if BY_NAME[name].invalidates_later else [name])
         console.rule(f"[bold]{name}")
     summary = fn(ctx) or {}
     if ctx.dist.is_main:

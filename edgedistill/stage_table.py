@@ -16,13 +16,17 @@ class StageSpec:
     needs: tuple[str, ...] = ()  # stages whose markers must exist (re-running a stage clears the later markers)
     trains: bool = False  # it runs the training loop, so --resume continues from its last checkpoint
     reads_inputs: bool = True  # it loads the data (and a file teacher): checked before anything is written
+    # re-running it removes the markers of the later stages (built on its old output); a plan is only a forecast
+    invalidates_later: bool = True
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("teacher", "Load (or train) the teacher and measure its test accuracy.", trains=True),
     StageSpec("score", "Score every training image with the teacher's energy; write energy.npz and plots.", ("teacher",)),
-    StageSpec("plan", "Measure the training cost and pick the HE-DA fraction that fits the budget; write plan.json.", ("score",)),
-    StageSpec("distill", "Distill the student into the run folder (student.pt, metrics.jsonl, checkpoints/).", ("plan",), trains=True),
+    StageSpec("plan", "Time real steps on this device (nothing is trained or scored) and pick the HE-DA fraction the budget "
+              "allows; write plan.json. On a finished run it is a what-if and changes no other stage.", invalidates_later=False),
+    StageSpec("distill", "Distill the student, steering HE-DA's r to hold the budget (student.pt, metrics.jsonl, budget.json).",
+              ("score", "plan"), trains=True),
     StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge).", ("distill",)),
     StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",)),
     StageSpec("report", "Write report.md with tables and plots from the run folder's files.", reads_inputs=False),

@@ -3,6 +3,7 @@ into the run folder and writes its own artifacts atomically."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +11,17 @@ import torch
 
 from edgedistill import fsio
 from edgedistill.budget import choose_fraction, curve
+from edgedistill.controller import BudgetHook, Goal, prior_costs
 from edgedistill.console import progress_bar
 from edgedistill.context import RunContext
 from edgedistill.data import EpochSampler, ImageDataset, eval_arrays, limit_indices, make_loader, to_float
-from edgedistill.distributed import all_gather_array, barrier
+from edgedistill.distributed import all_gather_array, barrier, broadcast_value
 from edgedistill.energy import assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
 from edgedistill.errors import InputError
 from edgedistill.models import DEFAULT_TEACHER_ARCH
 from edgedistill.objectives import CrossEntropyObjective
 from edgedistill.planning import measure_cost
-from edgedistill.report import energy_table, plan_table, summary_table, write_report
+from edgedistill.report import budget_line, energy_table, plan_table, summary_table, write_report
 from edgedistill.targets import export_all, onnx_metadata
 from edgedistill.train import evaluate, fit
 from edgedistill.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file, validation_table
@@ -136,10 +138,17 @@ def plan_stage(ctx: RunContext) -> dict:
         "cost_model": cost.__dict__,
         "device": str(ctx.device),
     }
+    b = a.budget
+    if b is not None and b.max_minutes is not None and cost.total_minutes(0.0, epochs) > b.max_minutes:
+        # not even plain distillation fits: say how many epochs would (the controller will run at r = 0 and overrun)
+        result["epochs_that_fit"] = int(60 * b.max_minutes // cost.epoch_seconds(0.0))
     if ctx.dist.is_main:
         fsio.write_json(ctx.run / "plan.json", result)
         ctx.print(plan_table(result))
         ctx.print(f"HE-DA fraction: {fraction if fraction is not None else 'none'} — {reason}")
+        if "epochs_that_fit" in result:
+            ctx.print(f"[yellow]max_minutes {b.max_minutes:g} cannot be met even without HE-DA: "
+                      f"{cost.total_minutes(0.0, epochs):.1f} min predicted; {result['epochs_that_fit']} epochs would fit[/]")
     return {"fraction": fraction, "predicted_epoch_seconds": result["predicted_epoch_seconds"]}
 
 
@@ -161,25 +170,38 @@ def _decide(ctx: RunContext, cost) -> tuple[float | None, str, dict | None]:
 
 # ---------------------------------------------------------------- distill
 
+PREDICTION_KEYS = ("fraction", "predicted_epoch_seconds", "predicted_overhead", "predicted_total_minutes")
+
 
 def distill_stage(ctx: RunContext) -> dict:
-    """Train the student against the teacher with the recipe's loss and the planned HE-DA fraction."""
-    ctx.run.require("plan")
-    fraction = ctx.read_json("plan.json")["fraction"] or 0.0
-    student, data = ctx.build_student(), ctx.data
-    result = fit(
-        student, ctx.objective(fraction), ctx.train_set(), ctx.test_set(), ctx.recipe.distill,
-        ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"), ctx.device, ctx.dist,
+    """Train the student against the teacher with the recipe's loss and HE-DA; with ``fraction: auto`` the budget
+    controller re-chooses r before every epoch from what the steps really cost. Writes budget.json."""
+    plan = ctx.read_json("plan.json")
+    student, data, b = ctx.build_student(), ctx.data, ctx.recipe.augment.budget
+    objective = ctx.objective(plan["fraction"] or 0.0)
+    steering = ctx.recipe.augment.fraction == "auto"
+    train_set = ctx.train_set()
+    steps = math.ceil(math.ceil(len(train_set) / ctx.dist.world) / ctx.recipe.data.batch_size)
+    hook = BudgetHook(
+        objective, Goal(b.max_minutes, b.max_overhead, *b.range) if steering else None, prior_costs(plan["cost_model"]),
+        epochs=ctx.recipe.distill.epochs, steps_per_epoch=steps, batch_size=ctx.recipe.data.batch_size,
+        first_fraction=plan["fraction"] or 0.0, agree=lambda r: broadcast_value(ctx.dist, r),
     )
+    result = fit(student, objective, train_set, ctx.test_set(), ctx.recipe.distill,
+                 ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"), ctx.device, ctx.dist, hook)
+    budget = {**hook.verdict(), "budget": plan["budget"], "prediction": {k: plan[k] for k in PREDICTION_KEYS}}
     if ctx.dist.is_main:
         with fsio.atomic_path(ctx.run / "student.pt") as tmp:
             torch.save({"model": student.state_dict(), "recipe": ctx.recipe.to_dict(), "class_names": data.class_names,
                         "image_size": ctx.image_size, "mean": data.mean, "std": data.std}, tmp)
+        fsio.write_json(ctx.run / "budget.json", budget)
+        ctx.print(budget_line(budget))
     seconds = [e["epoch_seconds"] for e in result.epochs]
     return {
         "test_top1": result.final_top1,
         "best_top1": result.best_top1,
-        "fraction": fraction,
+        "fractions": budget["fractions"],
+        "budget_verdict": budget["verdict"],
         "mean_epoch_seconds": float(np.mean(seconds)) if seconds else None,
     }
 

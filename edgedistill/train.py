@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -141,6 +141,22 @@ def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
 # ---------------------------------------------------------------- the loop
 
 
+class LoopHook:
+    """Something that watches the loop and may steer the objective between epochs (the budget controller,
+    ``controller.BudgetHook``); its state goes into the checkpoint. This one does nothing."""
+
+    def begin_epoch(self, epoch: int) -> None: ...
+    def begin_step(self) -> None: ...
+    def end_step(self) -> None: ...
+    def end_epoch(self, epoch: int) -> dict:
+        return {}  # fields for the epoch's metrics line
+    def before_checkpoint(self) -> None: ...
+    def end_run(self) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class LoopConfig:
     """What the loop needs beyond the recipe's TrainConfig: where to write and how to feed."""
@@ -178,8 +194,9 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "objective", "ep
 class _Checkpoints:
     """``last.pt`` (everything needed to continue) and ``best.pt`` (the weights of the best epoch)."""
 
-    def __init__(self, loop: LoopConfig, parts: dict[str, Any]):
+    def __init__(self, loop: LoopConfig, parts: dict[str, Any], before_save: Callable[[], None]):
         self.dir, self.recipe, self.parts = loop.checkpoint_dir, loop.recipe, parts  # parts: objects with state_dict()
+        self.before_save = before_save
         self.last = self.dir / "last.pt"
 
     def restore(self) -> _Position:
@@ -189,11 +206,12 @@ class _Checkpoints:
             raise InputError(f"{self.last}: not a training checkpoint of this tool (missing {', '.join(missing)})")
         load_state(self.parts["model"], ckpt["model"], str(self.last))
         for name, part in self.parts.items():
-            if name != "model":
+            if name != "model" and name in ckpt:  # (checkpoints from before the hook existed have none)
                 part.load_state_dict(ckpt[name])
         return _Position(ckpt["epoch"], ckpt["step"], ckpt["best_top1"])
 
     def save(self, at: _Position, top1: float | None = None) -> None:
+        self.before_save()
         state = {name: part.state_dict() for name, part in self.parts.items()}
         state.update(epoch=at.epoch, step=at.step, best_top1=at.best, recipe=self.recipe)
         with fsio.atomic_path(self.last) as tmp:
@@ -216,6 +234,7 @@ def fit(
     loop: LoopConfig,
     device: torch.device,
     dist: DistInfo = DistInfo(),
+    hook: LoopHook = LoopHook(),
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` with ``objective``; checkpoint every epoch; resume if asked.
 
@@ -241,7 +260,8 @@ def fit(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule.name, milestones, cfg.schedule.gamma)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    checkpoints = _Checkpoints(loop, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "objective": objective})
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "objective": objective, "hook": hook}
+    checkpoints = _Checkpoints(loop, parts, before_save=hook.before_checkpoint)
 
     at = checkpoints.restore() if loop.resume and checkpoints.last.exists() else _Position()
     if dist.is_main:
@@ -258,11 +278,13 @@ def fit(
             sampler.set_epoch(epoch, start=skip * loop.batch_size)
             loader = make_loader(train_set, loop.batch_size, sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
             train_model.train()
+            hook.begin_epoch(epoch)
             task = progress.add_task(f"{loop.label} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=skip, info="")
             sums: dict[str, float] = {}
             seen = correct = 0
             t0 = time.perf_counter()
             for step, (images, labels, indices) in enumerate(loader, start=skip):
+                hook.begin_step()
                 seed = step_seed(loop.seed, epoch, step, dist.rank)
                 torch.manual_seed(seed)
                 objective.begin_step(seed)
@@ -281,6 +303,7 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                hook.end_step()
 
                 n = len(labels)
                 seen += n
@@ -308,6 +331,7 @@ def fit(
                 "lr": optimizer.param_groups[0]["lr"],
                 "parts": {k: s / max(seen_all, 1) for k, s in zip(list(sums)[1:], loss_sums[1:])},
                 "stage": loop.label,
+                **hook.end_epoch(epoch),
             }
             history.append(row)
             at = _Position(epoch + 1, 0, max(at.best, top1))
@@ -320,6 +344,7 @@ def fit(
                 checkpoints.save(at, top1)
             if broadcast_flag(dist, bool(stop)):
                 raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {checkpoints.last}")
+    hook.end_run()
     final = history[-1]["test_top1"] if history else _last_top1(loop.metrics_path)
     return FitResult(final_top1=final, best_top1=at.best, epochs=history)
 

@@ -221,7 +221,14 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
 
     monkeypatch.setattr(RunContext, "build_student", recording)
     teacher_calls = []
-    ctx.teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
+    new_teacher = RunContext.new_teacher  # the plan times the teacher's architecture: it needs no trained weights
+
+    def counted(ctx):
+        net = new_teacher(ctx)
+        net.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
+        return net
+
+    monkeypatch.setattr(RunContext, "new_teacher", counted)
     cost = measure_cost(ctx)
     b = TINY["data"]["batch_size"]
     steps = WARMUP_STEPS + 2
@@ -278,7 +285,7 @@ def test_a_stage_command_takes_the_run_folder_and_keeps_the_command_history(fini
     assert invoke("report", copy_run, "--out", tmp_path).exit_code == 2, "--out with a run folder is a contradiction"
 
 
-@pytest.mark.parametrize("stage, missing", [("score", "teacher"), ("plan", "score"), ("distill", "plan"), ("export", "distill"), ("validate", "export")])
+@pytest.mark.parametrize("stage, missing", [("score", "teacher"), ("distill", "score"), ("export", "distill"), ("validate", "export")])
 def test_a_stage_whose_input_is_missing_creates_nothing(stage, missing, tmp_path):
     recipe = write_recipe(tmp_path)
     result = invoke(stage, recipe, "--out", tmp_path / "runs")
@@ -302,3 +309,52 @@ def test_a_run_that_fails_on_bad_data_leaves_no_folder(tmp_path):
     result = invoke("run", recipe, "--out", tmp_path / "out" / "runs")
     assert result.exit_code == 2
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the budget: plan up front, steer while training
+
+
+def test_plan_answers_on_a_fresh_folder_without_training_anything(tmp_path):
+    recipe = write_recipe(tmp_path, augment={"fraction": "auto", "budget": {"max_minutes": 0.001}, "profile_steps": 1})
+    result = invoke("plan", recipe, "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    plan = json.loads((run / "plan.json").read_text())
+    assert not (run / "teacher.json").exists() and not (run / "energy.npz").exists() and not (run / "checkpoints").exists()
+    # a thousandth of a minute: nothing fits, not even plain distillation, and the plan says how many epochs would
+    assert plan["fraction"] == 0.0 and plan["epochs_that_fit"] == 0 and "0 epochs would fit" in " ".join(result.output.split())
+
+
+def test_a_what_if_plan_on_a_finished_run_deletes_no_marker(finished, tmp_path):
+    _, run = finished
+    copy_run = tmp_path / "tiny"
+    shutil.copytree(run, copy_run)
+    result = invoke("plan", copy_run, "--set", "augment.profile_steps=1")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (copy_run / "stages").glob("*.done")) == sorted(f"{s}.done" for s in STAGES)
+
+
+def test_distill_with_a_budget_steers_r_per_epoch_and_says_what_happened(finished, tmp_path):
+    _, run = finished
+    copy_run = tmp_path / "tiny"
+    shutil.copytree(run, copy_run)
+    overrides = ["--set", "augment={fraction: auto, budget: {max_overhead: 0.3, range: [0.1, 0.4]}, profile_steps: 1}", "--force"]
+    assert invoke("plan", copy_run, *overrides).exit_code == 0
+    result = invoke("distill", copy_run, *overrides)
+    assert result.exit_code == 0, result.output
+    budget = json.loads((copy_run / "budget.json").read_text())
+    rows = [json.loads(line) for line in (copy_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["fraction"] for row in rows] == budget["fractions"] and len(rows) == TINY["distill"]["epochs"]
+    assert all(r == 0.0 or 0.1 <= r <= 0.4 for r in budget["fractions"])
+    assert budget["spent_seconds"] > 0 and budget["allowed_seconds"] > 0 and budget["verdict"].startswith(("held", "overran"))
+    assert budget["prediction"]["fraction"] == json.loads((copy_run / "plan.json").read_text())["fraction"]
+    assert "budget:" in result.output
+    assert invoke("report", copy_run).exit_code == 0
+    assert "## Budget (distillation)" in (copy_run / "report.md").read_text()
+
+
+def test_a_fixed_fraction_is_kept_and_reported_as_no_budget(finished):
+    _, run = finished
+    budget = json.loads((run / "budget.json").read_text())
+    assert budget["fractions"] == [TINY["augment"]["fraction"]] * TINY["distill"]["epochs"]
+    assert budget["verdict"].startswith("no budget")

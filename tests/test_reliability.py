@@ -414,13 +414,12 @@ BAD_INPUTS = [
     ("cli/onnx-is-a-recipe", {}, ["@validate", "--onnx", "{fx}/broken.yaml"], ["--onnx", "broken.yaml", "not a loadable ONNX model"]),
     # ---- stages out of order, from a recipe file: refused before anything is created
     ("stage/score-before-teacher", {}, ["@score"], ["stage 'teacher' has not finished", "'edgedistill teacher {tmp}/tiny.yaml'", "'edgedistill run {tmp}/tiny.yaml --resume'"]),
-    ("stage/plan-before-score", {}, ["@plan"], ["stage 'score' has not finished", "'edgedistill score "]),
-    ("stage/distill-before-plan", {}, ["@distill"], ["stage 'plan' has not finished", "'edgedistill plan "]),
+    ("stage/distill-before-score", {}, ["@distill"], ["stage 'score' has not finished", "'edgedistill score "]),
     ("stage/export-before-distill", {}, ["@export"], ["stage 'distill' has not finished", "'edgedistill distill "]),
     ("stage/validate-before-export", {}, ["@validate"], ["stage 'export' has not finished", "'edgedistill export "]),
     ("stage/report-before-anything", {}, ["@report"], ["nothing to report yet: no stage has finished"]),
     # ---- a run folder given as the recipe argument (the folder exists beforehand)
-    ("run/distill-on-a-fresh-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@distill"], ["{tmp}/runs/tiny", "stage 'plan' has not finished", "'edgedistill plan {tmp}/runs/tiny'"]),
+    ("run/distill-on-a-fresh-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@distill"], ["{tmp}/runs/tiny", "stage 'score' has not finished", "'edgedistill score {tmp}/runs/tiny'"]),
     ("run/report-on-a-fresh-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@report"], ["{tmp}/runs/tiny", "nothing to report yet: no stage has finished"]),
     ("run/out-with-a-run-folder", lambda fx, tmp: [fresh_run_folder(tmp)], ["@report", "--out", "{tmp}/elsewhere"], ["--out", "is a run folder already"]),
     ("run/run-folder-with-an-empty-recipe", lambda fx, tmp: [fresh_run_folder(tmp, "")], ["@teacher"], ["runs/tiny/recipe.yaml", "the recipe is empty"]),

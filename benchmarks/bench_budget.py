@@ -1,0 +1,126 @@
+"""Does the budget hold? The distill stage's wall time against ``max_minutes`` on real CIFAR-100.
+
+For each student: the teacher (the shared ResNet-56) and the energy score once; a plan at r = 0 gives P0, the
+predicted minutes of the run without HE-DA; then three runs with ``fraction: auto`` and ``max_minutes`` at
+1.15, 1.3 and 1.5 × P0 (binding: at r = 0.5 a run would need more), and one at 1.3 × P0 with a competing
+CPU-bound process started halfway through. Every run goes through the CLI, as a user's would.
+
+Reported per run: the budget, the distill stage's spent seconds (budget.json) and its wall time seen from
+outside, |spent − budget| / budget, r per epoch, and the a-priori plan's plain epoch against the plain epoch the
+controller measured. Also the time of ``edgedistill plan`` on a fresh folder (quickstart and CIFAR-100 recipe).
+
+    python benchmarks/bench_budget.py            # needs ../shared; run it alone on the machine
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / "cache" / "budget"
+RESULTS = ROOT / "benchmarks" / "results" / "budget.json"
+RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
+PROTOCOL = ["data.train_limit=8000", "data.test_limit=2000", "data.num_workers=0", "distill.epochs=3",
+            "distill.schedule={name: cosine, warmup_epochs: 0.2}", "distill.optimizer.lr=0.05", "export.formats=[fp32]"]
+STUDENTS = {"mobilenet_v2_w0.5": ["student.arch=mobilenet_v2", "student.width=0.5"],
+            "shufflenet_v2_x0_5": ["student.arch=shufflenet_v2_x0_5", "student.dropout=0.2"]}
+FACTORS = (1.15, 1.3, 1.5)
+
+
+def edgedistill(*args, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "edgedistill", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        sys.exit(f"edgedistill {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t, proc
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def budget_overrides(minutes: float) -> list[str]:
+    return sets(f"augment={{fraction: auto, budget: {{max_minutes: {minutes:.4f}, range: [0.1, 0.5]}}, profile_steps: 10}}")
+
+
+def prepare(name: str, student: list[str]) -> Path:
+    base = CACHE / name / "base"
+    if not (base / "stages" / "score.done").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        edgedistill("teacher", RECIPE, "--out", base.parent, *sets(*PROTOCOL, *student, "name=base"))
+        edgedistill("score", base)
+    return base
+
+
+def one_run(base: Path, tag: str, minutes: float, compete: bool) -> dict:
+    run = base.parent / tag
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base, run)
+    edgedistill("plan", run, "--force", *budget_overrides(minutes))
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", "distill", str(run), "--force", *budget_overrides(minutes)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    competitor = None
+    if compete:
+        time.sleep(30 * minutes)  # half the budget
+        competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t
+    if competitor:
+        competitor.kill()
+    if proc.returncode != 0:
+        sys.exit(f"distill {run} failed:\n{err[-3000:]}")
+    budget = json.loads((run / "budget.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cm, costs = plan["cost_model"], budget["measured_costs"]
+    steps = math.ceil(cm["n_train"] / cm["batch_size"])
+    return {
+        "run": tag, "budget_seconds": 60 * minutes, "spent_seconds": budget["spent_seconds"], "wall_seconds": wall,
+        "error": budget["spent_seconds"] / (60 * minutes) - 1, "fractions": budget["fractions"], "verdict": budget["verdict"],
+        "planned_fraction": plan["fraction"], "test_top1": metrics[-1]["test_top1"], "competitor": compete,
+        "planned_plain_epoch": plan["curve"][0]["epoch_seconds"], "measured_plain_epoch": steps * costs["step"] + costs["per_epoch"],
+    }
+
+
+def plan_up_front_seconds() -> dict:
+    out = {}
+    for name, recipe in (("quickstart", ROOT / "recipes" / "quickstart.yaml"), ("cifar100-energy-kd", RECIPE)):
+        fresh = CACHE / "fresh-plan"
+        shutil.rmtree(fresh, ignore_errors=True)
+        seconds, _ = edgedistill("plan", recipe, "--out", fresh)
+        out[name] = round(seconds, 1)
+    shutil.rmtree(CACHE / "fresh-plan", ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    if not (ROOT.parent / "shared" / "data" / "cifar100-real").is_dir():
+        sys.exit("needs ../shared (real CIFAR-100 data and teacher)")
+    results = {"protocol": PROTOCOL, "plan_up_front_seconds": plan_up_front_seconds(), "runs": {}}
+    for name, student in STUDENTS.items():
+        base = prepare(name, student)
+        edgedistill("plan", base, "--force", *sets("augment={fraction: 0.0, profile_steps: 10}"))
+        p0 = json.loads((base / "plan.json").read_text())["curve"][0]["total_minutes"]
+        rows = [one_run(base, f"x{f:g}", f * p0, compete=False) for f in FACTORS]
+        rows.append(one_run(base, "x1.3-competitor", 1.3 * p0, compete=True))
+        results["runs"][name] = {"p0_minutes": p0, "rows": rows}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"plan on a fresh folder: {results['plan_up_front_seconds']}")
+    print("| student | run | budget s | spent s | error | r per epoch | plan plain epoch s | measured plain epoch s |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    for name, res in results["runs"].items():
+        for r in res["rows"]:
+            print(f"| {name} | {r['run']} | {r['budget_seconds']:.0f} | {r['spent_seconds']:.0f} | {100 * r['error']:+.1f}% | "
+                  f"{' '.join(f'{x:g}' for x in r['fractions'])} | {r['planned_plain_epoch']:.1f} | {r['measured_plain_epoch']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
