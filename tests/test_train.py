@@ -10,13 +10,19 @@ import signal
 import numpy as np
 import pytest
 import torch
+from interrupt_at import Interrupting
 
 from edgedistill.data import ImageDataset, Split
 from edgedistill.energy import EnergyIndex
 from edgedistill.errors import Interrupted, TrainingDiverged
 from edgedistill.losses import LOSSES
 from edgedistill.models import build_student
-from edgedistill.objectives import Augmenter, CrossEntropyObjective, DistillObjective, Objective
+from edgedistill.objectives import (
+    Augmenter,
+    CrossEntropyObjective,
+    DistillObjective,
+    Objective,
+)
 from edgedistill.recipe import EnergyConfig, TrainConfig
 from edgedistill.train import LoopConfig, fit, lr_factor
 
@@ -130,22 +136,6 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     assert same_weights(full, resumed)
 
 
-class StopAtCall(Objective):
-    """Wraps an objective; sends this process SIGINT during its ``call``-th step (a chosen step, no timing)."""
-
-    def __init__(self, inner: Objective, call: int):
-        self.inner, self.call, self.calls = inner, call, 0
-
-    def begin_step(self, seed):
-        self.inner.begin_step(seed)
-
-    def __call__(self, *args):
-        self.calls += 1
-        if self.calls == self.call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.inner(*args)
-
-
 def dropout_student(seed=0):
     """MobileNetV2 with heavy dropout: a resume that replays a step with other random draws shows in the weights."""
     torch.manual_seed(seed)
@@ -168,7 +158,7 @@ def heda_objective() -> DistillObjective:
 def test_resume_at_any_step_with_heda_and_dropout_is_bit_exact(tmp_path, call):
     full, _ = train(tmp_path / "full", objective=heda_objective(), model=dropout_student())
     with pytest.raises(Interrupted):
-        train(tmp_path / "part", objective=StopAtCall(heda_objective(), call), model=dropout_student())
+        train(tmp_path / "part", objective=Interrupting(heda_objective(), signal.SIGINT, call), model=dropout_student())
     ckpt = torch.load(tmp_path / "part" / "ckpt" / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == divmod(call, 3)
     resumed, _ = train(tmp_path / "part", resume=True, objective=heda_objective(), model=dropout_student(seed=5))
