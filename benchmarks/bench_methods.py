@@ -442,6 +442,8 @@ def write_docs(rows: list[dict], overhead: dict, protocol: str, command: str) ->
             ratio = f"{x['images_per_second'] / eager:.2f}" if eager else "–"
             L.append(f"| {r['student']} | {name} | {x['size_bytes'] / 2**20:.2f} | {x['max_abs_diff']:.1e} | {x['top1_agreement']:.4f} | {x['test_top1']:.2f} | {x['delta_top1']:+.2f} | "
                      f"{x['latency_ms_p50']:.2f} | {x['images_per_second']:,.0f} | {ratio} | {'✅' if x['passed'] else '❌ ' + '; '.join(x['failures'])} |")
+    L += ["", "## Budget control", "", "Whether `fraction: auto` holds a `max_minutes` budget, measured by `benchmarks/bench_budget.py`: "
+          "[benchmarks/budget.md](benchmarks/budget.md).", ""]
     L += ["", "## Reproduce", "", "```bash", command, "```", "",
           "Runs are cached per configuration under `benchmarks/cache/methods/`; re-running resumes. `--protocol gpu` uses the paper's "
           "240-epoch schedule (SGD 0.01, steps at 150/180/210, batch 64) on whatever GPU is present. The raw numbers are in "
