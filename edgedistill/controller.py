@@ -118,8 +118,8 @@ def choose(goal: Goal, costs: Costs, *, spent: float, baseline_spent: float, epo
 
     allowed = goal.allowed_seconds(baseline_spent + rest(0.0))
     fits = [r for r in _grid(goal.lo, goal.hi) if spent + rest(r) <= allowed]
-    if previous is not None:
-        fits = [r for r in fits if r <= previous + MAX_RISE + 1e-9]
+    if previous is not None:  # rise slowly; from r = 0 (below the range) straight back to its bottom
+        fits = [r for r in fits if r <= max(previous + MAX_RISE, goal.lo) + 1e-9]
     target = max(fits) if fits else 0.0
     if previous is not None and previous in fits and abs(target - previous) < DEADBAND:
         target = previous

@@ -149,6 +149,13 @@ def test_choose_takes_the_largest_fitting_fraction_and_falls_to_0():
     assert choose(Goal(0.5, None, 0.1, 0.5), costs, **args).fraction == 0.0
 
 
+def test_from_r_0_the_controller_can_come_back_to_the_bottom_of_the_range():
+    costs = Costs(0.1, 0.002, 1.0)
+    d = choose(Goal(10.0, None, 0.1, 0.5), costs, spent=0.0, baseline_spent=0.0, epochs_left=5, steps_per_epoch=50,
+               extras_per_step_at_1=64, previous=0.0)
+    assert d.fraction == 0.1  # plenty of budget left: back to the range, not stuck at 0 (0 + MAX_RISE is below it)
+
+
 def test_prior_costs_come_from_the_plans_cost_model():
     cm = {"fixed_per_step": 0.01, "batch_size": 64, "student_step_per_sample": 0.001, "teacher_per_sample": 0.0005,
           "augment_per_sample": 0.0001, "eval_seconds": 2.0}
