@@ -4,7 +4,8 @@ Measures, at one batch size (default 32) and one thread count (default 2):
 
 * ORT fp32 vs PyTorch eager throughput (images/s), side by side;
 * int8 (static QDQ, per-channel) vs fp32: test top-1, size ratio, p50 latency ratio at batch 1;
-* optionally fp16, and int8 with int8 activations (S8S8) next to the default U8S8;
+* optionally fp16, int8 with int8 activations (S8S8) next to the default U8S8, and any other export target
+  (``--formats``: e.g. the phone runtimes ExecuTorch and LiteRT, fp32 and int8, beside ONNX Runtime);
 
 and prints a Markdown table. Either build a student (``--arch``, untrained unless ``--checkpoint``;
 accuracies of an untrained model are chance level, only the speed and size columns mean something)
@@ -17,6 +18,9 @@ average, and ``--threads 1`` gives the steadiest comparison.
 
     python benchmarks/bench_export.py --arch mobilenet_v2 \\
         --data ../shared/data/cifar100-real/cifar100_train40k_test10k.npz --threads 2
+    # every runtime side by side on a trained student (the venv that has both extras, docs/deploy.md):
+    /work/venvs/litert/bin/python benchmarks/bench_export.py --arch shufflenet_v2_x0_5 --width 0.5 \\
+        --checkpoint runs/cifar100-energy-kd/student.pt --formats fp32,int8,edge,executorch,executorch_int8,litert,litert_int8
 """
 
 from __future__ import annotations
@@ -107,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--latency-runs", type=int, default=50)
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per throughput measurement")
+    p.add_argument("--formats", default="fp32,int8",
+                   help="export targets to build, comma-separated; all runtimes side by side: "
+                        "fp32,int8,edge,executorch,executorch_int8,litert,litert_int8 (needs both extras, see docs/deploy.md)")
     p.add_argument("--fp16", action="store_true", help="also build and measure the fp16 variant")
     p.add_argument("--s8s8", action="store_true", help="also quantize with int8 activations (S8S8) for comparison")
     p.add_argument("--out-dir", type=Path, help="keep the built variants here (default: a temp folder, removed at the end)")
@@ -135,14 +142,17 @@ def main(argv=None) -> int:
             summary = {"variants": {n: {"path": TARGETS.get(n).files[0]} for n in TARGETS if (out / TARGETS.get(n).files[0]).exists()}}
     else:
         out = args.out_dir or Path(tmp := tempfile.mkdtemp(prefix="bench-export-"))
-        formats = ["fp32", "int8"] + ["int8-s8s8"] * args.s8s8 + ["fp16"] * args.fp16
+        formats = args.formats.split(",") + ["int8-s8s8"] * args.s8s8 + ["fp16"] * args.fp16
         export_cfg = ExportConfig(formats=formats, calibration={"samples": len(x_cal), "method": args.calib_method})
         meta = onnx_metadata(class_names, args.image_size, CIFAR_MEAN, CIFAR_STD, "benchmark")
         summary = export_all(model, out, export_cfg, image_size=args.image_size, calibration_images=x_cal, metadata=meta)
-        notes.append(f"fp32 export: {summary['exporter']} exporter, opset {summary['opset']}, "
-                     f"{summary['variants']['fp32']['seconds']:.1f} s")
-        notes.append(f"int8 ({INT8_ACTIVATION_TYPE} activations, {args.calib_method}, {len(x_cal)} images): "
-                     f"{summary['variants']['int8']['seconds']:.1f} s")
+        if "fp32" in summary["variants"]:
+            notes.append(f"fp32 export: {summary['exporter']} exporter, opset {summary['opset']}, "
+                         f"{summary['variants']['fp32']['seconds']:.1f} s")
+        if "int8" in summary["variants"]:
+            notes.append(f"int8 ({INT8_ACTIVATION_TYPE} activations, {args.calib_method}, {len(x_cal)} images): "
+                         f"{summary['variants']['int8']['seconds']:.1f} s")
+        notes += [f"{n} export: {i['seconds']:.1f} s" for n, i in summary["variants"].items() if n not in ("fp32", "int8")]
 
     if model is not None:
         res = validate_export(model, out, summary, x_test, y_test, cfg, throughput_seconds=args.seconds)

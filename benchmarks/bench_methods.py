@@ -443,7 +443,11 @@ def write_docs(rows: list[dict], overhead: dict, protocol: str, command: str) ->
             L.append(f"| {r['student']} | {name} | {x['size_bytes'] / 2**20:.2f} | {x['max_abs_diff']:.1e} | {x['top1_agreement']:.4f} | {x['test_top1']:.2f} | {x['delta_top1']:+.2f} | "
                      f"{x['latency_ms_p50']:.2f} | {x['images_per_second']:,.0f} | {ratio} | {'✅' if x['passed'] else '❌ ' + '; '.join(x['failures'])} |")
     L += ["", "## Budget control", "", "Whether `fraction: auto` holds a `max_minutes` budget, measured by `benchmarks/bench_budget.py`: "
-          "[benchmarks/budget.md](benchmarks/budget.md).", ""]
+          "[benchmarks/budget.md](benchmarks/budget.md).", "", "## Step speed", "",
+          "The distillation step before and after each speed-up (teacher runtime, channels_last, fused SGD, the teacher-logit "
+          "cache), measured by `benchmarks/bench_speed.py`: [benchmarks/speed.md](benchmarks/speed.md).", "",
+          "## Choosing the student for a device", "", "Three latency targets, three students, each validated under its target, "
+          "measured by `benchmarks/bench_pick.py`: [benchmarks/pick.md](benchmarks/pick.md).", ""]
     L += ["", "## Reproduce", "", "```bash", command, "```", "",
           "Runs are cached per configuration under `benchmarks/cache/methods/`; re-running resumes. `--protocol gpu` uses the paper's "
           "240-epoch schedule (SGD 0.01, steps at 150/180/210, batch 64) on whatever GPU is present. The raw numbers are in "

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgedistill import __version__
 from edgedistill.console import console, setup_logging, stdout
@@ -30,6 +31,7 @@ RESUME_HELP = {
     "run": "Continue an interrupted run: skip finished stages, continue training from its last checkpoint.",
     "teacher": "Continue the teacher's interrupted training from its last checkpoint.",
     "distill": "Continue the student's interrupted training from checkpoints/last.pt.",
+    "baseline": "Continue the baseline student's interrupted training from checkpoints/baseline/last.pt.",
 }
 
 
@@ -72,7 +74,8 @@ def _fail(e: EdgeDistillError, debug: bool) -> None:
     if debug:
         console.print_exception()
     label = "failed" if isinstance(e, GateFailed) else "interrupted" if e.exit_code == INTERRUPTED else "error"
-    console.print(f"[red]{label}:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    # the message is text, not markup: "pip install 'edgedistill[litert]'" must keep its brackets
+    console.print(f"[red]{label}:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
     if e.exit_code == INTERRUPTED:
         console.print(f"  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
 
@@ -245,14 +248,19 @@ def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool)
 
 
 @cli.command("list")
-def list_registered():
-    """List the registered data sources, students, teachers, losses, augmentations and export targets (on stdout)."""
+@click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Input size the students' MACs are counted at.")
+@click.option("--num-classes", type=click.IntRange(2), default=100, show_default=True, help="Classes of the students' classifier.")
+def list_registered(image_size: int, num_classes: int):
+    """List the registered data sources, students, teachers, losses, augmentations and export targets, and every student
+    (at each width student.arch: auto tries) with its parameters and MACs per image (on stdout)."""
     from rich.table import Table
 
     from edgedistill.augment import AUGMENTS
     from edgedistill.data import DATA_SOURCES
     from edgedistill.losses import LOSSES
-    from edgedistill.models import STUDENTS, TEACHERS
+    from edgedistill.macs import model_stats
+    from edgedistill.models import STUDENTS, TEACHERS, build_student
+    from edgedistill.pick import candidate_specs, label
     from edgedistill.targets import TARGETS
 
     table = Table(title="edgedistill registries")
@@ -261,6 +269,34 @@ def list_registered():
     for reg in (DATA_SOURCES, STUDENTS, TEACHERS, LOSSES, AUGMENTS, TARGETS):
         table.add_row(reg.kind, ", ".join(reg.names()))
     stdout.print(table)
+    sizes = Table(title=f"students at {image_size}×{image_size} px, {num_classes} classes (small-input stem: auto)")
+    for col in ("student", "parameters", "MACs per image"):
+        sizes.add_column(col, justify="left" if col == "student" else "right")
+    for arch, width in candidate_specs(STUDENTS.names()):
+        net = build_student(arch, num_classes, image_size=image_size, mean=(0.5,) * 3, std=(0.25,) * 3, width=width).eval()
+        stats = model_stats(net, image_size)
+        sizes.add_row(label({"arch": arch, "width": width}), f"{stats['parameters'] / 1e6:.2f} M", f"{stats['macs'] / 1e6:.1f} M")
+    stdout.print(sizes)
+
+
+@cli.command(help="Top-k classes of an image, or of every image in a folder, under an exported model (.onnx or .ort), each "
+                  "image prepared as the model's 'preprocessing' metadata records: the code docs/deploy.md shows.")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", metavar="IMAGE|FOLDER", type=click.Path(exists=True, path_type=Path))
+@click.option("--top-k", "-k", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Images per inference call (a fixed-batch model uses its own).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to this file instead of stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def predict(model: Path, images: Path, top_k: int, fmt: str, batch: int, output: Path | None, debug: bool):
+    setup_logging(debug)
+    try:
+        from edgedistill import predict as p
+
+        p.write(p.render(p.predict(model, images, top_k=top_k, batch=batch), fmt), output)
+    except EdgeDistillError as e:
+        _fail(e, debug)
+        sys.exit(e.exit_code)
 
 
 def main() -> None:

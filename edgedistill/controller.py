@@ -7,10 +7,12 @@ whole run costs (other load on the machine, caches, thermal limits). During dist
 * estimates, from every step it sees, the cost of a plain step and of one extra sample (a least-squares line of
   step seconds against the step's number of extras, recent steps weighted more, so a machine that slows down is
   followed within an epoch) and the per-epoch cost outside the steps (evaluation, checkpoint);
-* before every epoch, chooses the largest r in the budget range whose predicted cost of the rest of the run fits
-  what is left of the budget: ``max_minutes`` is wall time of the distill stage, ``max_overhead`` time over what
-  the same run would cost without extras; r rises by at most ``MAX_RISE`` an epoch and falls as far as needed,
-  and a change smaller than ``DEADBAND`` is not made, so r does not oscillate;
+* before every epoch and ``CHECKS_PER_EPOCH − 1`` times within it, chooses the largest r in the budget range whose
+  predicted cost of the rest of the run fits what is left of the budget: ``max_minutes`` is wall time of the
+  distill stage, ``max_overhead`` time over what the same run would cost without extras; r rises by at most
+  ``MAX_RISE`` a choice and falls as far as needed, and a change smaller than ``DEADBAND`` is not made, so r does
+  not oscillate. Choosing within epochs matters on short schedules: a first epoch run at a misjudged r (the plan's
+  few steps) is a third of a three-epoch run;
 * when even r = 0 cannot fit, runs on at r = 0 and says by how much the budget will be overrun.
 
 Pure Python: the clock and the step observations come from outside (see :class:`BudgetHook`), so the whole
@@ -24,8 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-MAX_RISE = 0.05
+MAX_RISE = 0.05  # per choice
 DEADBAND = 0.02
+CHECKS_PER_EPOCH = 4
 HELD_TOLERANCE = 0.05  # a budget counts as held when the run ends within 5 % above it
 GRID = 0.01
 #: weight a step's observation keeps per later step: an observation half a window old weighs half as much
@@ -53,7 +56,11 @@ class Costs:
     per_epoch: float  # seconds an epoch spends outside its steps (evaluation, checkpoint)
 
     def run(self, epochs: int, steps_per_epoch: int, extras_per_step: float) -> float:
-        return epochs * (steps_per_epoch * (self.step + self.per_extra * extras_per_step) + self.per_epoch)
+        return self.rest(epochs * steps_per_epoch, epochs, extras_per_step)
+
+    def rest(self, steps: int, epochs: int, extras_per_step: float) -> float:
+        """``steps`` steps and the end-of-epoch work of ``epochs`` epochs."""
+        return steps * (self.step + self.per_extra * extras_per_step) + epochs * self.per_epoch
 
 
 @dataclass
@@ -108,18 +115,19 @@ class Decision:
     feasible: bool
 
 
-def choose(goal: Goal, costs: Costs, *, spent: float, baseline_spent: float, epochs_left: int, steps_per_epoch: int,
-           extras_per_step_at_1: float, previous: float | None) -> Decision:
-    """The fraction for the rest of the run (see the module docstring). ``baseline_spent``: what the epochs run so
-    far would have cost without extras; ``extras_per_step_at_1``: extras a step gets at r = 1 (the batch size)."""
+def choose(goal: Goal, costs: Costs, *, spent: float, baseline_spent: float, steps_left: int, epochs_left: int,
+           extras_per_step_at_1: float, previous: float | None, max_rise: float = MAX_RISE) -> Decision:
+    """The fraction for the rest of the run (see the module docstring). ``baseline_spent``: what the steps and
+    epochs run so far would have cost without extras; ``steps_left`` / ``epochs_left``: the steps and the
+    end-of-epoch work still to come; ``extras_per_step_at_1``: extras a step gets at r = 1 (the batch size)."""
 
     def rest(r: float) -> float:
-        return costs.run(epochs_left, steps_per_epoch, r * extras_per_step_at_1)
+        return costs.rest(steps_left, epochs_left, r * extras_per_step_at_1)
 
     allowed = goal.allowed_seconds(baseline_spent + rest(0.0))
     fits = [r for r in _grid(goal.lo, goal.hi) if spent + rest(r) <= allowed]
     if previous is not None:  # rise slowly; from r = 0 (below the range) straight back to its bottom
-        fits = [r for r in fits if r <= max(previous + MAX_RISE, goal.lo) + 1e-9]
+        fits = [r for r in fits if r <= max(previous + max_rise, goal.lo) + 1e-9]
     target = max(fits) if fits else 0.0
     if previous is not None and previous in fits and abs(target - previous) < DEADBAND:
         target = previous
@@ -136,12 +144,21 @@ def _grid(lo: float, hi: float) -> list[float]:
 
 @dataclass
 class BudgetState:
-    """What a checkpoint keeps of the controller, so that a resumed run goes on steering the same budget."""
+    """What a checkpoint keeps of the controller, so that a resumed run goes on steering the same budget.
+    ``segments``: ``[epoch, step, r]`` for every choice that set r (one at each epoch's start, more within)."""
 
     spent: float = 0.0
     baseline_spent: float = 0.0
-    fractions: list[float] = field(default_factory=list)
+    segments: list[list] = field(default_factory=list)
     predictions: list[float] = field(default_factory=list)
+
+    def fractions(self, steps_per_epoch: int) -> list[float]:
+        """Each epoch's r, averaged over its steps."""
+        out: dict[int, float] = {}
+        for (epoch, step, r), nxt in zip(self.segments, self.segments[1:] + [None]):
+            end = nxt[1] if nxt is not None and nxt[0] == epoch else steps_per_epoch
+            out[epoch] = out.get(epoch, 0.0) + r * (end - step) / steps_per_epoch
+        return [round(out[e], 4) for e in sorted(out)]
 
 
 class BudgetHook:
@@ -160,11 +177,13 @@ class BudgetHook:
         self.objective, self.goal, self.clock, self.agree = objective, goal, clock, agree
         self.epochs, self.steps_per_epoch, self.batch_size = epochs, steps_per_epoch, batch_size
         self.first_fraction = first_fraction
+        self.check_every = max(1, math.ceil(steps_per_epoch / CHECKS_PER_EPOCH))
         self.estimator = CostEstimator(prior)
         self.state = BudgetState()
         self._mark = clock()
         self._open: tuple[float, float] | None = None  # (spent when the epoch began, its step seconds so far)
         self._step_start = 0.0
+        self._at = (0, 0)  # (epoch, step) of the next step
 
     def _account(self) -> None:
         now = self.clock()
@@ -181,24 +200,39 @@ class BudgetHook:
             self.state.baseline_spent += self.steps_per_epoch * costs.step + costs.per_epoch
             self._open = None
 
-    def begin_epoch(self, epoch: int) -> None:
+    def _set(self, r: float) -> None:
+        epoch, step = self._at
+        self.state.segments.append([epoch, step, r])
+        self.objective.set_fraction(r)
+
+    def _choose(self) -> float:
+        epoch, step = self._at
+        s, costs = self.state, self.estimator.costs()
+        d = choose(self.goal, costs, spent=s.spent, baseline_spent=s.baseline_spent + step * costs.step,
+                   steps_left=(self.epochs - epoch) * self.steps_per_epoch - step, epochs_left=self.epochs - epoch,
+                   extras_per_step_at_1=self.batch_size, previous=s.segments[-1][2],
+                   max_rise=MAX_RISE)
+        s.predictions.append(d.predicted_total_seconds)
+        return self.agree(d.fraction)
+
+    def begin_epoch(self, epoch: int, step: int = 0) -> None:
+        """``step``: where the epoch starts (a run resumed mid-epoch starts past 0)."""
         self._close_epoch()
         s = self.state
-        if len(s.fractions) > epoch:  # resumed mid-epoch: that epoch keeps its fraction
-            r = s.fractions[epoch]
-        elif not s.fractions or self.goal is None:
-            r = self.first_fraction
+        self._at = (epoch, step)
+        if s.segments and s.segments[-1][0] == epoch:  # resumed mid-epoch: go on at the r it had
+            self.objective.set_fraction(s.segments[-1][2])
         else:
-            d = choose(self.goal, self.estimator.costs(), spent=s.spent, baseline_spent=s.baseline_spent,
-                       epochs_left=self.epochs - epoch, steps_per_epoch=self.steps_per_epoch,
-                       extras_per_step_at_1=self.batch_size, previous=s.fractions[-1])
-            r = self.agree(d.fraction)
-            s.predictions.append(d.predicted_total_seconds)
-        s.fractions[epoch:] = [r]
-        self.objective.set_fraction(r)
+            self._set(self.first_fraction if not s.segments or self.goal is None else self._choose())
         self._open = (s.spent, 0.0)
 
     def begin_step(self) -> None:
+        epoch, step = self._at
+        if self.goal is not None and step > 0 and step % self.check_every == 0:
+            self._account()
+            r = self._choose()
+            if r != self.state.segments[-1][2]:
+                self._set(r)
         self._step_start = self.clock()
 
     def end_step(self) -> None:
@@ -206,10 +240,11 @@ class BudgetHook:
         began, steps = self._open
         self._open = (began, steps + seconds)
         self.estimator.observe_step(seconds, self.objective.last_extras)
+        self._at = (self._at[0], self._at[1] + 1)
 
     def end_epoch(self, epoch: int) -> dict:
         self._account()
-        return {"fraction": self.state.fractions[epoch], "budget_spent_seconds": self.state.spent}
+        return {"fraction": self.state.fractions(self.steps_per_epoch)[epoch], "budget_spent_seconds": self.state.spent}
 
     def before_checkpoint(self) -> None:
         self._account()
@@ -224,14 +259,15 @@ class BudgetHook:
     def load_state_dict(self, state: dict) -> None:
         if not state:  # a checkpoint of a run that had no budget to steer (--force onto fraction: auto)
             return
-        self.state = BudgetState(state["spent"], state["baseline_spent"], list(state["fractions"]), list(state["predictions"]))
+        self.state = BudgetState(state["spent"], state["baseline_spent"], [list(x) for x in state["segments"]], list(state["predictions"]))
         self.estimator.sums, self.estimator.per_epoch = list(state["estimator"]["sums"]), state["estimator"]["per_epoch"]
         self._mark = self.clock()
 
     def verdict(self) -> dict:
         """What happened, for budget.json: allowance, spent time, each epoch's r, and held / overran and why."""
         s, costs = self.state, self.estimator.costs()
-        common = {"spent_seconds": s.spent, "fractions": s.fractions, "measured_costs": asdict(costs)}
+        common = {"spent_seconds": s.spent, "fractions": s.fractions(self.steps_per_epoch), "segments": s.segments,
+                  "measured_costs": asdict(costs)}
         if self.goal is None:
             return {**common, "allowed_seconds": None, "overrun": None, "held": None, "predicted_total_seconds": [],
                     "verdict": f"no budget: r fixed by the recipe at {self.first_fraction:g}"}

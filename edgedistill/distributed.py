@@ -78,3 +78,12 @@ def broadcast_value(info: DistInfo, value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def broadcast_object(info: DistInfo, value):
+    """Rank 0's picklable ``value`` on every rank (e.g. a measured choice that all ranks must follow)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

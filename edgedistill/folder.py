@@ -19,6 +19,9 @@ from edgedistill.errors import RunStateError
 LOCK_FILE = ".lock"
 
 
+NOTHING_MADE = "nothing_made"
+
+
 class RunFolder:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -53,8 +56,11 @@ class RunFolder:
         return self.root / file if file else None
 
     def has_work(self) -> bool:
-        """A finished stage or a training checkpoint: what ``--resume`` would continue and a new run would overwrite."""
-        return any((self.root / "stages").glob("*.done")) or any((self.root / "checkpoints").rglob("*.pt"))
+        """A finished stage that made something, or a training checkpoint: what ``--resume`` would continue and a new
+        run would overwrite. (A stage with nothing to do, e.g. ``pick`` for a student the recipe fixes, says
+        ``NOTHING_MADE`` in its summary.)"""
+        made = any(not self.summary(m.name.removesuffix(".done")).get(NOTHING_MADE) for m in (self.root / "stages").glob("*.done"))
+        return made or any((self.root / "checkpoints").rglob("*.pt"))
 
     @contextmanager
     def lock(self, take: bool = True) -> Iterator[None]:

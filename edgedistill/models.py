@@ -157,6 +157,7 @@ class TeacherSource:
     ``takes_arch``: the source builds a torchvision architecture, so ``teacher.arch`` and ``teacher.small_input``
     mean something to it (``needs_arch``: it cannot do without ``arch``).
     ``what``: the file ``teacher.path`` must name, in words (``needs_path`` sources only).
+    ``onnx_only``: the file is an ONNX model, which only ONNX Runtime runs (``teacher.runtime`` has no choice).
     The recipe refuses, when it loads, a key the chosen source would ignore.
     """
 
@@ -166,6 +167,7 @@ class TeacherSource:
     trained_here: bool = False
     takes_arch: bool = False
     what: str = "a file"
+    onnx_only: bool = False
 
 
 TEACHERS: Registry[TeacherSource] = Registry("teacher source")
@@ -273,6 +275,8 @@ class OnnxTeacher(nn.Module):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # ORT's threads spin-wait after a run by default, taking the cores from the student's step that follows
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -297,7 +301,8 @@ TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_p
                                                  what="a PyTorch state_dict file"))
 TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=True, needs_arch=False, what="a TorchScript file"))
 TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False, what="a torch.export program (.pt2)"))
-TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False, what="an ONNX model file"))
+TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False, what="an ONNX model file",
+                                                                  onnx_only=True))
 TEACHERS.register("train")(TeacherSource(_untrained, needs_path=False, needs_arch=False, trained_here=True, takes_arch=True))
 
 

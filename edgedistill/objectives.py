@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from edgedistill.augment import AUGMENTS, selection_mask
 from edgedistill.energy import EnergyIndex
 from edgedistill.losses import LossBatch
+from edgedistill.teacher_cache import LogitCache
 
 
 class Objective:
@@ -25,6 +26,12 @@ class Objective:
 
     def begin_step(self, seed: int) -> None:
         pass
+
+    def begin_epoch(self, epoch: int) -> None:
+        pass
+
+    def end_epoch(self, epoch: int, whole: bool) -> None:
+        """``whole``: every step of the epoch ran in this process (it was not resumed part-way)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -74,11 +81,15 @@ class DistillObjective(Objective):
     The mixed HE-DA images are *extra* samples (Kim et al., KBS 2024, §HE-DA): the teacher is
     run on them and the student learns them with the recipe's loss without a CE term (they
     have no single hard label), weighted by ``augment_weight``. Clean and mixed images go
-    through each network in one forward pass.
+    through the student in one forward pass (its BatchNorm sees them together); the frozen teacher sees them in
+    two, so that its logits for the clean views never depend on the extras and can be replayed from a
+    :class:`~edgedistill.teacher_cache.LogitCache`.
     """
 
-    def __init__(self, teacher: nn.Module, loss_fn, params: dict, energy: EnergyIndex, augmenter: Augmenter | None = None, augment_weight: float = 1.0):
+    def __init__(self, teacher: nn.Module, loss_fn, params: dict, energy: EnergyIndex, augmenter: Augmenter | None = None,
+                 augment_weight: float = 1.0, cache: LogitCache | None = None):
         self.teacher, self.loss_fn, self.params, self.energy = teacher, loss_fn, params, energy
+        self.cache = cache
         self.augmenter = augmenter
         self.last_extras = 0  # mixed samples in the last step: what a step's cost depends on
         self.augment_weight = augment_weight
@@ -88,6 +99,14 @@ class DistillObjective(Objective):
     def begin_step(self, seed: int) -> None:
         if self.augmenter:
             self.augmenter.seed(seed)
+
+    def begin_epoch(self, epoch: int) -> None:
+        if self.cache:
+            self.cache.begin_epoch(epoch)
+
+    def end_epoch(self, epoch: int, whole: bool) -> None:
+        if self.cache:
+            self.cache.end_epoch(epoch, whole)
 
     def set_fraction(self, fraction: float) -> None:
         """HE-DA's r from now on (the budget controller re-chooses it between epochs)."""
@@ -102,8 +121,9 @@ class DistillObjective(Objective):
         self.last_extras = len(inputs) - b
         student_all = model(inputs)
         if self.uses_teacher:
-            with torch.no_grad():
-                teacher_all = self.teacher(inputs).float()
+            teacher_all = self._clean_logits(x, indices)
+            if len(inputs) > b:
+                teacher_all = torch.cat([teacher_all, self._teacher(inputs[b:])])
         else:
             teacher_all = torch.zeros(student_all.shape, dtype=torch.float32, device=student_all.device)
         group, quantile = self.energy.lookup(indices, teacher_all[:b])
@@ -113,3 +133,17 @@ class DistillObjective(Objective):
             extra = self.loss_fn(LossBatch(student_all[b:], teacher_all[b:], None, g, q, epoch), **self.params)
             out = {**out, "loss": out["loss"] + self.augment_weight * extra["loss"], "mixed_loss": extra["loss"].detach()}
         return out, student_all[:b]
+
+    def _teacher(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(x).float()
+
+    def _clean_logits(self, x: Tensor, indices: Tensor) -> Tensor:
+        if self.cache is None:
+            return self._teacher(x)
+        stored = self.cache.lookup(indices)
+        if stored is not None:
+            return stored.to(x.device, non_blocking=True)
+        logits = self._teacher(x)
+        self.cache.record(indices, logits)
+        return logits

@@ -12,12 +12,22 @@ import inspect
 import re
 import types
 import typing
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from edgedistill.errors import RecipeError
 from edgedistill.registry import did_you_mean
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 def coerce_params(fn, params: dict[str, Any], what: str) -> dict[str, Any]:
@@ -36,15 +46,20 @@ def coerce_params(fn, params: dict[str, Any], what: str) -> dict[str, Any]:
     return out
 
 
-def registered(registry: Callable[[], Any]) -> AfterValidator:
-    """A pydantic validator for a str that must name an entry of ``registry()``.
+def registered(registry: Callable[[], Any], also: tuple[str, ...] = ()) -> AfterValidator:
+    """A pydantic validator for a str that must name an entry of ``registry()`` (or be one of ``also``).
 
     The registry comes from a function so that it is imported when a recipe is checked, not when the recipe
     module is (registries live beside torch code; ``edgedistill --help`` should not load it).
     """
 
     def check(name: str) -> str:
-        known(registry(), name)
+        if name in also:
+            return name
+        try:
+            known(registry(), name)
+        except ValueError as e:
+            raise ValueError(f"{e}{''.join(f', or {a}' for a in also)}") from None
         return name
 
     return AfterValidator(check)

@@ -19,20 +19,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from edgedistill.errors import RecipeError
 from edgedistill.params import (
-    augments, coerce_params, data_sources, students, device_name, dry_run_loss, given, ignored, known, refuse_given, registered, run_name,
+    Fraction, PositiveFloat, Section, augments, coerce_params, data_sources, students, device_name, dry_run_loss, given, ignored, known, refuse_given, registered, run_name,
 )
+from edgedistill.recipe_deploy import AUTO, DeviceTarget, ExportConfig, ReportConfig, ValidateConfig, check_precision, check_student
 from edgedistill.fsio import path_problem
 from edgedistill.recipe_text import apply_override, describe, read_recipe_file
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class Normalize(Section):
@@ -52,7 +43,9 @@ class DataConfig(Section):
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 128
     eval_batch_size: Annotated[int, Field(ge=1)] = 512
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    # auto: on CUDA, enough loader processes to keep the GPU fed; on the CPU, none for images held in memory
+    # (a worker would take a core from training) and a few for image files (decoding is the slow part)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     hflip: bool = True
     train_limit: Annotated[int, Field(ge=1)] | None = None
     test_limit: Annotated[int, Field(ge=1)] | None = None
@@ -106,7 +99,9 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     amp: bool = True
-    channels_last: bool = True
+    # auto: channels_last and torch.compile on CUDA; on the CPU, what the plan stage measured to pay (distill only)
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
     sync_bn: bool = False
     grad_clip: PositiveFloat | None = None
 
@@ -129,6 +124,7 @@ class TeacherConfig(Section):
     normalize: Normalize | None = None
     small_input: bool | Literal["auto"] = "auto"
     train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: Literal["auto", "torch", "onnxruntime", "compile"] = "auto"  # see edgedistill.teacher_runtime
 
     @model_validator(mode="after")
     def _source_needs(self) -> "TeacherConfig":
@@ -151,17 +147,21 @@ class TeacherConfig(Section):
             raise ValueError(f"arch: {problem}")
         if problem := self.path is not None and path_problem(self.path, "file", spec.what):
             raise ValueError(f"path: {problem}")
+        if spec.onnx_only and self.runtime not in ("auto", "onnxruntime"):
+            raise ValueError(f"runtime: '{self.runtime}' cannot run {src}, an ONNX file; use auto or onnxruntime")
         return self
 
 
 class StudentConfig(Section):
-    arch: Annotated[str, registered(students)] = "mobilenet_v2"
+    arch: Annotated[str, registered(students, also=(AUTO,))] = "mobilenet_v2"
     width: PositiveFloat = 1.0
     small_input: bool | Literal["auto"] = "auto"
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    target: DeviceTarget | None = None
 
     @model_validator(mode="after")
     def _shufflenet_keys(self) -> "StudentConfig":
+        check_student(self)
         if self.arch.startswith("shufflenet_v2"):
             if self.width != 1.0:
                 raise ValueError(f"width: ShuffleNetV2 has no width multiplier (its width is the variant: shufflenet_v2_x0_5 … x2_0), got {self.width:g}")
@@ -207,6 +207,16 @@ class LossConfig(BaseModel):
 
 class DistillConfig(TrainConfig):
     loss: LossConfig = Field(default_factory=LossConfig)
+    # a folder of teacher logits that later runs with the same teacher, data, seed and augmentation replay
+    # exactly (see edgedistill.teacher_cache); none by default: it costs N x classes x 4 bytes per epoch of disk
+    teacher_cache: Path | None = None
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _cache_folder(cls, v: Path | None) -> Path | None:
+        if v is not None and v.exists() and not v.is_dir():
+            raise ValueError(f"{v} exists and is not a folder")
+        return v
 
 
 class BudgetConfig(Section):
@@ -249,50 +259,6 @@ class AugmentConfig(Section):
         return self
 
 
-class CalibrationConfig(Section):
-    samples: Annotated[int, Field(ge=1)] = 512
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
-
-
-class ExportConfig(Section):
-    """``formats``: names of registered export targets (:data:`edgedistill.targets.TARGETS`)."""
-
-    formats: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["fp32", "int8"])
-    opset: Annotated[int, Field(ge=18)] = 18
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _edge_key_removed(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "edge" in raw:
-            raise ValueError("edge: removed; add 'edge' to export.formats")
-        return raw
-
-    @field_validator("formats")
-    @classmethod
-    def _known_targets(cls, v: list[str]) -> list[str]:
-        from edgedistill.targets import TARGETS, missing_requirements
-
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicates in {v}")
-        for name in v:
-            known(TARGETS, name)
-        missing = missing_requirements(v)
-        if missing:
-            raise ValueError(f"{'; '.join(missing)} (add it to export.formats)")
-        return v
-
-
-class ValidateConfig(Section):
-    atol: PositiveFloat = 1e-4
-    max_int8_drop: Annotated[float, Field(ge=0)] = 1.0
-    max_fp16_drop: Annotated[float, Field(ge=0)] = 0.5
-    threads: Annotated[int, Field(ge=1)] = 2
-    parity_batches: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 7, 32]
-    latency_runs: Annotated[int, Field(ge=1)] = 50
-    throughput_batch: Annotated[int, Field(ge=1)] = 32
-
-
 class Recipe(Section):
     name: Annotated[str, AfterValidator(run_name)] = "run"
     seed: Annotated[int, Field(ge=0)] = 0
@@ -305,6 +271,7 @@ class Recipe(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -315,6 +282,7 @@ class Recipe(Section):
         loss = self.distill.loss.name
         if not {"t_plus", "t_min"} & set(inspect.signature(LOSSES.get(loss)).parameters):  # no energy temperature policy
             refuse_given(self.energy, ("direction", "grouping"), f"loss '{loss}' uses no energy groups", "remove energy.{key}", at="energy.")
+        check_precision(self)
         for section, key, fmt in (("export", "calibration", "int8"), ("validate", "max_int8_drop", "int8"), ("validate", "max_fp16_drop", "fp16")):
             if given(getattr(self, "validate_" if section == "validate" else section), key) and fmt not in (formats := self.export.formats):
                 raise ignored(f"{section}.{key}", f"export.formats ({', '.join(formats)}) has no {fmt}", f"add {fmt} to export.formats or remove {section}.{key}")
@@ -363,7 +331,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-PATH_KEYS = (("data", "root"), ("teacher", "path"))
+PATH_KEYS = (("data", "root"), ("teacher", "path"), ("distill", "teacher_cache"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from edgedistill import fsio
 from edgedistill.plots import png, pyplot
+from edgedistill.timing import fmt_spread
 
 # ---------------------------------------------------------------- terminal tables
 
@@ -110,7 +111,9 @@ def _headline(run: Path) -> list[tuple[str, str]]:
         rows.append(("HE-DA fraction r (planned)", "none" if not plan["fraction"] else f"{plan['fraction']:.2f}"))
     for name, v in (val or {}).get("variants", {}).items():
         if v.get("test_top1") is not None:
-            rows.append((f"{name} ONNX top-1 · p50", f"{v['test_top1']:.2f}% · {v.get('latency_ms_p50', float('nan')):.2f} ms · {'✅' if v.get('passed') else '❌'}"))
+            ms = "–" if v.get("latency_ms_p50") is None else f"{v['latency_ms_p50']:.3g} ms"
+            rows.append((f"{name} ONNX top-1 · batch-1 median", f"{v['test_top1']:.2f}% · {ms} · {'✅' if v.get('passed') else '❌'}"))
+    rows += [(f"ship ({r['kind']})", r["variant"] or "nothing passed") for r in (val or {}).get("recommendations", [])]
     return rows
 
 
@@ -136,9 +139,11 @@ def write_report(run: Path, r) -> dict:
     """Write ``run/report.md`` (and its plots) for the recipe ``r`` from the run folder's files."""
     teacher, energy, plan = _load(run, "teacher.json"), _load(run, "energy.json"), _load(run, "plan.json")
     metrics, val, export = _load(run, "metrics.jsonl"), _load(run, "validation.json"), _load(run, "export.json")
+    choice = _load(run, "student_choice.json")
+    student = f"{choice['arch']} ×{choice['width']:g}, picked for the target" if choice else r.student.arch
     lines = [f"# edgedistill report: {r.name}", ""]
     lines += [
-        f"Teacher `{r.teacher.source}`{f' ({r.teacher.arch})' if r.teacher.arch else ''} → student `{r.student.arch}` "
+        f"Teacher `{r.teacher.source}`{f' ({r.teacher.arch})' if r.teacher.arch else ''} → student `{student}` "
         f"with loss `{r.distill.loss.name}` on `{r.data.source}` data; device `{plan['device'] if plan else '?'}`.",
         "",
         "| what | value |",
@@ -146,6 +151,10 @@ def write_report(run: Path, r) -> dict:
         *[f"| {a} | {b} |" for a, b in _headline(run)],
         "",
     ]
+    if choice:
+        lines += _choice_section(choice)
+    if val:
+        lines += _compression_section(run, teacher, val, _load(run, "baseline.json"))
     if energy:
         lines += [
             "## Energy of the training set",
@@ -183,21 +192,26 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
     """Every variant of validation.json, the files of every target and any NNAPI / CoreML coverage in export.json."""
     torch_ips = val.get("torch_images_per_second")
     out = ["## Exported models (validated on the CPU)", ""]
-    out += ["| variant | file | size | top-1 | Δ vs PyTorch | max abs diff | p50 ms | p90 ms | img/s | × PyTorch img/s | status |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    settings = val.get("settings", {})
+    out += [f"Latency: one image (batch 1); throughput: batch {settings.get('throughput_batch', '?')}; threads: {settings.get('threads', '?')}; "
+            f"median [interquartile range] of {settings.get('rounds', '?')} rounds interleaved across the variants and PyTorch eager, "
+            "ratios taken round by round.", ""]
+    out += ["| variant | file | size | top-1 | Δ vs PyTorch | max abs diff | batch-1 ms | img/s | × PyTorch img/s | status |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, v in val.get("variants", {}).items():
         def f(key, fmt="{:.2f}"):
             x = v.get(key)
             return fmt.format(x) if isinstance(x, (int, float)) else "–"
 
         size = f"{v['size_bytes'] / 1e6:.2f} MB" if v.get("size_bytes") else "–"
-        ips = v.get("images_per_second")
-        speedup = f"{ips / torch_ips:.2f}×" if ips and torch_ips else "–"
+        speedup = fmt_spread(v["speedup_vs_torch"], "{:.2f}") + "×" if v.get("speedup_vs_torch") else "–"
         status = "✅" if v.get("passed") else "❌ " + "; ".join(v.get("failures", []))
         out.append(f"| {name} | `{v.get('path', '?')}` | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | "
-                   f"{f('latency_ms_p50')} | {f('latency_ms_p90')} | {f('images_per_second', '{:.0f}')} | {speedup} | {status} |")
+                   f"{_iqr(v, 'latency_ms', '{:.3g}')} | {_iqr(v, 'images_per_second', '{:,.0f}')} | {speedup} | {status} |")
     if torch_ips:
-        out += ["", f"PyTorch eager: {torch_ips:.0f} img/s at the same batch size and thread count."]
+        out += ["", f"PyTorch eager: {_iqr(val, 'torch_images_per_second', '{:,.0f}')} img/s at the same batch size and thread count."]
+    if val.get("recommendations"):
+        out += ["", "### What to ship", "", *[f"- {rec['line']}" for rec in val["recommendations"]]]
     variants = (export or {}).get("variants", {})
     if any(info.get("files") for info in variants.values()):
         out += ["", "Files written by each export target:", ""]
@@ -216,3 +230,80 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
             unsupported = ", ".join(u.get("unsupported_ops", [])) or "–"
             out.append(f"| {ep} | {u['supported_nodes']}/{u['nodes']} | {u['partitions']} | {u.get('suitability', '–')} | {unsupported} |")
     return out + [""]
+
+
+def _iqr(row: dict, key: str, spec: str) -> str:
+    """'median [q1–q3]' of a figure validation stored as ``key`` (or ``key_p50``) and ``key_iqr``."""
+    median = row.get(key if key in row and not isinstance(row.get(key), dict) else f"{key}_p50")
+    iqr = row.get(f"{key}_iqr")
+    if median is None:
+        return "–"
+    return spec.format(median) + (f" [{spec.format(iqr[0])}–{spec.format(iqr[1])}]" if iqr else "")
+
+
+def _choice_section(choice: dict) -> list[str]:
+    from edgedistill.pick import describe_target_dict, label
+
+    out = ["## Student choice (student.arch: auto)", "", f"Target: {describe_target_dict(choice['target'])}. Chosen: **{choice['reason']}**.",
+           "", "Each candidate was exported untrained and timed in ONNX Runtime on this machine "
+           f"({choice['settings']['machine']}), {choice['settings']['rounds']} interleaved rounds.", "",
+           "| student | params | MACs | size MB | latency ms [IQR] | |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in choice["candidates"]:
+        mark = "**chosen**" if r.get("chosen") else ("fits" if r["fits"] else "; ".join(r["misses"]))
+        out.append(f"| {label(r)} | {r['parameters'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['size_mb']:.2f} | "
+                   f"{fmt_spread(r['latency_ms'])} | {mark} |")
+    return out + ["", "![latency vs MACs of the candidates](student_choice.png)", ""]
+
+
+def _compression_section(run: Path, teacher: dict | None, val: dict, baseline: dict | None) -> list[str]:
+    """Teacher vs student: parameters, MACs, file size, eager throughput, accuracy; the no-teacher baseline; the
+    accuracy / latency / size of every variant (plot)."""
+    models = val.get("models", {})
+    t, s = models.get("teacher") or {}, models.get("student") or {}
+    variants = val.get("variants", {})
+    files = ", ".join(f"{v['size_bytes'] / 1e6:.2f} MB ({n})" for n, v in variants.items() if v.get("size_bytes"))
+    tpath = Path(teacher["path"]) if teacher and teacher.get("path") else None
+    tsize = f"{tpath.stat().st_size / 1e6:.2f} MB (`{tpath.name}`)" if tpath and tpath.is_file() else "–"
+
+    def num(v, scale=1e6, unit=" M"):
+        return "–" if v is None else f"{v / scale:.3g}{unit}"
+
+    def times(a, b):
+        return f"{a / b:.3g}×" if a and b else "–"
+
+    ttop1, stop1 = (teacher or {}).get("test_top1"), val.get("torch_top1")
+    out = ["## Compression: teacher vs student", "", "| | teacher | student | teacher / student |", "| --- | ---: | ---: | ---: |",
+           f"| parameters | {num(t.get('parameters'))} | {num(s.get('parameters'))} | {times(t.get('parameters'), s.get('parameters'))} |",
+           f"| MACs per image | {num(t.get('macs'))} | {num(s.get('macs'))} | {times(t.get('macs'), s.get('macs'))} |",
+           f"| file size | {tsize} | {files or '–'} | |",
+           f"| PyTorch eager img/s (CPU, validation batch) | {_iqr(t, 'images_per_second', '{:,.0f}')} | "
+           f"{_iqr(val, 'torch_images_per_second', '{:,.0f}')} | student: {times(val.get('torch_images_per_second'), t.get('images_per_second'))} the teacher's |",
+           f"| test top-1 | {'–' if ttop1 is None else f'{ttop1:.2f}%'} | {'–' if stop1 is None else f'{stop1:.2f}%'} | "
+           f"{'–' if None in (ttop1, stop1) else f'{round(stop1 - ttop1, 2) + 0.0:+.2f} points'} |"]
+    if baseline:
+        gain = f"{round(stop1 - baseline['test_top1'], 2) + 0.0:+.2f} points" if stop1 is not None else "–"
+        out.append(f"| student trained with {baseline['loss'].upper()} only (no teacher, same schedule) | | {baseline['test_top1']:.2f}% | "
+                   f"distillation added {gain} |")
+    points = {n: v for n, v in variants.items() if v.get("test_top1") is not None and v.get("latency_ms_p50") is not None}
+    if points:
+        fsio.write_bytes(run / "variants.png", variants_plot(points))
+        out += ["", "![accuracy vs latency vs size of every variant](variants.png)"]
+    return out + [""]
+
+
+def variants_plot(variants: dict) -> bytes:
+    """Test top-1 vs batch-1 latency (IQR as error bars) of every variant; the marker's area is its file size."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    biggest = max(v["size_bytes"] or 1 for v in variants.values())
+    for name, v in variants.items():
+        x, iqr = v["latency_ms_p50"], v.get("latency_ms_iqr") or [v["latency_ms_p50"]] * 2
+        ax.errorbar([x], [v["test_top1"]], xerr=[[x - iqr[0]], [iqr[1] - x]], fmt="none", ecolor="gray", capsize=2)
+        ax.scatter([x], [v["test_top1"]], s=40 + 600 * (v["size_bytes"] or 0) / biggest, alpha=0.6,
+                   marker="o" if v.get("passed") else "x")
+        ax.annotate(f"{name} · {(v['size_bytes'] or 0) / 1e6:.2f} MB", (x, v["test_top1"]), fontsize=7, xytext=(6, 4), textcoords="offset points")
+    ax.set_xlabel("latency, ms per image (batch 1, median and IQR)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("every exported variant (marker area: file size; x: failed its gate)", fontsize=9)
+    fig.tight_layout()
+    return png(fig)

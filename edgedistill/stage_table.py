@@ -21,14 +21,19 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("teacher", "Load (or train) the teacher and measure its test accuracy.", trains=True),
+    StageSpec("pick", "With student.arch: auto, export and time every candidate student untrained on this machine and pick "
+              "the one with the most MACs that fits student.target; write student_choice.json and a plot. Nothing is trained; "
+              "on a run that has trained, it is a what-if and keeps the trained choice.", invalidates_later=False),
+    StageSpec("teacher", "Load (or train) the teacher, choose its fastest faithful runtime, measure its test accuracy.", trains=True),
     StageSpec("score", "Score every training image with the teacher's energy; write energy.npz and plots.", ("teacher",)),
     StageSpec("plan", "Time real steps on this device (nothing is trained or scored) and pick the HE-DA fraction the budget "
               "allows; write plan.json. On a finished run it is a what-if and changes no other stage.", invalidates_later=False),
     StageSpec("distill", "Distill the student, steering HE-DA's r to hold the budget (student.pt, metrics.jsonl, budget.json).",
               ("score", "plan"), trains=True),
-    StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge).", ("distill",)),
+    StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge; ExecuTorch, LiteRT).", ("distill",)),
     StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",)),
+    StageSpec("baseline", "With report.baseline: ce, train the same student with cross-entropy alone under the same schedule "
+              "(baseline.json), so the report shows what distillation added.", trains=True),
     StageSpec("report", "Write report.md with tables and plots from the run folder's files.", reads_inputs=False),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -18,13 +18,45 @@ from edgedistill.data import EpochSampler, ImageDataset, eval_arrays, limit_indi
 from edgedistill.distributed import all_gather_array, barrier, broadcast_value
 from edgedistill.energy import assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
 from edgedistill.errors import InputError
+from edgedistill.folder import NOTHING_MADE
 from edgedistill.models import DEFAULT_TEACHER_ARCH
 from edgedistill.objectives import CrossEntropyObjective
-from edgedistill.planning import measure_cost
+from edgedistill.pick import CHOICE_FILE, PLOT_FILE, choice_plot, chosen_student, pick, pick_table
+from edgedistill.recipe_deploy import AUTO
+from edgedistill.planning import measure
 from edgedistill.report import budget_line, energy_table, plan_table, summary_table, write_report
 from edgedistill.targets import export_all, onnx_metadata
 from edgedistill.train import evaluate, fit
 from edgedistill.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file, validation_table
+
+# ---------------------------------------------------------------- pick
+
+
+def pick_stage(ctx: RunContext) -> dict:
+    """``student.arch: auto``: time every candidate student on this machine and choose the largest that fits the target.
+    On a run that has trained, a new choice is only shown: the trained student stays the run's student."""
+    s, data = ctx.recipe.student, ctx.data
+    if s.arch != AUTO:
+        ctx.print(f"student fixed by the recipe: {s.arch} (width {s.width:g}); student.arch: auto picks one for student.target")
+        return {"arch": s.arch, "width": s.width, "picked": False, NOTHING_MADE: True}
+    if not ctx.dist.is_main:
+        return {}
+    from edgedistill.candidates import measure
+
+    table = measure(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
+                    std=data.std, small_input=s.small_input, seed=ctx.recipe.seed, progress=lambda m: ctx.print(f"[dim]{m}[/]"))
+    result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"]}
+    ctx.print(pick_table(result))
+    path = ctx.run / CHOICE_FILE
+    if ctx.run.done("distill") and path.exists() and chosen_student(path) != (result["arch"], result["width"]):
+        ctx.print(f"[yellow]today's pick would be {result['reason']}; this run trained {chosen_student(path)[0]} and keeps it "
+                  "(pick for a new run with --out)[/]")
+        return {"arch": chosen_student(path)[0], "width": chosen_student(path)[1], "picked": True, "what_if": result["arch"]}
+    fsio.write_json(path, result)
+    fsio.write_bytes(ctx.run / PLOT_FILE, choice_plot(result))
+    ctx.print(f"student: {result['reason']}")
+    return {"arch": result["arch"], "width": result["width"], "picked": True}
+
 
 # ---------------------------------------------------------------- teacher
 
@@ -37,19 +69,21 @@ def teacher_stage(ctx: RunContext) -> dict:
         net = ctx.new_teacher()
         arch = cfg.arch or DEFAULT_TEACHER_ARCH
         ctx.print(f"training the teacher ({arch}, {cfg.train.epochs} epochs)")
-        result = fit(
+        fit(
             net, CrossEntropyObjective(), ctx.train_set(), ctx.test_set(), cfg.train,
-            ctx.loop("teacher", ctx.run / "checkpoints" / "teacher", ctx.run / "teacher_metrics.jsonl"), ctx.device, ctx.dist,
+            ctx.loop("teacher", ctx.run / "checkpoints" / "teacher", ctx.run / "teacher_metrics.jsonl", cfg.train), ctx.device, ctx.dist,
         )
         if ctx.dist.is_main:
             with fsio.atomic_path(ctx.run / "teacher.pt") as tmp:
                 torch.save({"model": net.state_dict(), "arch": arch}, tmp)
-        # every rank reads rank 0's file (ctx.teacher): under DDP the last step leaves each rank's BN statistics different
+        # every rank reads rank 0's file: under DDP the last step leaves each rank's BN statistics different
         barrier(ctx.dist)
-        top1 = result.final_top1
+        net = ctx.trained_teacher(ctx.run / "teacher.pt")
     else:
-        net = ctx.teacher
-        top1 = evaluate(net, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
+        net = ctx.eager_teacher()
+    fast, runtime = ctx.choose_teacher_runtime(net)
+    # measured through the chosen runtime: the teacher that scores and distills is the one whose accuracy is shown
+    top1 = evaluate(fast, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
     info = {
         "source": cfg.source,
         "path": str(cfg.path) if cfg.path else str(ctx.run / "teacher.pt"),
@@ -57,11 +91,15 @@ def teacher_stage(ctx: RunContext) -> dict:
         "num_classes": ctx.data.num_classes,
         "parameters": sum(p.numel() for p in net.parameters()) or None,
         "test_top1": top1,
+        "runtime": runtime,
     }
     if ctx.dist.is_main:
         fsio.write_json(ctx.run / "teacher.json", info)
-    ctx.print(f"teacher: {cfg.source} · test top-1 {top1:.2f}%")
-    return {"test_top1": top1}
+    layout = ", channels_last" if runtime["channels_last"] else ""
+    ms = next(c["ms_per_batch"] for c in runtime["candidates"] if (c["runtime"], c["channels_last"]) == (runtime["runtime"], runtime["channels_last"]))
+    ctx.print(f"teacher: {cfg.source} · test top-1 {top1:.2f}% · runs in {runtime['runtime']}{layout} "
+              f"({ms:.1f} ms per batch of {runtime['batch']}; chosen in {runtime['choice_seconds']:.1f} s)")
+    return {"test_top1": top1, "runtime": runtime["runtime"]}
 
 
 # ---------------------------------------------------------------- score
@@ -72,7 +110,7 @@ def score_stage(ctx: RunContext) -> dict:
     cfg, data = ctx.recipe.energy, ctx.data
     ds = ImageDataset(data.train, ctx.image_size, train=False)
     sampler = EpochSampler(len(ds), seed=0, shuffle=False, rank=ctx.dist.rank, world=ctx.dist.world)
-    loader = make_loader(ds, ctx.recipe.data.eval_batch_size, sampler, num_workers=ctx.recipe.data.num_workers)
+    loader = make_loader(ds, ctx.recipe.data.eval_batch_size, sampler, num_workers=ctx.num_workers)
     with progress_bar(ctx.dist.is_main) as progress:
         cols = score_loader(ctx.teacher, loader, ctx.device, to_float, cfg.temperature, progress)
     if ctx.dist.enabled:  # gather the shards; padding repeats a few indices, keep the first of each
@@ -121,7 +159,7 @@ def _gallery(ctx: RunContext, ds: ImageDataset, cols: dict) -> bytes:
 def plan_stage(ctx: RunContext) -> dict:
     """Measure what a step costs on this device and pick the HE-DA fraction the budget allows."""
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
-    cost = measure_cost(ctx)
+    speed, cost = measure(ctx)
     fraction, reason, budget = _decide(ctx, cost)
     r = fraction or 0.0
     result = {
@@ -137,6 +175,7 @@ def plan_stage(ctx: RunContext) -> dict:
         "curve": curve(cost, epochs, sorted({0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0} | ({fraction} if fraction else set()))),
         "cost_model": cost.__dict__,
         "device": str(ctx.device),
+        "speed": speed,
     }
     b = a.budget
     if b is not None and b.max_minutes is not None and cost.total_minutes(0.0, epochs) > b.max_minutes:
@@ -146,6 +185,7 @@ def plan_stage(ctx: RunContext) -> dict:
         fsio.write_json(ctx.run / "plan.json", result)
         ctx.print(plan_table(result))
         ctx.print(f"HE-DA fraction: {fraction if fraction is not None else 'none'} — {reason}")
+        ctx.print("student step: " + " · ".join(f"{key} {'on' if v['use'] else 'off'} ({v['why']})" for key, v in speed.items()))
         if "epochs_that_fit" in result:
             ctx.print(f"[yellow]max_minutes {b.max_minutes:g} cannot be met even without HE-DA: "
                       f"{cost.total_minutes(0.0, epochs):.1f} min predicted; {result['epochs_that_fit']} epochs would fit[/]")
@@ -180,6 +220,11 @@ def distill_stage(ctx: RunContext) -> dict:
     student, data, b = ctx.build_student(), ctx.data, ctx.recipe.augment.budget
     objective = ctx.objective(plan["fraction"] or 0.0)
     steering = ctx.recipe.augment.fraction == "auto"
+    if objective.cache is not None:
+        c, epochs = objective.cache, ctx.recipe.distill.epochs
+        replayed = c.cached_epochs(epochs)
+        ctx.print(f"teacher logit cache: {c.dir} · {c.bytes_per_epoch() / 2**20:.1f} MB per epoch, "
+                  f"{c.bytes_per_epoch() * epochs / 2**20:.0f} MB for {epochs} · replaying {len(replayed)} of {epochs} epochs")
     train_set = ctx.train_set()
     steps = math.ceil(math.ceil(len(train_set) / ctx.dist.world) / ctx.recipe.data.batch_size)
     hook = BudgetHook(
@@ -188,7 +233,7 @@ def distill_stage(ctx: RunContext) -> dict:
         first_fraction=plan["fraction"] or 0.0, agree=lambda r: broadcast_value(ctx.dist, r),
     )
     result = fit(student, objective, train_set, ctx.test_set(), ctx.recipe.distill,
-                 ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl"), ctx.device, ctx.dist, hook)
+                 ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl", ctx.recipe.distill, plan.get("speed")), ctx.device, ctx.dist, hook)
     budget = {**hook.verdict(), "budget": plan["budget"], "prediction": {k: plan[k] for k in PREDICTION_KEYS}}
     if ctx.dist.is_main:
         with fsio.atomic_path(ctx.run / "student.pt") as tmp:
@@ -224,10 +269,14 @@ def validate_stage(ctx: RunContext) -> dict:
         return {}
     ctx.run.require("export")
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
-    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), test_x, test_y, ctx.recipe.validate_)
+    # the teacher, timed beside the student on the CPU where the files are validated, for the report's compression table
+    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), test_x, test_y, ctx.recipe.validate_,
+                              teacher=ctx.eager_teacher().cpu().eval())
     fsio.write_json(ctx.run / "validation.json", results)
     ctx.print(validation_table(results))
-    return {"passed": results["passed"]}
+    for rec in results["recommendations"]:
+        ctx.print(rec["line"], highlight=False)
+    return {"passed": results["passed"], "ship": {r["kind"]: r["variant"] for r in results["recommendations"]}}
 
 
 def validate_files(ctx: RunContext, files: list[Path]) -> None:
@@ -246,6 +295,23 @@ def validate_files(ctx: RunContext, files: list[Path]) -> None:
     fsio.write_json(ctx.run / "validation.files.json", merged)
     ctx.print(validation_table(merged))
     check_gates(merged)
+
+
+def baseline_stage(ctx: RunContext) -> dict:
+    """``report.baseline: ce``: the same student trained with cross-entropy alone, same schedule (baseline.json)."""
+    if ctx.recipe.report.baseline is None:
+        ctx.print("no baseline asked for (report.baseline)")
+        return {"baseline": None, NOTHING_MADE: True}
+    net = ctx.build_student()
+    result = fit(net, CrossEntropyObjective(), ctx.train_set(), ctx.test_set(), ctx.recipe.distill,
+                 ctx.loop("baseline", ctx.run / "checkpoints" / "baseline", ctx.run / "baseline_metrics.jsonl", ctx.recipe.distill),
+                 ctx.device, ctx.dist)
+    info = {"loss": ctx.recipe.report.baseline, "test_top1": result.final_top1, "best_top1": result.best_top1,
+            "epochs": ctx.recipe.distill.epochs}
+    if ctx.dist.is_main:
+        fsio.write_json(ctx.run / "baseline.json", info)
+    ctx.print(f"baseline (no teacher, {info['loss']}): test top-1 {info['test_top1']:.2f}%")
+    return info
 
 
 def report_stage(ctx: RunContext) -> dict:

@@ -9,11 +9,21 @@
       "settings": {...},                   # the ValidateConfig used, number of test images
       "variants": {
         "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
-                 "test_top1", "torch_top1", "delta_top1", "latency_ms_p50", "latency_ms_p90",
-                 "images_per_second", "torch_images_per_second", "passed", "failures": [str]},
+                 "test_top1", "torch_top1", "delta_top1",
+                 "latency_ms_p50", "latency_ms_iqr": [q1, q3], "latency_ms_samples": [per round],   # batch 1
+                 "images_per_second", "images_per_second_iqr", "images_per_second_samples",       # throughput_batch
+                 "speedup_vs_torch": spread, "latency_vs_fp32": spread,                           # ratios per round
+                 "deploy_to": [kind], "torch_images_per_second", "passed", "failures": [str]},
         ...                                # one row per target in export.json
-      }
+      },
+      "torch_images_per_second_iqr", "torch_images_per_second_samples",
+      "models": {"student": {"parameters", "macs"}, "teacher": {"parameters", "macs", "images_per_second", ...}},
+      "recommendations": [{"kind", "variant", "line", ...}]   # edgedistill.recommend
     }
+
+Timing (:mod:`edgedistill.timing`): every variant, PyTorch eager and the teacher run in ``rounds`` interleaved
+rounds; a figure is the median of the rounds and its IQR, a ratio is taken round by round (a spread:
+``{"median", "q1", "q3", "n"}``).
 
 The files, the runtime that runs them and the gates come from the export targets
 (:data:`edgedistill.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` and
@@ -28,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -37,27 +46,33 @@ import torch
 from torch import nn
 
 from edgedistill.errors import GateFailed, InputError, RecipeError, first_line
+from edgedistill.macs import model_stats
+from edgedistill.recommend import recommend
 from edgedistill.targets import TARGETS, OnnxTarget, Runner, Target, check_images
+from edgedistill.timing import interleaved, per_round_ratio, spread
 
-DEFAULT_THROUGHPUT_SECONDS = 1.0
+DEFAULT_THROUGHPUT_SECONDS = 1.0  # per variant, over all rounds
 LATENCY_WARMUP = 5
 REFERENCE_BATCH = 64
+REFERENCE_VARIANT = "fp32"  # the variant every other one is compared with (the others require it)
+TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing rounds
 
 
 # ---------------------------------------------------------------- public API
 
 
 def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
-                    cfg, *, throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS) -> dict:
+                    cfg, *, throughput_seconds: float = DEFAULT_THROUGHPUT_SECONDS, teacher: nn.Module | None = None) -> dict:
     """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
     ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
     ``test_y``: (N,) int64 labels; ``cfg``: a :class:`edgedistill.recipe.ValidateConfig`. A variant that
-    cannot be loaded fails on its own; it never stops the others.
+    cannot be loaded fails on its own; it never stops the others. ``teacher`` (eval mode, on the CPU): counted
+    and timed beside the student in eager PyTorch, for the report's compression table.
     """
     test_x, test_y = _check_data(test_x, test_y)
-    reference = _reference(model, test_x, test_y, cfg, throughput_seconds)
-    results = {}
+    reference = _reference(model, test_x, test_y, cfg)
+    results, runners = {}, {}
     for name, info in export_summary.get("variants", {}).items():
         path = Path(out_dir) / info["path"]
         try:
@@ -65,14 +80,30 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
         except RecipeError as e:  # export.json written by a version that had this target
             results[name] = _row(path, reference) | {"failures": [str(e)]}
             continue
-        results[name] = _validate_one(target, path, test_x, test_y, cfg, reference, throughput_seconds)
-    return {
+        results[name], runner = _validate_one(target, path, test_x, test_y, cfg, reference)
+        if runner is not None:
+            runners[name] = runner
+        results[name]["deploy_to"] = list(target.deploy_to)
+    eager = {TORCH: reference["model"]} | ({TEACHER: teacher} if teacher is not None else {})
+    timed = _time_all(runners, eager, test_x, cfg, throughput_seconds)
+    _fill_timing(results, timed, cfg.throughput_batch)
+    for name, r in results.items():
+        if name in runners:
+            r["failures"].extend(TARGETS.get(name).gate(r, cfg))
+            r["passed"] = not r["failures"]
+    out = {
         "passed": all(r["passed"] for r in results.values()),
         "torch_top1": reference["top1"],
-        "torch_images_per_second": reference["images_per_second"],
+        **_throughput_fields("torch_", timed["throughput"][TORCH], cfg.throughput_batch),
         "settings": _settings(cfg, len(test_x)),
         "variants": results,
+        "models": {"student": model_stats(reference["model"], test_x.shape[2:])},
     }
+    if teacher is not None:
+        out["models"]["teacher"] = {**model_stats(teacher, test_x.shape[2:]),
+                                    **_throughput_fields("", timed["throughput"][TEACHER], cfg.throughput_batch)}
+    out["recommendations"] = recommend(results)
+    return out
 
 
 def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None,
@@ -85,7 +116,10 @@ def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, nam
     test_x, test_y = _check_data(test_x, test_y)
     path = Path(path)
     name = name or path.name
-    r = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None, throughput_seconds)  # ORT runner; no gate without a reference
+    r, runner = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None)  # ORT runner; no gate without a reference
+    if runner is not None:
+        _fill_timing({name: r}, _time_all({name: runner}, {}, test_x, cfg, throughput_seconds), cfg.throughput_batch)
+    r["passed"] = not r["failures"]
     return {
         "passed": r["passed"],
         "torch_top1": None,
@@ -114,7 +148,7 @@ def check_gates(results: Mapping) -> None:
 
 
 def validation_table(results: Mapping):
-    """A rich Table: variant · size · top-1 · Δ vs PyTorch · p50 ms · img/s · status."""
+    """A rich Table: variant · size · top-1 · Δ vs PyTorch · latency ms [IQR] · img/s [IQR] · × PyTorch · status."""
     from rich.table import Table
 
     settings = results.get("settings", {})
@@ -125,11 +159,12 @@ def validation_table(results: Mapping):
         title += f", img/s at batch {settings['throughput_batch']}"
     table = Table(title=title + ")")
     for col, justify in (("variant", "left"), ("size", "right"), ("top-1", "right"), ("Δ vs PyTorch", "right"),
-                         ("p50 ms", "right"), ("img/s", "right"), ("status", "left")):
+                         ("batch-1 ms [IQR]", "right"), ("img/s [IQR]", "right"), ("× PyTorch", "right"), ("status", "left")):
         table.add_column(col, justify=justify)
     if results.get("torch_top1") is not None:
         table.add_row("pytorch (eager)", "–", _fmt(results["torch_top1"], "{:.2f}%"), "–", "–",
-                      _fmt(results.get("torch_images_per_second"), "{:,.0f}"), "reference")
+                      _with_iqr(results.get("torch_images_per_second"), results.get("torch_images_per_second_iqr"), "{:,.0f}"),
+                      "1", "reference")
     for name, r in results.get("variants", {}).items():
         status = "✅" if r.get("passed") else "❌ " + "; ".join(r.get("failures") or [])
         table.add_row(
@@ -137,8 +172,9 @@ def validation_table(results: Mapping):
             _fmt_size(r.get("size_bytes")),
             _fmt(r.get("test_top1"), "{:.2f}%"),
             _fmt(r.get("delta_top1"), "{:+.2f}"),
-            _fmt(r.get("latency_ms_p50"), "{:.2f}"),
-            _fmt(r.get("images_per_second"), "{:,.0f}"),
+            _with_iqr(r.get("latency_ms_p50"), r.get("latency_ms_iqr"), "{:.3g}"),
+            _with_iqr(r.get("images_per_second"), r.get("images_per_second_iqr"), "{:,.0f}"),
+            _fmt((r.get("speedup_vs_torch") or {}).get("median"), "{:.2f}×"),
             status,
         )
     return table
@@ -158,28 +194,30 @@ def _row(path: Path, reference: dict | None) -> dict:
         "torch_top1": reference["top1"] if reference else None,
         "delta_top1": None,
         "latency_ms_p50": None,
-        "latency_ms_p90": None,
+        "latency_ms_iqr": None,
         "images_per_second": None,
-        "torch_images_per_second": reference["images_per_second"] if reference else None,
+        "images_per_second_iqr": None,
         "passed": False,
         "failures": [],
     }
 
 
-def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: dict | None, throughput_seconds: float) -> dict:
+def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: dict | None) -> tuple[dict, Runner | None]:
+    """The row of one variant (parity and accuracy; timing comes later, with the others) and its runner when it ran;
+    the gates are applied once the row is complete."""
     r = _row(path, reference)
     if not path.is_file():
         r["failures"].append(f"file not found: {path}")
-        return r
+        return r, None
     try:
         runner = target.open(path, cfg.threads)
     except Exception as e:  # noqa: BLE001 - any load error is this variant's failure
         r["failures"].append(f"not a loadable {target.format_name}: {path.name} ({first_line(e)})")
-        return r
+        return r, None
     problem = runner.incompatible(test_x.shape[1:])
     if problem:
         r["failures"].append(f"{path.name}: {problem}")
-        return r
+        return r, None
     try:
         if reference is not None:
             _parity(r, runner, reference)
@@ -187,16 +225,11 @@ def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: di
         r["test_top1"] = _top1(logits, test_y)
         if reference is not None:
             r["delta_top1"] = round(r["test_top1"] - reference["top1"], 4)
-        r["latency_ms_p50"], r["latency_ms_p90"] = _latency(runner, test_x[:1], cfg.latency_runs)
-        xb = _take(test_x, cfg.throughput_batch)
-        r["images_per_second"] = _throughput(lambda: runner.run(xb, batch=len(xb)), len(xb), throughput_seconds)
+        runner.run(test_x[:1], batch=1)  # the timed calls cannot fail later, in the middle of the others' rounds
     except Exception as e:  # noqa: BLE001
         r["failures"].append(f"{path.name} fails in {target.runtime_name}: {first_line(e)}")
-        return r
-    if reference is not None:
-        r["failures"].extend(target.gate(r, cfg))
-    r["passed"] = not r["failures"]
-    return r
+        return r, None
+    return r, runner
 
 
 def _parity(r: dict, runner: Runner, reference: dict) -> None:
@@ -212,42 +245,59 @@ def _parity(r: dict, runner: Runner, reference: dict) -> None:
     r["max_abs_diff"], r["top1_agreement"] = _num(worst), agree / total
 
 
-def _latency(runner: Runner, x1: np.ndarray, runs: int) -> tuple[float, float]:
-    x1 = np.ascontiguousarray(x1)
-    for _ in range(min(LATENCY_WARMUP, runs)):
-        runner.run(x1, batch=1)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.run(x1, batch=1)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return round(float(np.percentile(times, 50)), 4), round(float(np.percentile(times, 90)), 4)
+# ---------------------------------------------------------------- timing, interleaved
 
 
-def _throughput(step, images_per_step: int, seconds: float) -> float:
-    """Images per second of ``step()`` (one batch): one warm-up call, then at least 3 calls and ``seconds``."""
-    step()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        n += 1
-        elapsed = time.perf_counter() - t0
-        if n >= 3 and elapsed >= seconds:
-            break
-    return round(n * images_per_step / elapsed, 2)
+def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg, seconds: float) -> dict:
+    """Seconds per call, per round: ``{"latency": {variant: [...]}, "throughput": {variant or eager name: [...]}}``.
+
+    Batch-1 latency of every variant, then throughput at ``throughput_batch`` of every variant and eager model,
+    each in ``cfg.rounds`` rounds interleaved across them (:func:`edgedistill.timing.interleaved`)."""
+    x1, xb = np.ascontiguousarray(test_x[:1]), _take(test_x, cfg.throughput_batch)
+    tb = torch.from_numpy(xb)
+    latency = interleaved({n: (lambda r=r: r.run(x1, batch=1)) for n, r in runners.items()}, rounds=cfg.rounds,
+                          min_calls=max(1, cfg.latency_runs // cfg.rounds), warmup=LATENCY_WARMUP) if runners else {}
+    calls = {n: (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
+    calls |= {n: (lambda m=m: m(tb)) for n, m in eager.items()}
+    with torch_threads(cfg.threads), torch.inference_mode():
+        throughput = interleaved(calls, rounds=cfg.rounds, min_seconds=seconds / cfg.rounds) if calls else {}
+    return {"latency": latency, "throughput": throughput}
+
+
+def _fill_timing(results: dict, timed: dict, batch: int) -> None:
+    """Medians, IQRs and per-round ratios into the rows of the variants that were timed."""
+    lat, thr = timed["latency"], timed["throughput"]
+    for name, r in results.items():
+        if name not in lat:
+            continue
+        ms = [1000.0 * t for t in lat[name]]
+        s = spread(ms)
+        r.update(latency_ms_p50=s["median"], latency_ms_iqr=[s["q1"], s["q3"]], latency_ms_samples=[round(t, 5) for t in ms])
+        r.update(_throughput_fields("", thr[name], batch))
+        if TORCH in thr:
+            r["speedup_vs_torch"] = spread(per_round_ratio(thr[TORCH], thr[name]))
+        if REFERENCE_VARIANT in lat and name != REFERENCE_VARIANT:
+            r["latency_vs_fp32"] = spread(per_round_ratio(lat[name], lat[REFERENCE_VARIANT]))
+
+
+def _throughput_fields(prefix: str, seconds: list[float], batch: int) -> dict:
+    ips = [batch / t for t in seconds]
+    s = spread(ips, digits=2)
+    return {f"{prefix}images_per_second": s["median"], f"{prefix}images_per_second_iqr": [s["q1"], s["q3"]],
+            f"{prefix}images_per_second_samples": [round(v, 2) for v in ips]}
 
 
 # ---------------------------------------------------------------- PyTorch reference
 
 
-def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg, throughput_seconds: float) -> dict:
-    """PyTorch's test top-1, its logits on the parity batches and its throughput (CPU, float32, eval copy)."""
+def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg) -> dict:
+    """PyTorch's test top-1 and its logits on the parity batches (CPU, float32, eval copy, which is timed later)."""
     ref_model = copy.deepcopy(model).cpu().float().eval()
     with torch_threads(cfg.threads):
         parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
         return {
+            "model": ref_model,
             "top1": _top1(_torch_logits(ref_model, test_x), test_y),
-            "images_per_second": _torch_throughput(ref_model, _take(test_x, cfg.throughput_batch), throughput_seconds),
             "parity_inputs": parity_inputs,
             "parity": {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()},
         }
@@ -270,12 +320,6 @@ def _torch_logits(model: nn.Module, x: np.ndarray, batch: int = REFERENCE_BATCH)
         for i in range(0, len(x), batch):
             outs.append(model(torch.from_numpy(x[i:i + batch])).float().numpy().astype(np.float64))
     return np.concatenate(outs)
-
-
-def _torch_throughput(model: nn.Module, xb: np.ndarray, seconds: float) -> float:
-    t = torch.from_numpy(np.ascontiguousarray(xb))
-    with torch.inference_mode():
-        return _throughput(lambda: model(t), len(xb), seconds)
 
 
 # ---------------------------------------------------------------- helpers
@@ -303,7 +347,7 @@ def _top1(logits: np.ndarray, y: np.ndarray) -> float:
 def _settings(cfg, n: int) -> dict:
     return {"threads": cfg.threads, "atol": cfg.atol, "max_int8_drop": cfg.max_int8_drop,
             "max_fp16_drop": cfg.max_fp16_drop, "parity_batches": list(cfg.parity_batches),
-            "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "test_images": n,
+            "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "rounds": cfg.rounds, "test_images": n,
             "provider": "CPUExecutionProvider"}
 
 
@@ -314,6 +358,10 @@ def _num(v):
 
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else spec.format(v)
+
+
+def _with_iqr(v, iqr, spec: str) -> str:
+    return "–" if v is None else spec.format(v) + (f" [{spec.format(iqr[0])}–{spec.format(iqr[1])}]" if iqr else "")
 
 
 def _fmt_size(n) -> str:

@@ -25,6 +25,16 @@ TINY = {
     "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4},
 }
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test that trains or times: two busy-waiting threads on a shared 2-core machine make
+    such tests several times slower (modules use it with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 needs_shared = pytest.mark.skipif(not CIFAR_NPZ.exists(), reason="needs ../shared (real CIFAR-100 data and teacher)")
 
 

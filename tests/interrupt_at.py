@@ -25,6 +25,12 @@ class Interrupting(Objective):
     def begin_step(self, seed: int) -> None:
         self.inner.begin_step(seed)
 
+    def begin_epoch(self, epoch: int) -> None:
+        self.inner.begin_epoch(epoch)
+
+    def end_epoch(self, epoch: int, whole: bool) -> None:
+        self.inner.end_epoch(epoch, whole)
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

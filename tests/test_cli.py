@@ -25,7 +25,7 @@ from edgedistill import cli as cli_module
 from edgedistill.cli import cli, main
 from edgedistill.folder import RunFolder
 
-STAGES = ["teacher", "score", "plan", "distill", "export", "validate", "report"]
+STAGES = ["pick", "teacher", "score", "plan", "distill", "export", "validate", "baseline", "report"]
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -61,7 +61,7 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
-    for name in ["run", "list", *STAGES]:
+    for name in ["run", "list", "predict", *STAGES]:
         assert f"  {name}" in result.output
 
 
@@ -71,7 +71,7 @@ def test_every_pipeline_command_takes_the_common_options_and_resume_only_where_i
         assert result.exit_code == 0, name
         for option in ("--set", "--out", "--force", "--debug"):
             assert option in result.output, (name, option)
-        assert ("--resume" in result.output) == (name in ("run", "teacher", "distill")), name
+        assert ("--resume" in result.output) == (name in ("run", "teacher", "distill", "baseline")), name
         assert "RECIPE|RUN" in result.output
 
 
@@ -153,7 +153,7 @@ def finished(tmp_path_factory) -> tuple[Path, Path]:
 
 
 RUN_FOLDER_FILES = [
-    "recipe.yaml", "env.json", "teacher.json", "teacher.pt", "teacher_metrics.jsonl", "checkpoints/teacher/last.pt",
+    "recipe.yaml", "env.json", "teacher.json", "teacher.pt", "teacher.onnx", "teacher_metrics.jsonl", "checkpoints/teacher/last.pt",
     "energy.npz", "energy.json", "energy_hist.png", "energy_gallery.png", "plan.json", "checkpoints/last.pt",
     "checkpoints/best.pt", "metrics.jsonl", "student.pt", "student.onnx", "export.json", "validation.json",
     "report.md", "training.png", *[f"stages/{s}.done" for s in STAGES],
@@ -170,6 +170,22 @@ def test_run_leaves_the_documented_run_folder(finished):
         json.loads(marker.read_text())
     assert yaml.safe_load((run / "recipe.yaml").read_text())["distill"]["epochs"] == 2  # the resolved recipe
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_the_run_records_its_speed_decisions(finished):
+    """The teacher's runtime (every CPU candidate measured, the choice faithful to the eager teacher) and the
+    student's layout and compilation, as the plan measured them on the CPU."""
+    _, run = finished
+    runtime = json.loads((run / "teacher.json").read_text())["runtime"]
+    measured = {(c["runtime"], c["channels_last"]): c for c in runtime["candidates"]}
+    assert set(measured) == {("torch", False), ("torch", True), ("onnxruntime", False)}
+    chosen = measured[(runtime["runtime"], runtime["channels_last"])]
+    assert chosen["max_abs_diff"] <= runtime["parity_atol"] and chosen["ms_per_batch"] == min(
+        c["ms_per_batch"] for c in measured.values() if c["max_abs_diff"] is not None and c["max_abs_diff"] <= runtime["parity_atol"])
+    speed = json.loads((run / "plan.json").read_text())["speed"]
+    layout = speed["channels_last"]
+    assert layout["use"] == (layout["ms_per_step"]["channels_last"] < layout["ms_per_step"]["nchw"])
+    assert speed["compile"] == {"use": False, "why": speed["compile"]["why"]} and "too short" in speed["compile"]["why"]
 
 
 def test_resume_of_a_finished_run_skips_every_stage(finished, tmp_path):
@@ -195,7 +211,7 @@ def test_a_failed_gate_exits_1(finished, tmp_path):
 
 
 @pytest.mark.parametrize("selection, loss", [("high", "energy_kd"), ("all", "energy_kd"), ("high", "ce")])
-def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_sample(finished, tmp_path, monkeypatch, selection, loss):
+def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(finished, tmp_path, monkeypatch, selection, loss):
     """The cost model rests on the plain-vs-extra difference; 'all' (which ignores the fraction) once let the
     'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead.
     The no-teacher baseline is neither run through the teacher nor charged for it."""
@@ -221,18 +237,22 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_with_one_per_samp
 
     monkeypatch.setattr(RunContext, "build_student", recording)
     teacher_calls = []
-    new_teacher = RunContext.new_teacher  # the plan times the teacher's architecture: it needs no trained weights
+    from edgedistill.objectives import DistillObjective
 
-    def counted(ctx):
-        net = new_teacher(ctx)
-        net.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
-        return net
+    run_teacher = DistillObjective._teacher  # the teacher in whatever runtime the teacher stage chose
 
-    monkeypatch.setattr(RunContext, "new_teacher", counted)
+    def counted(objective, x):
+        teacher_calls.append(len(x))
+        return run_teacher(objective, x)
+
+    monkeypatch.setattr(DistillObjective, "_teacher", counted)
     cost = measure_cost(ctx)
     b = TINY["data"]["batch_size"]
     steps = WARMUP_STEPS + 2
-    assert sizes[: 2 * steps] == [b, 2 * b] * steps  # plain and extra steps take turns on the same batches
+    plain, extra = sizes[: 2 * steps : 2], sizes[1 : 2 * steps : 2]  # plain and extra steps take turns on the same batches
+    assert plain == [b] * steps
+    # the extras are timed at the run's r: 0.2 of the batch here (energies evenly spread), one per sample for 'all'
+    assert extra == [2 * b] * steps if selection == "all" else all(b < n <= b + b // 2 for n in extra), extra
     assert cost.epoch_seconds(1.0) > cost.epoch_seconds(0.0)
     assert (len(teacher_calls) > 0) == (loss != "ce")
 

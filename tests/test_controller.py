@@ -13,8 +13,9 @@ class Machine:
     """A simulated machine: a step costs ``speed · (a + c · extras)`` seconds, an epoch ``speed · per_epoch`` more
     (evaluation, then the checkpoint); ``speed`` becomes ``slowdown`` once ``slow_from`` of all steps have run."""
 
-    def __init__(self, a=0.1, c=0.002, per_epoch=1.0, slowdown=1.0, slow_from=1.0):
+    def __init__(self, a=0.1, c=0.002, per_epoch=1.0, slowdown=1.0, slow_from=1.0, checkpoint_share=0.2):
         self.a, self.c, self.per_epoch, self.slowdown, self.slow_from = a, c, per_epoch, slowdown, slow_from
+        self.checkpoint_share = checkpoint_share
         self.now = 0.0
 
     def clock(self) -> float:
@@ -45,10 +46,10 @@ def simulate(goal: Goal | None, machine: Machine, *, epochs=10, steps=50, batch=
             objective.last_extras = round(objective.fraction * batch * (1 + 0.4 * math.sin(k)))
             machine.now += speed * (machine.a + machine.c * objective.last_extras)
             hook.end_step()
-        machine.now += 0.8 * speed * machine.per_epoch  # evaluation
+        machine.now += (1 - machine.checkpoint_share) * speed * machine.per_epoch  # evaluation
         hook.end_epoch(epoch)
         hook.before_checkpoint()
-        machine.now += 0.2 * speed * machine.per_epoch  # the checkpoint itself
+        machine.now += machine.checkpoint_share * speed * machine.per_epoch  # the checkpoint itself
         if stop_after is not None and epoch + 1 == stop_after:
             return hook
     hook.end_run()
@@ -81,7 +82,9 @@ def test_an_infeasible_budget_drives_r_to_0_and_reports_the_overrun():
     machine = Machine()
     minutes = 0.8 * run_seconds(machine, 0.0) / 60
     v = simulate(Goal(minutes, None, 0.1, 0.5), machine).verdict()
-    assert v["fractions"][0] == 0.3 and set(v["fractions"][1:]) == {0.0}
+    # r = 0 from the first check on: a quarter into the first epoch, once real steps showed the budget was lost
+    assert v["segments"] == [[0, 0, 0.3], [0, 13, 0.0]] + [[e, 0, 0.0] for e in range(1, 10)]
+    assert set(v["fractions"][1:]) == {0.0}
     assert not v["held"] and v["overrun"] > 0.2
     assert "overran by" in v["verdict"] and "even r = 0 needs" in v["verdict"]
 
@@ -89,9 +92,10 @@ def test_an_infeasible_budget_drives_r_to_0_and_reports_the_overrun():
 @pytest.mark.parametrize("minutes, slowdown", [(1.0, 1.0), (1.9, 2.0), (2.4, 0.5), (5.0, 1.0)])
 def test_r_stays_in_its_range_or_0_and_rises_slowly(minutes, slowdown):
     v = simulate(Goal(minutes, None, 0.15, 0.45), Machine(slowdown=slowdown, slow_from=0.3), first=0.15).verdict()
-    for before, after in zip(v["fractions"], v["fractions"][1:]):
+    rs = [r for _, _, r in v["segments"]]
+    for before, after in zip(rs, rs[1:]):
         assert after == 0.0 or 0.15 <= after <= 0.45
-        assert after <= before + MAX_RISE + 1e-9
+        assert after <= before + MAX_RISE + 1e-9 or before == 0.0  # from 0 (below the range) back to its bottom
 
 
 def test_the_choice_does_not_oscillate_on_a_steady_machine():
@@ -103,19 +107,25 @@ def test_the_choice_does_not_oscillate_on_a_steady_machine():
 
 
 def test_a_resumed_controller_goes_on_exactly_as_an_uninterrupted_one():
+    """What a resumed controller cannot count is the checkpoint write it resumed from (its state was taken before)
+    and the time away: with checkpoints that take no time, it steers exactly as the uninterrupted run did."""
     goal = Goal(2.0, None, 0.1, 0.5)
-    whole = simulate(goal, Machine(slowdown=2.0, slow_from=0.4)).verdict()
-    first_machine = Machine(slowdown=2.0, slow_from=0.4)
-    saved = simulate(goal, first_machine, stop_after=4).state_dict()
-    machine = Machine(slowdown=2.0, slow_from=0.4)
-    machine.now = first_machine.now  # the process restarts where the clock stood
+
+    def machine():
+        return Machine(slowdown=2.0, slow_from=0.4, checkpoint_share=0.0)
+
+    whole_machine = machine()
+    whole = simulate(goal, whole_machine).verdict()
+    first = machine()
+    saved = simulate(goal, first, stop_after=4).state_dict()
+    again = machine()
+    again.now = first.now + 1000.0  # the process restarts later: the time away is not the run's
     hook = BudgetHook(Objective(), goal, Costs(0.1, 0.002, 1.0), epochs=10, steps_per_epoch=50, batch_size=64,
-                      first_fraction=0.3, clock=machine.clock)
+                      first_fraction=0.3, clock=again.clock)
     hook.load_state_dict(saved)
-    resumed = simulate(goal, machine, hook=hook, start_epoch=4).verdict()
-    assert resumed["fractions"] == whole["fractions"]
-    # what is not counted: writing the checkpoint it resumed from (after its state was taken) and the time away
-    assert resumed["spent_seconds"] == pytest.approx(whole["spent_seconds"] - 0.2 * machine.per_epoch)
+    resumed = simulate(goal, again, hook=hook, start_epoch=4).verdict()
+    assert resumed["segments"] == whole["segments"] and resumed["fractions"] == whole["fractions"]
+    assert resumed["spent_seconds"] == pytest.approx(whole["spent_seconds"])
 
 
 def test_without_a_goal_the_recipe_fraction_is_kept_and_the_time_measured():
@@ -143,7 +153,7 @@ def test_with_constant_extras_the_estimator_keeps_the_plans_ratio():
 
 def test_choose_takes_the_largest_fitting_fraction_and_falls_to_0():
     costs = Costs(0.1, 0.002, 1.0)
-    args = dict(spent=0.0, baseline_spent=0.0, epochs_left=10, steps_per_epoch=50, extras_per_step_at_1=64, previous=None)
+    args = dict(spent=0.0, baseline_spent=0.0, steps_left=500, epochs_left=10, extras_per_step_at_1=64, previous=None)
     d = choose(Goal(None, 0.25, 0.1, 0.5), costs, **args)
     assert d.feasible and d.fraction == pytest.approx(0.23)  # 50·0.002·64·r ≤ 0.25 · 6  →  r ≤ 0.234
     assert choose(Goal(0.5, None, 0.1, 0.5), costs, **args).fraction == 0.0
@@ -151,7 +161,7 @@ def test_choose_takes_the_largest_fitting_fraction_and_falls_to_0():
 
 def test_from_r_0_the_controller_can_come_back_to_the_bottom_of_the_range():
     costs = Costs(0.1, 0.002, 1.0)
-    d = choose(Goal(10.0, None, 0.1, 0.5), costs, spent=0.0, baseline_spent=0.0, epochs_left=5, steps_per_epoch=50,
+    d = choose(Goal(10.0, None, 0.1, 0.5), costs, spent=0.0, baseline_spent=0.0, steps_left=250, epochs_left=5,
                extras_per_step_at_1=64, previous=0.0)
     assert d.fraction == 0.1  # plenty of budget left: back to the range, not stuck at 0 (0 + MAX_RISE is below it)
 

@@ -27,13 +27,7 @@ from edgedistill.recipe import EnergyConfig, TrainConfig
 from edgedistill.train import LoopConfig, fit, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two busy-waiting threads on a shared 2-core machine make these tests 10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_data(n=48, size=16, classes=3, seed=0):

@@ -32,6 +32,7 @@ from edgedistill.targets._base import (
     build_order,
     check_images,
     missing_requirements,
+    not_installed,
     parity_gate,
     register,
     top1_drop_gate,
@@ -46,7 +47,7 @@ EXPORT_SUMMARY_FILE = "export.json"
 
 __all__ = [
     "EXPORT_SUMMARY_FILE", "TARGETS", "BuildContext", "OnnxTarget", "OrtRunner", "Runner", "Target", "build_order", "check_images",
-    "export_all", "missing_requirements", "onnx_metadata", "parity_gate", "read_metadata", "register", "top1_drop_gate",
+    "export_all", "missing_requirements", "not_installed", "onnx_metadata", "parity_gate", "read_metadata", "register", "top1_drop_gate",
 ]
 
 

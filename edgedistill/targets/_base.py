@@ -63,8 +63,20 @@ class Target:
     files: tuple[str, ...] = ()  # every file it writes into the run folder; files[0] is what validation runs
     requires: tuple[str, ...] = ()  # targets that must be in export.formats and are built first
     packages: tuple[str, ...] = ()  # modules whose __version__ export.json records
+    #: the pip extra that installs ``packages`` when they are optional (``pip install 'edgedistill[<extra>]'``);
+    #: a recipe naming the target without them fails when it loads (see :func:`not_installed`)
+    extra: str = ""
     format_name = "model file"  # in messages: "not a loadable <format_name>"
     runtime_name = "its runtime"  # in messages: "<file> fails in <runtime_name>"
+    #: where the file is meant to run: "server" (a CPU server), "edge" (phones, boards, NPUs); validation recommends,
+    #: per kind, the fastest variant meant for it (edgedistill.recommend)
+    deploy_to: tuple[str, ...] = ("server", "edge")
+
+    def device_note(self) -> str:
+        """Where this target pays off even when it measures slower than another here: the first paragraph of the
+        target class's own docstring (none: empty)."""
+        doc = type(self).__dict__.get("__doc__") or ""
+        return " ".join(doc.strip().split("\n\n")[0].split())
 
     def check(self, ctx: BuildContext) -> None:
         """Cheap checks of the inputs, run for every target before anything is built."""
@@ -121,6 +133,22 @@ def build_order(names: list[str]) -> list[str]:
 def missing_requirements(names: list[str]) -> list[str]:
     """'X is required by Y' for every requirement of a target in ``names`` that is not in ``names``."""
     return [f"{dep} is required by {name}" for name in names for dep in TARGETS.get(name).requires if dep not in names]
+
+
+def not_installed(names: list[str]) -> list[str]:
+    """The install command for every target in ``names`` whose optional packages (``extra``) are missing.
+
+    Only looks the top-level modules up (``find_spec``, no import): the recipe calls it on every load.
+    """
+    import importlib.util
+
+    out = []
+    for name in names:
+        target = TARGETS.get(name)
+        missing = [p for p in dict.fromkeys(p.split(".")[0] for p in target.packages) if importlib.util.find_spec(p) is None]
+        if target.extra and missing:
+            out.append(f"{name} needs {', '.join(missing)}: install the extra '{target.extra}' (pip install 'edgedistill[{target.extra}]')")
+    return out
 
 
 # ---------------------------------------------------------------- gates

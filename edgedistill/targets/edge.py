@@ -27,6 +27,7 @@ class Edge(OnnxTarget):
     files = ("student.b1.ort", "student.b1.onnx", "student.b1.required_operators.config")
     requires = ("fp32",)
     format_name = "ORT-format model"
+    deploy_to = ("edge",)  # batch 1, ORT format: for ONNX Runtime Mobile and minimal builds
 
     def build(self, ctx: BuildContext) -> dict:
         ort_path, b1_path, config_path = (ctx.out_dir / f for f in self.files)

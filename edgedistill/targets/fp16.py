@@ -19,6 +19,7 @@ class Fp16(OnnxTarget):
     files = ("student.fp16.onnx",)
     requires = ("fp32",)
     max_drop_key = "max_fp16_drop"
+    deploy_to = ("edge",)  # x86 servers have few fp16 kernels; ARM cores, NPUs and mobile GPUs compute in fp16
 
     def build(self, ctx: BuildContext) -> dict:
         return convert_fp16(ctx.file_of("fp32"), ctx.out_dir / self.files[0])

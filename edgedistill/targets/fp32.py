@@ -43,6 +43,7 @@ class Fp32(OnnxTarget):
     name = "fp32"
     files = ("student.onnx",)
     packages = ("torch", "onnx", "onnxruntime")
+    deploy_to = ("server", "edge")  # the reference: every ONNX Runtime build runs it
 
     def build(self, ctx: BuildContext) -> dict:
         info = export_onnx(ctx.model, ctx.out_dir / self.files[0], image_size=ctx.image_size, opset=ctx.cfg.opset,

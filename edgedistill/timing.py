@@ -1,0 +1,69 @@
+"""Timing that holds on a shared machine: warm-up, repeated rounds interleaved across what is compared, medians
+with their spread, and ratios taken round by round.
+
+A single timed run of one variant, then of the next, lets a neighbour's job slow one of them and not the other.
+Here every callable runs once per *round*, in an order rotated from round to round, so a stall hits the variants
+of that round alike; each round gives one sample per callable (its mean seconds per call in that round), and a
+figure is the median of the rounds with the interquartile range as its spread. A ratio (int8 vs fp32, ONNX Runtime
+vs PyTorch) is computed inside each round and then summarised, never as a ratio of two medians taken apart.
+
+Pure Python over an injected clock, so the tests run on a fake one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+
+def interleaved(calls: Mapping[str, Callable[[], object]], *, rounds: int, min_seconds: float = 0.0, min_calls: int = 1,
+                warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of every callable, one sample per round.
+
+    Each callable gets ``warmup`` untimed calls first (lazy allocation, kernel selection, caches). In each of the
+    ``rounds`` rounds every callable runs at least ``min_calls`` times and for at least ``min_seconds``; round ``i``
+    starts at callable ``i mod n`` so that none always runs first.
+    """
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn, n, t0 = calls[name], 0, clock()
+            while True:
+                fn()
+                n += 1
+                elapsed = clock() - t0
+                if n >= min_calls and elapsed >= min_seconds:
+                    break
+            samples[name].append(elapsed / n)
+    return samples
+
+
+def spread(samples: Sequence[float], digits: int = 4) -> dict:
+    """``{"median", "q1", "q3", "n"}`` of the samples (quartiles by linear interpolation; one sample: all equal)."""
+    xs = sorted(float(x) for x in samples)
+    if not xs:
+        raise ValueError("spread of no samples")
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+    return {"median": round(statistics.median(xs), digits), "q1": round(q1, digits), "q3": round(q3, digits), "n": len(xs)}
+
+
+def per_round_ratio(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """``num[i] / den[i]`` for every round both were measured in."""
+    if len(num) != len(den):
+        raise ValueError(f"ratio of {len(num)} and {len(den)} rounds: the samples come from different measurements")
+    return [a / b for a, b in zip(num, den)]
+
+
+def within(value: float, s: Mapping) -> bool:
+    """``value`` lies inside the stated spread ``[q1, q3]`` of ``s``."""
+    return s["q1"] <= value <= s["q3"]
+
+
+def fmt_spread(s: Mapping, spec: str = "{:.3g}") -> str:
+    """'0.215 [0.21–0.22]': the median and its interquartile range."""
+    return f"{spec.format(s['median'])} [{spec.format(s['q1'])}–{spec.format(s['q3'])}]"

@@ -1,0 +1,157 @@
+"""student.arch: auto: the picker over a fake timing table (pure), the timing helpers on a fake clock, and the
+measured table on real tiny exports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgedistill import pick as P
+from edgedistill.recipe_deploy import DeviceTarget
+from edgedistill.errors import InputError
+from edgedistill.timing import interleaved, per_round_ratio, spread, within
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def row(arch, width, macs, ms, mb, iqr=0.01):
+    return {"arch": arch, "width": width, "macs": macs, "parameters": macs // 10, "size_mb": mb,
+            "latency_ms": {"median": ms, "q1": ms - iqr, "q3": ms + iqr, "n": 5}}
+
+
+TABLE = [
+    row("mobilenet_v3_small", 0.5, 2_000_000, 0.20, 0.5),
+    row("mobilenet_v3_small", 1.0, 6_000_000, 0.35, 1.6),
+    row("shufflenet_v2_x0_5", 1.0, 11_000_000, 0.30, 1.4),
+    row("mobilenet_v2", 1.0, 25_000_000, 0.90, 9.0),
+]
+
+
+def test_a_loose_target_picks_the_most_macs():
+    result = P.pick(TABLE, DeviceTarget(max_latency_ms=10))
+    assert (result["arch"], result["width"]) == ("mobilenet_v2", 1.0)
+    assert all(r["fits"] for r in result["candidates"]) and "the most MACs (25 M) of the 4 of 4" in result["reason"]
+
+
+@pytest.mark.parametrize("target, chosen", [
+    (dict(max_latency_ms=0.5), ("shufflenet_v2_x0_5", 1.0)),                 # MobileNetV2 too slow
+    (dict(max_latency_ms=0.32), ("shufflenet_v2_x0_5", 1.0)),                # more MACs *and* faster than v3_small ×1
+    (dict(max_latency_ms=0.25), ("mobilenet_v3_small", 0.5)),
+    (dict(max_size_mb=1.5), ("shufflenet_v2_x0_5", 1.0)),
+    (dict(max_latency_ms=0.5, max_size_mb=1.0), ("mobilenet_v3_small", 0.5)),  # both limits count
+])
+def test_picks_the_largest_that_fits(target, chosen):
+    result = P.pick(TABLE, DeviceTarget(**target))
+    assert (result["arch"], result["width"]) == chosen
+    fits = {(r["arch"], r["width"]) for r in result["candidates"] if r["fits"]}
+    assert result["choice"]["macs"] == max(r["macs"] for r in TABLE if (r["arch"], r["width"]) in fits)
+    assert [r for r in result["candidates"] if r.get("chosen")] == [result["choice"]]
+    for r in result["candidates"]:
+        assert r["fits"] == (not r["misses"])
+
+
+def test_a_tie_in_macs_goes_to_the_faster():
+    table = [row("a", 1.0, 5, 0.4, 1), row("b", 1.0, 5, 0.3, 1)]
+    assert P.pick(table, DeviceTarget(max_size_mb=2))["arch"] == "b"
+
+
+def test_nothing_fits_refuses_naming_the_fastest_candidates_figures():
+    with pytest.raises(InputError) as e:
+        P.pick(TABLE, DeviceTarget(max_latency_ms=0.1, max_size_mb=0.2, precision="int8", threads=2, batch=4))
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.exit_code == 2
+    assert msg.startswith("student.target: none of the 4 candidates fits (max_latency_ms 0.1, max_size_mb 0.2; int8, batch 4, 2 threads)")
+    assert "the fastest, mobilenet_v3_small ×0.5, measured 0.2 [0.19–0.21] ms and 0.5 MB here" in msg
+
+
+def test_a_misses_line_names_each_limit():
+    assert P.misses(TABLE[3], DeviceTarget(max_latency_ms=0.5, max_size_mb=1)) == ["latency 0.9 ms > 0.5", "size 9 MB > 1"]
+
+
+def test_candidates_are_every_student_and_its_widths():
+    specs = P.candidate_specs(["mobilenet_v2", "shufflenet_v2_x1_0"])
+    assert specs == [("mobilenet_v2", w) for w in P.WIDTH_GRID] + [("shufflenet_v2_x1_0", 1.0)]
+    from edgedistill.models import STUDENTS
+
+    assert DeviceTarget(max_size_mb=1).candidate_archs() == STUDENTS.names()
+
+
+# ---------------------------------------------------------------- timing, on a fake clock
+
+
+class FakeClock:
+    """Each call of a timed function advances the clock by that function's cost (its cost in round r: costs[r])."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def work(self, costs):
+        calls = iter(costs)
+        return lambda: setattr(self, "t", self.t + next(calls))
+
+
+def test_interleaved_rounds_warm_up_rotate_and_average_per_round():
+    clock, order = FakeClock(), []
+    a_costs = [99.0] + [1.0, 1.0, 3.0, 3.0, 5.0, 5.0]  # one warm-up call (not counted), then two calls per round
+    b_costs = [99.0] + [2.0, 2.0, 6.0, 6.0, 10.0, 10.0]
+    fa, fb = clock.work(a_costs), clock.work(b_costs)
+    calls = {"a": lambda: (order.append("a"), fa()), "b": lambda: (order.append("b"), fb())}
+    samples = interleaved(calls, rounds=3, min_calls=2, clock=clock)
+    assert samples == {"a": [1.0, 3.0, 5.0], "b": [2.0, 6.0, 10.0]}
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]  # warm-up, then rotated
+    assert per_round_ratio(samples["b"], samples["a"]) == [2.0, 2.0, 2.0]  # a load that moves both cancels out
+
+
+def test_min_seconds_keeps_calling_until_it_has_passed():
+    clock = FakeClock()
+    f = clock.work([0.1] * 100)
+    samples = interleaved({"f": f}, rounds=2, min_seconds=0.45, warmup=0, clock=clock)
+    assert samples["f"] == pytest.approx([0.1, 0.1])
+
+
+def test_spread_is_median_and_quartiles():
+    assert spread([5, 1, 3, 2, 4]) == {"median": 3, "q1": 2, "q3": 4, "n": 5}
+    assert spread([7]) == {"median": 7, "q1": 7, "q3": 7, "n": 1}
+    assert within(3.5, spread([1, 2, 3, 4, 5])) and not within(4.5, spread([1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError):
+        per_round_ratio([1, 2], [1])
+
+
+# ---------------------------------------------------------------- real tiny exports
+
+
+def test_on_real_exports_the_chosen_student_runs_under_its_target(monkeypatch):
+    """Two tiny candidates exported and timed here; a target 3x the slowest median, so both fit and the one with the
+    more MACs is chosen; timed again on its own, it stays under the target."""
+    from edgedistill.candidates import measure
+    from edgedistill.models import build_student
+    from edgedistill.targets._onnx import OrtRunner
+    from edgedistill.targets.fp32 import export_onnx
+
+    monkeypatch.setattr(P, "WIDTH_GRID", (0.35,))
+    probe = DeviceTarget(max_size_mb=100, archs=["mobilenet_v3_small", "shufflenet_v2_x0_5"])
+    kw = dict(num_classes=5, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    table = measure(probe.candidate_archs(), probe, rounds=3, round_seconds=0.01, **kw)
+    assert [(r["arch"], r["width"]) for r in table["rows"]] == [("mobilenet_v3_small", 0.35), ("shufflenet_v2_x0_5", 1.0)]
+    for r in table["rows"]:
+        assert r["macs"] > 0 and r["size_mb"] > 0 and r["latency_ms"]["q1"] <= r["latency_ms"]["median"] <= r["latency_ms"]["q3"]
+    limit = 3 * max(r["latency_ms"]["median"] for r in table["rows"])
+    target = DeviceTarget(max_latency_ms=limit, archs=probe.archs)
+    result = P.pick(table["rows"], target)
+    assert result["choice"]["macs"] == max(r["macs"] for r in table["rows"])
+
+    torch.manual_seed(0)
+    model = build_student(result["arch"], 5, image_size=8, mean=kw["mean"], std=kw["std"], width=result["width"]).eval()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as td:
+        export_onnx(model, Path(td) / "m.onnx", image_size=8, metadata={})
+        runner = OrtRunner.load(Path(td) / "m.onnx", 1)
+        x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+        again = spread([1000 * s for s in interleaved({"m": lambda: runner.run_once(x)}, rounds=3, min_seconds=0.01)["m"]])
+    assert again["median"] < limit, (again, limit)
