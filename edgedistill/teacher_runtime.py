@@ -5,7 +5,8 @@ for it: a candidate is kept when its logits on a random batch differ from the pl
 ``PARITY_ATOL`` (fp32, max |Δ|), and the fastest kept candidate at the training batch size wins. Candidates:
 
 * ``torch``: eval mode, conv + BN folded where the module can be traced (``torch.fx``), inference mode, in the
-  memory layout (NCHW or channels_last) that measures faster;
+  memory layout (NCHW or channels_last) that measures faster (a runtime the recipe names runs in NCHW, so that
+  nothing about it depends on a timing);
 * ``onnxruntime``: the teacher's own ONNX file, or the teacher exported to ONNX once (``teacher.onnx`` in the
   run folder), in ONNX Runtime with the process's torch thread count — on the CPU only, unless the teacher
   exists only as ONNX;
@@ -66,12 +67,10 @@ def candidates(wanted: str, device: torch.device, onnx_only: bool) -> list[tuple
     """(runtime, channels_last) pairs to measure for ``teacher.runtime: wanted`` on ``device``."""
     if onnx_only:
         return [("onnxruntime", False)]
-    layouts = (False, True)
-    if wanted == "auto":
-        names = ["torch", "compile"] if device.type == "cuda" else ["torch", "onnxruntime"]
-    else:
-        names = [wanted]
-    return [(n, cl) for n in names for cl in (layouts if n != "onnxruntime" else (False,))]
+    if wanted != "auto":  # a named runtime is a fixed one, in NCHW: nothing about it depends on a timing
+        return [(wanted, False)]
+    names = ["torch", "compile"] if device.type == "cuda" else ["torch", "onnxruntime"]
+    return [(n, cl) for n in names for cl in ((False, True) if n != "onnxruntime" else (False,))]
 
 
 def choose_runtime(net: nn.Module, *, wanted: str, device: torch.device, batch: int, image_size: int, onnx_path: Path | None,

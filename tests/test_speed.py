@@ -42,6 +42,7 @@ def test_candidates_per_device_and_recipe():
     assert candidates("auto", CPU, onnx_only=False) == [("torch", False), ("torch", True), ("onnxruntime", False)]
     assert candidates("auto", CUDA, onnx_only=False) == [("torch", False), ("torch", True), ("compile", False), ("compile", True)]
     assert candidates("onnxruntime", CPU, onnx_only=False) == [("onnxruntime", False)]
+    assert candidates("torch", CUDA, onnx_only=False) == [("torch", False)]  # named: fixed, no timing decides it
     assert candidates("auto", CUDA, onnx_only=True) == [("onnxruntime", False)]  # only ONNX Runtime runs an ONNX file
 
 
