@@ -38,6 +38,8 @@ RECIPE["augment"] = {"fraction": 0.3, "profile_steps": 1}
 # The reference is a separate run: what `auto` would decide by timing (and so differently under another load) is fixed.
 RECIPE["teacher"]["runtime"] = "torch"
 RECIPE["distill"].update(channels_last=False, compile=False)
+# Export parity is not what these tests check: a student's logits of O(10) may differ from ONNX Runtime's by 1e-4.
+RECIPE["validate"] = {**RECIPE["validate"], "atol": 1e-3}
 STEPS_PER_EPOCH = 8
 
 pytestmark = pytest.mark.usefixtures("isolated")
