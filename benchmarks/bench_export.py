@@ -155,12 +155,12 @@ def main(argv=None) -> int:
         notes += [f"{n} export: {i['seconds']:.1f} s" for n, i in summary["variants"].items() if n not in ("fp32", "int8")]
 
     if model is not None:
-        res = validate_export(model, out, summary, x_test, y_test, cfg, throughput_seconds=args.seconds)
+        res = validate_export(model, out, summary, x_test, y_test, cfg, timing_seconds=args.seconds)
     else:
         res = {"torch_top1": None, "torch_images_per_second": None, "variants": {}}
         for name, info in summary["variants"].items():
             res["variants"][name] = validate_onnx_file(out / info["path"], x_test, y_test, cfg, name=name,
-                                                       throughput_seconds=args.seconds)["variants"][name]
+                                                       timing_seconds=args.seconds)["variants"][name]
 
     eager = res.get("torch_images_per_second")
     v = res["variants"]

@@ -10,9 +10,10 @@ whole run costs (other load on the machine, caches, thermal limits). During dist
 * before every epoch and ``CHECKS_PER_EPOCH − 1`` times within it, chooses the largest r in the budget range whose
   predicted cost of the rest of the run fits what is left of the budget: ``max_minutes`` is wall time of the
   distill stage, ``max_overhead`` time over what the same run would cost without extras; r rises by at most
-  ``MAX_RISE`` a choice and falls as far as needed, and a change smaller than ``DEADBAND`` is not made, so r does
-  not oscillate. Choosing within epochs matters on short schedules: a first epoch run at a misjudged r (the plan's
-  few steps) is a third of a three-epoch run;
+  ``MAX_RISE`` a choice and falls as far as needed, and a change smaller than ``DEADBAND`` is not made (from
+  r = 0 back into the range only with that much room above the range's bottom), so r does not oscillate.
+  Choosing within epochs matters on short schedules: a first epoch run at a misjudged r (the plan's few steps)
+  is a third of a three-epoch run;
 * when even r = 0 cannot fit, runs on at r = 0 and says by how much the budget will be overrun.
 
 Pure Python: the clock and the step observations come from outside (see :class:`BudgetHook`), so the whole
@@ -33,6 +34,10 @@ HELD_TOLERANCE = 0.05  # a budget counts as held when the run ends within 5 % ab
 GRID = 0.01
 #: weight a step's observation keeps per later step: an observation half a window old weighs half as much
 HALF_LIFE_STEPS = 25
+#: the run's first steps are not fed to the estimator: they carry one-time costs (allocations, the teacher runtime's
+#: first calls), and a few of them with many extras made the early slope look several times too steep. (By position,
+#: not per process, so that a resumed run makes exactly the choices of an uninterrupted one.)
+WARMUP_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,10 @@ def choose(goal: Goal, costs: Costs, *, spent: float, baseline_spent: float, ste
 
     allowed = goal.allowed_seconds(baseline_spent + rest(0.0))
     fits = [r for r in _grid(goal.lo, goal.hi) if spent + rest(r) <= allowed]
+    if previous == 0.0 and fits and max(fits) < min(goal.lo + DEADBAND, goal.hi) - 1e-9:
+        # Back from r = 0 into the range only with a deadband's room to spare: a budget that barely fits the range's
+        # bottom would otherwise flip r between 0 and the bottom at every check as the timings wobble.
+        fits = []
     if previous is not None:  # rise slowly; from r = 0 (below the range) straight back to its bottom
         fits = [r for r in fits if r <= max(previous + max_rise, goal.lo) + 1e-9]
     target = max(fits) if fits else 0.0
@@ -210,8 +219,7 @@ class BudgetHook:
         s, costs = self.state, self.estimator.costs()
         d = choose(self.goal, costs, spent=s.spent, baseline_spent=s.baseline_spent + step * costs.step,
                    steps_left=(self.epochs - epoch) * self.steps_per_epoch - step, epochs_left=self.epochs - epoch,
-                   extras_per_step_at_1=self.batch_size, previous=s.segments[-1][2],
-                   max_rise=MAX_RISE)
+                   extras_per_step_at_1=self.batch_size, previous=s.segments[-1][2])
         s.predictions.append(d.predicted_total_seconds)
         return self.agree(d.fraction)
 
@@ -239,7 +247,8 @@ class BudgetHook:
         seconds = self.clock() - self._step_start
         began, steps = self._open
         self._open = (began, steps + seconds)
-        self.estimator.observe_step(seconds, self.objective.last_extras)
+        if self._at[0] > 0 or self._at[1] >= WARMUP_STEPS:
+            self.estimator.observe_step(seconds, self.objective.last_extras)
         self._at = (self._at[0], self._at[1] + 1)
 
     def end_epoch(self, epoch: int) -> dict:

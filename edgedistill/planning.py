@@ -32,7 +32,7 @@ def compile_pays(step_seconds: float, compiled_step_seconds: float, compile_seco
     return (step_seconds - compiled_step_seconds) * total_steps > 2 * compile_seconds
 
 
-class _Bench:
+class StepBench:
     """Real distillation steps on a few fixed batches of the training data, for timing."""
 
     def __init__(self, ctx: RunContext):
@@ -92,7 +92,7 @@ class _Bench:
 LAYOUT_ROUNDS = 3  # the layout is decided on the student's own steps, over this many passes of the profile batches
 
 
-def decide_layout(ctx: RunContext, bench: _Bench) -> dict:
+def decide_layout(ctx: RunContext, bench: StepBench) -> dict:
     """``distill.channels_last``: as the recipe fixes it; ``auto``: on for CUDA, and on the CPU the faster layout of
     the student's own steps (cross-entropy, no teacher: the layout changes only the student, and without the
     teacher's time in every sample the difference stands out of the noise), the same batches, in turns."""
@@ -105,7 +105,7 @@ def decide_layout(ctx: RunContext, bench: _Bench) -> dict:
             "why": f"{'faster' if cl < nchw else 'slower'} for this student ({1e3 * cl:.0f} vs {1e3 * nchw:.0f} ms a step)"}
 
 
-def decide_compile(ctx: RunContext, bench: _Bench, channels_last: bool, planned_seconds: float | None) -> dict:
+def decide_compile(ctx: RunContext, bench: StepBench, channels_last: bool, planned_seconds: float | None) -> dict:
     """``distill.compile``: as the recipe fixes it; ``auto``: on for CUDA; on the CPU, when the planned run
     (``planned_seconds``, None before it is known) is long enough to try, compiled against eager steps, and on
     when the gain over the run repays the measured compilation."""
@@ -129,7 +129,7 @@ def decide_compile(ctx: RunContext, bench: _Bench, channels_last: bool, planned_
 def measure(ctx: RunContext) -> tuple[dict, CostModel]:
     """The plan's measurements: how the student runs fastest, then what steps cost so. Compilation measured on
     the CPU needs the run's length, so the cost is measured first and again if compiling is chosen."""
-    bench = _Bench(ctx)
+    bench = StepBench(ctx)
     speed = {"channels_last": decide_layout(ctx, bench)}
     layout = speed["channels_last"]["use"]
     if ctx.recipe.distill.compile == "auto" and ctx.device.type != "cuda":
@@ -140,13 +140,13 @@ def measure(ctx: RunContext) -> tuple[dict, CostModel]:
     return speed, measure_cost(ctx, speed, bench)
 
 
-def measure_cost(ctx: RunContext, speed: dict | None = None, bench: _Bench | None = None) -> CostModel:
+def measure_cost(ctx: RunContext, speed: dict | None = None, bench: StepBench | None = None) -> CostModel:
     """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns, with
     the student as distillation will run it (``speed``: :func:`decide_speed`'s answer; default: eager, NCHW).
 
     Nothing needs to be trained or scored first: a step costs the same with untrained weights and any energies.
     """
-    bench = bench or _Bench(ctx)
+    bench = bench or StepBench(ctx)
     channels_last = bool(speed and speed["channels_last"]["use"])
     student = bench.student(channels_last, compiled=bool(speed and speed["compile"]["use"]))
     # plain: no extras whatever the selection mode ('all' ignores the fraction); extra: as many extras as the run will

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 
 import pytest
 
-from edgedistill.controller import MAX_RISE, BudgetHook, CostEstimator, Costs, Goal, choose, prior_costs
+from edgedistill.controller import MAX_RISE, WARMUP_STEPS, BudgetHook, CostEstimator, Costs, Goal, choose, prior_costs
 
 
 class Machine:
@@ -164,6 +165,58 @@ def test_from_r_0_the_controller_can_come_back_to_the_bottom_of_the_range():
     d = choose(Goal(10.0, None, 0.1, 0.5), costs, spent=0.0, baseline_spent=0.0, steps_left=250, epochs_left=5,
                extras_per_step_at_1=64, previous=0.0)
     assert d.fraction == 0.1  # plenty of budget left: back to the range, not stuck at 0 (0 + MAX_RISE is below it)
+
+
+def test_from_r_0_the_controller_comes_back_only_with_a_deadbands_room_to_spare():
+    costs = Costs(0.1, 0.002, 1.0)
+    args = dict(spent=0.0, baseline_spent=0.0, steps_left=250, epochs_left=5, extras_per_step_at_1=64)
+    at = {r: 250 * (0.1 + 0.002 * 64 * r) + 5 for r in (0.1, 0.11)}
+    minutes = (at[0.1] + at[0.11]) / 2 / 60  # the range's bottom fits, a deadband above it does not
+    assert choose(Goal(minutes, None, 0.1, 0.5), costs, previous=None, **args).fraction == 0.1
+    assert choose(Goal(minutes, None, 0.1, 0.5), costs, previous=0.1, **args).fraction == 0.1
+    assert choose(Goal(minutes, None, 0.1, 0.5), costs, previous=0.0, **args).fraction == 0.0
+
+
+def test_a_budget_at_the_bottom_of_the_range_does_not_flip_r_under_timing_noise():
+    """Steps that wobble ±15 % around a budget that just fits r = 0.1: r may drop to 0, but does not bounce back."""
+
+    class Noisy(Machine):
+        steps = 0
+
+        @property
+        def a(self) -> float:  # read once per step by simulate()
+            self.steps += 1
+            return 0.1 * (1 + 0.15 * math.sin(1.7 * self.steps))
+
+        @a.setter
+        def a(self, value: float) -> None:
+            pass
+
+    machine = Noisy()
+    minutes = run_seconds(Machine(), 0.1) / 60
+    rs = [r for _, _, r in simulate(Goal(minutes, None, 0.1, 0.5), machine, first=0.1).verdict()["segments"]]
+    returns = sum(before == 0.0 and after > 0.0 for before, after in zip(rs, rs[1:]))
+    assert returns <= 1, rs
+
+
+def test_the_runs_first_steps_do_not_enter_the_cost_estimate():
+    """One-time costs of the first steps (allocations, the teacher runtime's first calls) are not step costs."""
+
+    class ColdStart(Machine):
+        steps = 0
+
+        @property
+        def a(self) -> float:  # read once per step by simulate()
+            self.steps += 1
+            return 3.0 if self.steps <= WARMUP_STEPS else 0.1
+
+        @a.setter
+        def a(self, value: float) -> None:
+            pass
+
+    warm, cold = (simulate(None, m, epochs=1, first=0.3, prior=Costs(0.1, 0.002, 1.0)) for m in (Machine(), ColdStart()))
+    assert astuple(cold.estimator.costs()) == pytest.approx(astuple(warm.estimator.costs()))
+    assert cold.verdict()["spent_seconds"] > warm.verdict()["spent_seconds"] + 8  # spent, all the same
 
 
 def test_prior_costs_come_from_the_plans_cost_model():

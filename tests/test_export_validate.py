@@ -28,7 +28,7 @@ from edgedistill.models import STUDENTS, build_student
 from edgedistill.recipe import validate_recipe
 from edgedistill.recipe_deploy import ExportConfig, ValidateConfig
 from edgedistill.report import _validation_section
-from edgedistill.targets import TARGETS, Target, build_order, export_all, not_installed, onnx_metadata, read_metadata, register
+from edgedistill.targets import TARGETS, OrtRunner, Target, build_order, export_all, not_installed, onnx_metadata, read_metadata, register
 from edgedistill.targets import fp32 as FP32
 from edgedistill.targets.edge import make_batch_fixed
 from edgedistill.targets.int8 import quantize_int8
@@ -38,7 +38,7 @@ SIZE = 32
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
 CLASSES = {arch: 3 + i % 8 for i, arch in enumerate(STUDENTS)}  # 3–10 classes, varying by arch
 MAIN = "mobilenet_v3_small"
-FAST = dict(throughput_seconds=0.02)
+FAST = dict(timing_seconds=0.02)
 # One thread: on a shared 2-core box, 2 OpenMP / ORT threads wait on each other's time slices (100x slower).
 VCFG = ValidateConfig(parity_batches=[1, 3, 8], latency_runs=5, throughput_batch=8, threads=1)
 
@@ -570,6 +570,13 @@ def test_accuracy_drop_gates_name_variant_and_limit():
     fails = fp32.gate({"max_abs_diff": None, "top1_agreement": 0.5}, cfg)  # NaN outputs
     assert len(fails) == 2 and "max_abs_diff" in fails[0] and "top1_agreement" in fails[1]
     assert TARGETS.get("edge").gate({"max_abs_diff": 1e-6, "top1_agreement": 1.0}, cfg) == []
+
+
+def test_timed_sessions_stop_spinning_between_calls(main_run):
+    """Validation and the pick time several sessions in turns; threads left spinning by the last one would take the
+    cores from the one being timed (batch-1 latency measured ~3x too high in turns on a 2-core machine)."""
+    session = OrtRunner.load(main_run["paths"]["fp32"], threads=2).session
+    assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_validate_onnx_file_without_torch_model(main_run):

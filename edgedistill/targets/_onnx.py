@@ -88,10 +88,16 @@ def save_model(model: "onnx.ModelProto", path: Path, metadata: Mapping[str, str]
 
 
 def make_session(path, threads: int):
-    """A CPU InferenceSession with ``threads`` intra-op threads and one inter-op thread (.onnx or .ort)."""
+    """A CPU InferenceSession with ``threads`` intra-op threads and one inter-op thread (.onnx or .ort).
+
+    Its threads spin only while a run is in progress: by default they go on spinning after it, and when
+    several sessions are timed in turns (the variants in validation, the candidates of a pick) the previous
+    session's spinning threads take the cores from the one being timed, inflating its batch-1 latency.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
