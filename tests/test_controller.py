@@ -12,7 +12,8 @@ from edgedistill.controller import MAX_RISE, WARMUP_STEPS, BudgetHook, CostEstim
 
 class Machine:
     """A simulated machine: a step costs ``speed · (a + c · extras)`` seconds, an epoch ``speed · per_epoch`` more
-    (evaluation, then the checkpoint); ``speed`` becomes ``slowdown`` once ``slow_from`` of all steps have run."""
+    (evaluation, then the checkpoint); ``speed`` becomes ``slowdown`` once ``slow_from`` of all steps have run.
+    ``a`` may be a function of the step's number in the run, for machines whose plain steps vary."""
 
     def __init__(self, a=0.1, c=0.002, per_epoch=1.0, slowdown=1.0, slow_from=1.0, checkpoint_share=0.2):
         self.a, self.c, self.per_epoch, self.slowdown, self.slow_from = a, c, per_epoch, slowdown, slow_from
@@ -21,6 +22,9 @@ class Machine:
 
     def clock(self) -> float:
         return self.now
+
+    def plain(self, k: int) -> float:
+        return self.a(k) if callable(self.a) else self.a
 
 
 class Objective:
@@ -35,7 +39,7 @@ def simulate(goal: Goal | None, machine: Machine, *, epochs=10, steps=50, batch=
              stop_after: int | None = None, hook: BudgetHook | None = None, start_epoch: int = 0):
     """Run the loop's calls on the simulated clock; the number of extras varies from step to step, as HE-DA's does."""
     objective = hook.objective if hook else Objective()
-    hook = hook or BudgetHook(objective, goal, prior or Costs(machine.a, machine.c, machine.per_epoch), epochs=epochs,
+    hook = hook or BudgetHook(objective, goal, prior or Costs(machine.plain(0), machine.c, machine.per_epoch), epochs=epochs,
                               steps_per_epoch=steps, batch_size=batch, first_fraction=first, clock=machine.clock)
     total = epochs * steps
     for epoch in range(start_epoch, epochs):
@@ -45,7 +49,7 @@ def simulate(goal: Goal | None, machine: Machine, *, epochs=10, steps=50, batch=
             speed = machine.slowdown if k >= machine.slow_from * total else 1.0
             hook.begin_step()
             objective.last_extras = round(objective.fraction * batch * (1 + 0.4 * math.sin(k)))
-            machine.now += speed * (machine.a + machine.c * objective.last_extras)
+            machine.now += speed * (machine.plain(k) + machine.c * objective.last_extras)
             hook.end_step()
         machine.now += (1 - machine.checkpoint_share) * speed * machine.per_epoch  # evaluation
         hook.end_epoch(epoch)
@@ -179,20 +183,7 @@ def test_from_r_0_the_controller_comes_back_only_with_a_deadbands_room_to_spare(
 
 def test_a_budget_at_the_bottom_of_the_range_does_not_flip_r_under_timing_noise():
     """Steps that wobble ±15 % around a budget that just fits r = 0.1: r may drop to 0, but does not bounce back."""
-
-    class Noisy(Machine):
-        steps = 0
-
-        @property
-        def a(self) -> float:  # read once per step by simulate()
-            self.steps += 1
-            return 0.1 * (1 + 0.15 * math.sin(1.7 * self.steps))
-
-        @a.setter
-        def a(self, value: float) -> None:
-            pass
-
-    machine = Noisy()
+    machine = Machine(a=lambda k: 0.1 * (1 + 0.15 * math.sin(1.7 * (k + 1))))
     minutes = run_seconds(Machine(), 0.1) / 60
     rs = [r for _, _, r in simulate(Goal(minutes, None, 0.1, 0.5), machine, first=0.1).verdict()["segments"]]
     returns = sum(before == 0.0 and after > 0.0 for before, after in zip(rs, rs[1:]))
@@ -201,20 +192,8 @@ def test_a_budget_at_the_bottom_of_the_range_does_not_flip_r_under_timing_noise(
 
 def test_the_runs_first_steps_do_not_enter_the_cost_estimate():
     """One-time costs of the first steps (allocations, the teacher runtime's first calls) are not step costs."""
-
-    class ColdStart(Machine):
-        steps = 0
-
-        @property
-        def a(self) -> float:  # read once per step by simulate()
-            self.steps += 1
-            return 3.0 if self.steps <= WARMUP_STEPS else 0.1
-
-        @a.setter
-        def a(self, value: float) -> None:
-            pass
-
-    warm, cold = (simulate(None, m, epochs=1, first=0.3, prior=Costs(0.1, 0.002, 1.0)) for m in (Machine(), ColdStart()))
+    cold_start = Machine(a=lambda k: 3.0 if k < WARMUP_STEPS else 0.1)
+    warm, cold = (simulate(None, m, epochs=1, first=0.3, prior=Costs(0.1, 0.002, 1.0)) for m in (Machine(), cold_start))
     assert astuple(cold.estimator.costs()) == pytest.approx(astuple(warm.estimator.costs()))
     assert cold.verdict()["spent_seconds"] > warm.verdict()["spent_seconds"] + 8  # spent, all the same
 
