@@ -14,33 +14,42 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-def interleaved(calls: Mapping[str, Callable[[], object]], *, rounds: int, min_seconds: float = 0.0, min_calls: int = 1,
-                warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def interleaved(calls: Mapping[K, Callable[[], object]], *, rounds: int, min_seconds: float = 0.0,
+                min_calls: int | Mapping[K, int] = 1, warmup: int | Mapping[K, int] = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[K, list[float]]:
     """Seconds per call of every callable, one sample per round.
 
     Each callable gets ``warmup`` untimed calls first (lazy allocation, kernel selection, caches). In each of the
     ``rounds`` rounds every callable runs at least ``min_calls`` times and for at least ``min_seconds``; round ``i``
-    starts at callable ``i mod n`` so that none always runs first.
+    starts at callable ``i mod n`` so that none always runs first. ``warmup`` and ``min_calls`` may be given per
+    callable.
     """
     names = list(calls)
+    per = {name: (_of(warmup, name), _of(min_calls, name)) for name in names}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(per[name][0]):
             calls[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[K, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            fn, n, t0 = calls[name], 0, clock()
+            fn, least, n, t0 = calls[name], per[name][1], 0, clock()
             while True:
                 fn()
                 n += 1
                 elapsed = clock() - t0
-                if n >= min_calls and elapsed >= min_seconds:
+                if n >= least and elapsed >= min_seconds:
                     break
             samples[name].append(elapsed / n)
     return samples
+
+
+def _of(value: int | Mapping[K, int], name: K) -> int:
+    return value[name] if isinstance(value, Mapping) else value
 
 
 def spread(samples: Sequence[float], digits: int = 4) -> dict:

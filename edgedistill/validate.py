@@ -254,19 +254,23 @@ def _parity(r: dict, runner: Runner, reference: dict) -> None:
 def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg, seconds: float) -> dict:
     """Seconds per call, per round: ``{"latency": {variant: [...]}, "throughput": {variant or eager name: [...]}}``.
 
-    Batch-1 latency of every variant, then throughput at ``throughput_batch`` of every variant and eager model,
-    each in ``cfg.rounds`` rounds interleaved across them (:func:`edgedistill.timing.interleaved`), and each for at
-    least ``seconds`` over the rounds."""
+    Batch-1 latency of every variant and throughput at ``throughput_batch`` of every variant and eager model, all
+    in the same ``cfg.rounds`` interleaved rounds (:func:`edgedistill.timing.interleaved`), each figure for at least
+    ``seconds`` over the rounds. Sharing the rounds spreads every figure's samples over the whole measurement: a
+    slow phase of the machine that lasts seconds then shows in each figure's spread instead of moving its median."""
     x1, xb = np.ascontiguousarray(test_x[:1]), _take(test_x, cfg.throughput_batch)
     tb = torch.from_numpy(xb)
-    latency = interleaved({n: (lambda r=r: r.run(x1, batch=1)) for n, r in runners.items()}, rounds=cfg.rounds,
-                          min_calls=max(1, cfg.latency_runs // cfg.rounds), min_seconds=seconds / cfg.rounds,
-                          warmup=LATENCY_WARMUP) if runners else {}
-    calls = {n: (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
-    calls |= {n: (lambda m=m: m(tb)) for n, m in eager.items()}
+    calls = {("latency", n): (lambda r=r: r.run(x1, batch=1)) for n, r in runners.items()}
+    calls |= {("throughput", n): (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
+    calls |= {("throughput", n): (lambda m=m: m(tb)) for n, m in eager.items()}
     with torch_threads(cfg.threads), torch.inference_mode():
-        throughput = interleaved(calls, rounds=cfg.rounds, min_seconds=seconds / cfg.rounds) if calls else {}
-    return {"latency": latency, "throughput": throughput}
+        samples = interleaved(calls, rounds=cfg.rounds, min_seconds=seconds / cfg.rounds,
+                              min_calls={k: max(1, cfg.latency_runs // cfg.rounds) if k[0] == "latency" else 1 for k in calls},
+                              warmup={k: LATENCY_WARMUP if k[0] == "latency" else 1 for k in calls}) if calls else {}
+    out: dict[str, dict[str, list[float]]] = {"latency": {}, "throughput": {}}
+    for (figure, name), s in samples.items():
+        out[figure][name] = s
+    return out
 
 
 def _fill_timing(results: dict, timed: dict, batch: int) -> None:

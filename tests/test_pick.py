@@ -42,7 +42,7 @@ def test_a_loose_target_picks_the_most_macs():
     (dict(max_latency_ms=0.5, max_size_mb=1.0), ("mobilenet_v3_small", 0.5)),  # both limits count
 ])
 def test_picks_the_largest_that_fits(target, chosen):
-    result = P.pick(TABLE, DeviceTarget(**target))
+    result = P.pick(TABLE, DeviceTarget(headroom=0, **target))
     assert (result["arch"], result["width"]) == chosen
     fits = {(r["arch"], r["width"]) for r in result["candidates"] if r["fits"]}
     assert result["choice"]["macs"] == max(r["macs"] for r in TABLE if (r["arch"], r["width"]) in fits)
@@ -58,7 +58,7 @@ def test_a_tie_in_macs_goes_to_the_faster():
 
 def test_nothing_fits_refuses_naming_the_fastest_candidates_figures():
     with pytest.raises(InputError) as e:
-        P.pick(TABLE, DeviceTarget(max_latency_ms=0.1, max_size_mb=0.2, precision="int8", threads=2, batch=4))
+        P.pick(TABLE, DeviceTarget(max_latency_ms=0.1, max_size_mb=0.2, precision="int8", threads=2, batch=4, headroom=0))
     msg = str(e.value)
     assert "\n" not in msg and e.value.exit_code == 2
     assert msg.startswith("student.target: none of the 4 candidates fits (max_latency_ms 0.1, max_size_mb 0.2; int8, batch 4, 2 threads)")
@@ -66,7 +66,17 @@ def test_nothing_fits_refuses_naming_the_fastest_candidates_figures():
 
 
 def test_a_misses_line_names_each_limit():
-    assert P.misses(TABLE[3], DeviceTarget(max_latency_ms=0.5, max_size_mb=1)) == ["latency 0.9 ms > 0.5", "size 9 MB > 1"]
+    assert P.misses(TABLE[3], DeviceTarget(max_latency_ms=0.5, max_size_mb=1, headroom=0)) == ["latency 0.9 ms > 0.5", "size 9 MB > 1"]
+
+
+def test_headroom_keeps_a_median_just_under_the_limit_out():
+    # shufflenet measured 0.30 ms: under a 0.32 ms limit, over the 0.288 that 10 % headroom leaves
+    result = P.pick(TABLE, DeviceTarget(max_latency_ms=0.32))
+    assert (result["arch"], result["width"]) == ("mobilenet_v3_small", 0.5)
+    shufflenet = next(r for r in result["candidates"] if r["arch"] == "shufflenet_v2_x0_5")
+    assert shufflenet["misses"] == ["latency 0.3 ms > 0.288"]
+    assert "max_latency_ms 0.32 less 10% headroom" in result["reason"]
+    assert P.pick(TABLE, DeviceTarget(max_latency_ms=0.32, headroom=0))["arch"] == "shufflenet_v2_x0_5"
 
 
 def test_candidates_are_every_student_and_its_widths():
@@ -104,6 +114,15 @@ def test_interleaved_rounds_warm_up_rotate_and_average_per_round():
     assert samples == {"a": [1.0, 3.0, 5.0], "b": [2.0, 6.0, 10.0]}
     assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]  # warm-up, then rotated
     assert per_round_ratio(samples["b"], samples["a"]) == [2.0, 2.0, 2.0]  # a load that moves both cancels out
+
+
+def test_interleaved_takes_warm_up_and_minimum_calls_per_callable():
+    clock, order = FakeClock(), []
+    fa, fb = clock.work([1.0] * 20), clock.work([4.0] * 20)
+    calls = {"a": lambda: (order.append("a"), fa()), "b": lambda: (order.append("b"), fb())}
+    samples = interleaved(calls, rounds=2, min_calls={"a": 3, "b": 1}, warmup={"a": 2, "b": 0}, clock=clock)
+    assert samples == {"a": [1.0, 1.0], "b": [4.0, 4.0]}
+    assert order == ["a", "a"] + ["a"] * 3 + ["b"] + ["b"] + ["a"] * 3  # a's two warm-ups, b none; a's three calls a round
 
 
 def test_min_seconds_keeps_calling_until_it_has_passed():
