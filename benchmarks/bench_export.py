@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=256, help="class-balanced calibration images for int8")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--latency-runs", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per throughput measurement")
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per latency or throughput figure (validate.seconds)")
     p.add_argument("--formats", default="fp32,int8",
                    help="export targets to build, comma-separated; all runtimes side by side: "
                         "fp32,int8,edge,executorch,executorch_int8,litert,litert_int8 (needs both extras, see docs/deploy.md)")
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     if x_test.shape[2] != args.image_size:
         p.error(f"the data is {x_test.shape[2]} px; this script does not resize (use --image-size {x_test.shape[2]})")
     cfg = ValidateConfig(threads=args.threads, throughput_batch=args.batch, parity_batches=[1, args.batch],
-                         latency_runs=args.latency_runs)
+                         latency_runs=args.latency_runs, seconds=args.seconds)
     tmp = None
     model = build(args, len(class_names)) if args.arch else None
     notes = []
@@ -155,12 +155,11 @@ def main(argv=None) -> int:
         notes += [f"{n} export: {i['seconds']:.1f} s" for n, i in summary["variants"].items() if n not in ("fp32", "int8")]
 
     if model is not None:
-        res = validate_export(model, out, summary, x_test, y_test, cfg, timing_seconds=args.seconds)
+        res = validate_export(model, out, summary, x_test, y_test, cfg)
     else:
         res = {"torch_top1": None, "torch_images_per_second": None, "variants": {}}
         for name, info in summary["variants"].items():
-            res["variants"][name] = validate_onnx_file(out / info["path"], x_test, y_test, cfg, name=name,
-                                                       timing_seconds=args.seconds)["variants"][name]
+            res["variants"][name] = validate_onnx_file(out / info["path"], x_test, y_test, cfg, name=name)["variants"][name]
 
     eager = res.get("torch_images_per_second")
     v = res["variants"]

@@ -456,15 +456,15 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
 
     validated = [r for r in rows if r.get("validation")]
     L += ["## Deployment", "", "The best run of each student (highest final top-1), exported and validated by the pipeline itself "
-          f"(ONNX Runtime on the CPU, {test_phrase}; median [IQR] over interleaved rounds), and the line it prints on what to ship.", ""]
+          f"(ONNX Runtime on the CPU, {test_phrase}; median [central 95 %] over interleaved rounds), and the line it prints on what to ship.", ""]
     L.append("| student | run | variant | size MB | top-1 % | Δ vs PyTorch | batch-1 ms | img/s | status |")
     L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in validated:
         v = r["validation"]
         for name, x in v["variants"].items():
-            iqr = x["latency_ms_iqr"]
+            interval = x["latency_ms_interval"]
             L.append(f"| {r['student']} | {METHODS[r['method']].label}, s{r['seed']} | {name} | {x['size_bytes'] / 2**20:.2f} | {x['test_top1']:.2f} | "
-                     f"{x['delta_top1']:+.2f} | {x['latency_ms_p50']:.3f} [{iqr[0]:.3f}–{iqr[1]:.3f}] | {x['images_per_second']:,.0f} | "
+                     f"{x['delta_top1']:+.2f} | {x['latency_ms_p50']:.3f} [{interval[0]:.3f}–{interval[1]:.3f}] | {x['images_per_second']:,.0f} | "
                      f"{'✅' if x['passed'] else '❌ ' + '; '.join(x['failures'])} |")
     if not validated:
         L.append("| – | not validated yet (`bench_methods.py deploy`) | | | | | | | |")

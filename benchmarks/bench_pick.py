@@ -2,11 +2,11 @@
 
 1. ``edgedistill pick`` with a size limit nobody hits: the timing table of every candidate on this machine.
 2. From that table, three latency targets (loose, medium, tight) whose picks are three different students
-   (each limit sits 30 % above a candidate's upper quartile, so a re-measurement keeps it inside).
+   (each limit sits 30 % above the top of a candidate's central 95 %, so a re-measurement keeps it inside).
 3. For each target, a full run (``student.arch: auto``): the run picks again by itself, trains the choice briefly,
    exports and validates it; its validated fp32 batch-1 median latency is set against the target.
 4. ``edgedistill validate`` three more times on the medium run: every variant's median (latency and throughput)
-   must lie within each other repetition's stated IQR.
+   must lie within each other repetition's stated spread (the central 95 % of its rounds).
 
 Writes docs/benchmarks/pick.md, benchmarks/results/pick.json and the table block in docs/deploy.md.
 
@@ -48,7 +48,7 @@ def edgedistill(*args: str) -> int:
 def common_sets(a) -> list[str]:
     sets = [f"data.train_limit={a.train_limit}", f"data.test_limit={a.test_limit}", f"distill.epochs={a.epochs}",
             "distill.schedule={name: cosine, warmup_epochs: 0.2}", "distill.optimizer.lr=0.05", "data.batch_size=64",
-            f"validate.threads={a.threads}", f"validate.rounds={a.rounds}", "device=cpu"]
+            f"validate.threads={a.threads}", f"validate.rounds={a.rounds}", f"validate.seconds={a.seconds}", "device=cpu"]
     return [x for s in sets for x in ("--set", s)]
 
 
@@ -57,7 +57,7 @@ def target_set(limit: dict, a) -> list[str]:
     return ["--set", "student.arch=auto", "--set", f"student.target={json.dumps(target)}"]
 
 
-# Each limit sits this far above a candidate's upper quartile: the run re-measures every candidate, and on a
+# Each limit sits this far above the top of a candidate's central 95 %: the run re-measures every candidate, and on a
 # shared 2-core VM a median moves by a quarter between two measurements.
 MARGIN = 1.3
 
@@ -68,8 +68,8 @@ def three_targets(rows: list[dict]) -> dict[str, float]:
     The tight limit is the second smallest, not the smallest: the run measures again, and when the fastest candidates
     land slower than in the probe a tight target must still leave one that fits (none fitting stops the run)."""
     picks = {}
-    for r in sorted(rows, key=lambda r: r["latency_ms"]["q3"]):
-        limit = round(MARGIN * r["latency_ms"]["q3"], 4)
+    for r in sorted(rows, key=lambda r: r["latency_ms"]["hi"]):
+        limit = round(MARGIN * r["latency_ms"]["hi"], 4)
         choice = pick(rows, DeviceTarget(max_latency_ms=limit))
         picks.setdefault((choice["arch"], choice["width"]), limit)  # the smallest limit that yields each pick
     if len(picks) < 3:
@@ -79,13 +79,13 @@ def three_targets(rows: list[dict]) -> dict[str, float]:
 
 
 def repeat_consistency(runs: list[dict]) -> dict:
-    """For every variant and figure: is each repetition's median inside every other repetition's IQR?"""
+    """For every variant and figure: is each repetition's median inside every other repetition's stated spread?"""
     out = {}
     for name in runs[0]["variants"]:
-        for key, iqr in (("latency_ms_p50", "latency_ms_iqr"), ("images_per_second", "images_per_second_iqr")):
+        for key, interval in (("latency_ms_p50", "latency_ms_interval"), ("images_per_second", "images_per_second_interval")):
             rows = [r["variants"][name] for r in runs]
-            ok = all(within(a[key], {"q1": b[iqr][0], "q3": b[iqr][1]}) for i, a in enumerate(rows) for j, b in enumerate(rows) if i != j)
-            out[f"{name}.{key}"] = {"medians": [r[key] for r in rows], "iqrs": [r[iqr] for r in rows], "consistent": ok}
+            ok = all(within(a[key], {"lo": b[interval][0], "hi": b[interval][1]}) for i, a in enumerate(rows) for j, b in enumerate(rows) if i != j)
+            out[f"{name}.{key}"] = {"medians": [r[key] for r in rows], "intervals": [r[interval] for r in rows], "consistent": ok}
     return out
 
 
@@ -96,12 +96,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--test-limit", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15, help="validate.rounds")
+    ap.add_argument("--seconds", type=float, default=10.0, help="validate.seconds")
     ap.add_argument("--archs", nargs="*", default=None, help="student families to search (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings, two families; writes under --out only")
     a = ap.parse_args()
     if a.smoke:
-        a.train_limit, a.test_limit, a.rounds, a.epochs = 256, 128, 3, 1
+        a.train_limit, a.test_limit, a.rounds, a.seconds, a.epochs = 256, 128, 3, 0.3, 1
         a.archs = a.archs or ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
     md_path = a.out / "pick.md" if a.smoke else ROOT / "docs" / "benchmarks" / "pick.md"
     json_path = a.out / "pick.json" if a.smoke else ROOT / "benchmarks" / "results" / "pick.json"
@@ -123,7 +124,7 @@ def main() -> None:
         fp32 = json.loads((run / "validation.json").read_text())["variants"]["fp32"]
         results[kind] = {"max_latency_ms": limit, "student": label(choice["choice"]), "macs": choice["choice"]["macs"],
                          "pick_latency_ms": choice["choice"]["latency_ms"], "validated_latency_ms_p50": fp32["latency_ms_p50"],
-                         "validated_latency_ms_iqr": fp32["latency_ms_iqr"], "size_mb": fp32["size_bytes"] / 1e6,
+                         "validated_latency_ms_interval": fp32["latency_ms_interval"], "size_mb": fp32["size_bytes"] / 1e6,
                          "test_top1": fp32["test_top1"], "under_target": fp32["latency_ms_p50"] <= limit}
 
     medium = a.out / "pick-medium"
@@ -142,16 +143,16 @@ def main() -> None:
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for kind, r in results.items():
         rows.append(f"| {kind} | {r['max_latency_ms']:.3g} | {r['student']} | {r['macs'] / 1e6:.1f} M | {r['size_mb']:.2f} MB | {r['test_top1']:.2f}% | "
-                    f"{fmt_spread(r['pick_latency_ms'])} | {r['validated_latency_ms_p50']:.3g} [{r['validated_latency_ms_iqr'][0]:.3g}–"
-                    f"{r['validated_latency_ms_iqr'][1]:.3g}] | {'yes' if r['under_target'] else '**no**'} |")
+                    f"{fmt_spread(r['pick_latency_ms'])} | {r['validated_latency_ms_p50']:.3g} [{r['validated_latency_ms_interval'][0]:.3g}–"
+                    f"{r['validated_latency_ms_interval'][1]:.3g}] | {'yes' if r['under_target'] else '**no**'} |")
     table_md = "\n".join(rows)
-    rep = ["| figure | medians of the 3 validate runs | IQRs | each median inside the others' IQR |", "| --- | --- | --- | --- |"]
-    rep += [f"| {k} | {', '.join(f'{m:.4g}' for m in v['medians'])} | {', '.join(f'[{q[0]:.4g}–{q[1]:.4g}]' for q in v['iqrs'])} | "
+    rep = ["| figure | medians of the 3 validate runs | central 95 % of the rounds | each median inside the others' |", "| --- | --- | --- | --- |"]
+    rep += [f"| {k} | {', '.join(f'{m:.4g}' for m in v['medians'])} | {', '.join(f'[{q[0]:.4g}–{q[1]:.4g}]' for q in v['intervals'])} | "
             f"{'yes' if v['consistent'] else '**no**'} |" for k, v in consistency.items()]
     md = ["# Picking the student for a latency target (CIFAR-100)", "",
           f"`python benchmarks/bench_pick.py` on the CIFAR-100 recipe: {a.train_limit} training / {a.test_limit} test images, "
-          f"{a.epochs} epochs per student (a brief run: the accuracies show the students learn, not what they reach), {a.threads} threads, batch 1, {a.rounds} interleaved timing rounds. Targets are set from the "
-          f"probe table ({100 * (MARGIN - 1):.0f} % above a candidate's upper quartile); each run then picks on its own measurement.", "",
+          f"{a.epochs} epochs per student (a brief run: the accuracies show the students learn, not what they reach), {a.threads} threads, batch 1, validation timed in {a.rounds} interleaved rounds, {a.seconds:g} s per figure. Targets are set from the "
+          f"probe table ({100 * (MARGIN - 1):.0f} % above the top of a candidate's central 95 %); each run then picks on its own measurement.", "",
           table_md, "", f"{summary['distinct_students']} distinct students for 3 targets.", "",
           "## Repeated validation (medium run, 3 times)", "", *rep, ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def pick_table(result: dict):
     from rich.table import Table
 
     t = Table(title=f"student candidates ({describe_target_dict(result['target'])})")
-    for col in ("student", "params", "MACs", "size MB", "latency ms [IQR]", ""):
+    for col in ("student", "params", "MACs", "size MB", "latency ms [95 %]", ""):
         t.add_column(col, justify="left" if col in ("student", "") else "right")
     for r in result["candidates"]:
         mark = "◀ chosen" if r.get("chosen") else ("fits" if r["fits"] else "; ".join(r["misses"]))
@@ -117,7 +117,7 @@ def describe_target_dict(target: dict) -> str:
 
 
 def choice_plot(result: dict) -> bytes:
-    """Latency vs MACs of every candidate (IQR as error bars), the target's latency line, the choice ringed."""
+    """Latency vs MACs of every candidate (the central 95 % of the rounds as error bars), the target's latency line, the choice ringed."""
     from edgedistill.plots import png, pyplot
 
     plt = pyplot()
@@ -127,7 +127,7 @@ def choice_plot(result: dict) -> bytes:
         sel = [r for r in rows if r["fits"] == fits]
         if sel:
             ys = [r["latency_ms"]["median"] for r in sel]
-            err = [[y - r["latency_ms"]["q1"] for y, r in zip(ys, sel)], [r["latency_ms"]["q3"] - y for y, r in zip(ys, sel)]]
+            err = [[y - r["latency_ms"]["lo"] for y, r in zip(ys, sel)], [r["latency_ms"]["hi"] - y for y, r in zip(ys, sel)]]
             ax.errorbar([r["macs"] / 1e6 for r in sel], ys, yerr=err, fmt="o", color=color, label=name, ms=5, capsize=2)
     for r in rows:
         ax.annotate(label(r), (r["macs"] / 1e6, r["latency_ms"]["median"]), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -114,4 +114,8 @@ class ValidateConfig(Section):
     parity_batches: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 7, 32]
     latency_runs: Annotated[int, Field(ge=1)] = 50
     throughput_batch: Annotated[int, Field(ge=1)] = 32
-    rounds: Annotated[int, Field(ge=1)] = 5  # interleaved timing rounds: every latency / throughput is their median and IQR
+    rounds: Annotated[int, Field(ge=1)] = 15  # interleaved timing rounds: every latency / throughput is their median and central 95 %
+    # Timed seconds per latency or throughput figure, over all rounds. A machine whose speed drifts (a shared VM)
+    # needs a measurement longer than its slow phases for two validations' medians to agree: at 1 s and 5 rounds
+    # they did not, at 10 s and 15 rounds they did (docs/deploy.md).
+    seconds: PositiveFloat = 10.0

@@ -194,7 +194,7 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
     out = ["## Exported models (validated on the CPU)", ""]
     settings = val.get("settings", {})
     out += [f"Latency: one image (batch 1); throughput: batch {settings.get('throughput_batch', '?')}; threads: {settings.get('threads', '?')}; "
-            f"median [interquartile range] of {settings.get('rounds', '?')} rounds interleaved across the variants and PyTorch eager, "
+            f"median [central 95 %] of {settings.get('rounds', '?')} rounds interleaved across the variants and PyTorch eager, "
             "ratios taken round by round.", ""]
     out += ["| variant | file | size | top-1 | Δ vs PyTorch | max abs diff | batch-1 ms | img/s | × PyTorch img/s | status |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -207,9 +207,9 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
         speedup = fmt_spread(v["speedup_vs_torch"], "{:.2f}") + "×" if v.get("speedup_vs_torch") else "–"
         status = "✅" if v.get("passed") else "❌ " + "; ".join(v.get("failures", []))
         out.append(f"| {name} | `{v.get('path', '?')}` | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | "
-                   f"{_iqr(v, 'latency_ms', '{:.3g}')} | {_iqr(v, 'images_per_second', '{:,.0f}')} | {speedup} | {status} |")
+                   f"{_with_interval(v, 'latency_ms', '{:.3g}')} | {_with_interval(v, 'images_per_second', '{:,.0f}')} | {speedup} | {status} |")
     if torch_ips:
-        out += ["", f"PyTorch eager: {_iqr(val, 'torch_images_per_second', '{:,.0f}')} img/s at the same batch size and thread count."]
+        out += ["", f"PyTorch eager: {_with_interval(val, 'torch_images_per_second', '{:,.0f}')} img/s at the same batch size and thread count."]
     if val.get("recommendations"):
         out += ["", "### What to ship", "", *[f"- {rec['line']}" for rec in val["recommendations"]]]
     variants = (export or {}).get("variants", {})
@@ -232,13 +232,13 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
     return out + [""]
 
 
-def _iqr(row: dict, key: str, spec: str) -> str:
-    """'median [q1–q3]' of a figure validation stored as ``key`` (or ``key_p50``) and ``key_iqr``."""
+def _with_interval(row: dict, key: str, spec: str) -> str:
+    """'median [lo–hi]' of a figure validation stored as ``key`` (or ``key_p50``) and ``key_interval``."""
     median = row.get(key if key in row and not isinstance(row.get(key), dict) else f"{key}_p50")
-    iqr = row.get(f"{key}_iqr")
+    interval = row.get(f"{key}_interval")
     if median is None:
         return "–"
-    return spec.format(median) + (f" [{spec.format(iqr[0])}–{spec.format(iqr[1])}]" if iqr else "")
+    return spec.format(median) + (f" [{spec.format(interval[0])}–{spec.format(interval[1])}]" if interval else "")
 
 
 def _choice_section(choice: dict) -> list[str]:
@@ -247,7 +247,7 @@ def _choice_section(choice: dict) -> list[str]:
     out = ["## Student choice (student.arch: auto)", "", f"Target: {describe_target_dict(choice['target'])}. Chosen: **{choice['reason']}**.",
            "", "Each candidate was exported untrained and timed in ONNX Runtime on this machine "
            f"({choice['settings']['machine']}), {choice['settings']['rounds']} interleaved rounds.", "",
-           "| student | params | MACs | size MB | latency ms [IQR] | |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+           "| student | params | MACs | size MB | latency ms [95 %] | |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in choice["candidates"]:
         mark = "**chosen**" if r.get("chosen") else ("fits" if r["fits"] else "; ".join(r["misses"]))
         out.append(f"| {label(r)} | {r['parameters'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['size_mb']:.2f} | "
@@ -276,8 +276,8 @@ def _compression_section(run: Path, teacher: dict | None, val: dict, baseline: d
            f"| parameters | {num(t.get('parameters'))} | {num(s.get('parameters'))} | {times(t.get('parameters'), s.get('parameters'))} |",
            f"| MACs per image | {num(t.get('macs'))} | {num(s.get('macs'))} | {times(t.get('macs'), s.get('macs'))} |",
            f"| file size | {tsize} | {files or '–'} | |",
-           f"| PyTorch eager img/s (CPU, validation batch) | {_iqr(t, 'images_per_second', '{:,.0f}')} | "
-           f"{_iqr(val, 'torch_images_per_second', '{:,.0f}')} | student: {times(val.get('torch_images_per_second'), t.get('images_per_second'))} the teacher's |",
+           f"| PyTorch eager img/s (CPU, validation batch) | {_with_interval(t, 'images_per_second', '{:,.0f}')} | "
+           f"{_with_interval(val, 'torch_images_per_second', '{:,.0f}')} | student: {times(val.get('torch_images_per_second'), t.get('images_per_second'))} the teacher's |",
            f"| test top-1 | {'–' if ttop1 is None else f'{ttop1:.2f}%'} | {'–' if stop1 is None else f'{stop1:.2f}%'} | "
            f"{'–' if None in (ttop1, stop1) else f'{round(stop1 - ttop1, 2) + 0.0:+.2f} points'} |"]
     if baseline:
@@ -292,17 +292,17 @@ def _compression_section(run: Path, teacher: dict | None, val: dict, baseline: d
 
 
 def variants_plot(variants: dict) -> bytes:
-    """Test top-1 vs batch-1 latency (IQR as error bars) of every variant; the marker's area is its file size."""
+    """Test top-1 vs batch-1 latency (the central 95 % of the rounds as error bars) of every variant; the marker's area is its file size."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     biggest = max(v["size_bytes"] or 1 for v in variants.values())
     for name, v in variants.items():
-        x, iqr = v["latency_ms_p50"], v.get("latency_ms_iqr") or [v["latency_ms_p50"]] * 2
-        ax.errorbar([x], [v["test_top1"]], xerr=[[x - iqr[0]], [iqr[1] - x]], fmt="none", ecolor="gray", capsize=2)
+        x, (lo, hi) = v["latency_ms_p50"], v.get("latency_ms_interval") or [v["latency_ms_p50"]] * 2
+        ax.errorbar([x], [v["test_top1"]], xerr=[[x - lo], [hi - x]], fmt="none", ecolor="gray", capsize=2)
         ax.scatter([x], [v["test_top1"]], s=40 + 600 * (v["size_bytes"] or 0) / biggest, alpha=0.6,
                    marker="o" if v.get("passed") else "x")
         ax.annotate(f"{name} · {(v['size_bytes'] or 0) / 1e6:.2f} MB", (x, v["test_top1"]), fontsize=7, xytext=(6, 4), textcoords="offset points")
-    ax.set_xlabel("latency, ms per image (batch 1, median and IQR)")
+    ax.set_xlabel("latency, ms per image (batch 1, median and central 95 %)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("every exported variant (marker area: file size; x: failed its gate)", fontsize=9)
     fig.tight_layout()

@@ -4,7 +4,9 @@ with their spread, and ratios taken round by round.
 A single timed run of one variant, then of the next, lets a neighbour's job slow one of them and not the other.
 Here every callable runs once per *round*, in an order rotated from round to round, so a stall hits the variants
 of that round alike; each round gives one sample per callable (its mean seconds per call in that round), and a
-figure is the median of the rounds with the interquartile range as its spread. A ratio (int8 vs fp32, ONNX Runtime
+figure is the median of the rounds with the central 95 % of them as its spread. Not the interquartile range: on a
+virtual machine whose speed drifts, the median of a validation repeated a minute later mostly lands outside the
+first one's IQR, so an IQR overstates how well a figure repeats (measured in docs/deploy.md). A ratio (int8 vs fp32, ONNX Runtime
 vs PyTorch) is computed inside each round and then summarised, never as a ratio of two medians taken apart.
 
 Pure Python over an injected clock, so the tests run on a fake one.
@@ -53,12 +55,13 @@ def _of(value: int | Mapping[K, int], name: K) -> int:
 
 
 def spread(samples: Sequence[float], digits: int = 4) -> dict:
-    """``{"median", "q1", "q3", "n"}`` of the samples (quartiles by linear interpolation; one sample: all equal)."""
+    """``{"median", "lo", "hi", "n"}``: the median and the central 95 % of the samples (their 2.5th and 97.5th
+    percentiles, interpolated linearly between order statistics; one sample: all equal)."""
     xs = sorted(float(x) for x in samples)
     if not xs:
         raise ValueError("spread of no samples")
-    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
-    return {"median": round(statistics.median(xs), digits), "q1": round(q1, digits), "q3": round(q3, digits), "n": len(xs)}
+    cuts = statistics.quantiles(xs, n=40, method="inclusive") if len(xs) > 1 else [xs[0]]
+    return {"median": round(statistics.median(xs), digits), "lo": round(cuts[0], digits), "hi": round(cuts[-1], digits), "n": len(xs)}
 
 
 def per_round_ratio(num: Sequence[float], den: Sequence[float]) -> list[float]:
@@ -69,10 +72,10 @@ def per_round_ratio(num: Sequence[float], den: Sequence[float]) -> list[float]:
 
 
 def within(value: float, s: Mapping) -> bool:
-    """``value`` lies inside the stated spread ``[q1, q3]`` of ``s``."""
-    return s["q1"] <= value <= s["q3"]
+    """``value`` lies inside the stated spread ``[lo, hi]`` of ``s``."""
+    return s["lo"] <= value <= s["hi"]
 
 
 def fmt_spread(s: Mapping, spec: str = "{:.3g}") -> str:
-    """'0.215 [0.21–0.22]': the median and its interquartile range."""
-    return f"{spec.format(s['median'])} [{spec.format(s['q1'])}–{spec.format(s['q3'])}]"
+    """'0.215 [0.21–0.22]': the median and the central 95 % of the rounds."""
+    return f"{spec.format(s['median'])} [{spec.format(s['lo'])}–{spec.format(s['hi'])}]"

@@ -10,20 +10,20 @@
       "variants": {
         "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
                  "test_top1", "torch_top1", "delta_top1",
-                 "latency_ms_p50", "latency_ms_iqr": [q1, q3], "latency_ms_samples": [per round],   # batch 1
-                 "images_per_second", "images_per_second_iqr", "images_per_second_samples",       # throughput_batch
+                 "latency_ms_p50", "latency_ms_interval": [lo, hi], "latency_ms_samples": [per round],   # batch 1
+                 "images_per_second", "images_per_second_interval", "images_per_second_samples",       # throughput_batch
                  "speedup_vs_torch": spread, "latency_vs_fp32": spread,                           # ratios per round
                  "deploy_to": [kind], "torch_images_per_second", "passed", "failures": [str]},
         ...                                # one row per target in export.json
       },
-      "torch_images_per_second_iqr", "torch_images_per_second_samples",
+      "torch_images_per_second_interval", "torch_images_per_second_samples",
       "models": {"student": {"parameters", "macs"}, "teacher": {"parameters", "macs", "images_per_second", ...}},
       "recommendations": [{"kind", "variant", "line", ...}]   # edgedistill.recommend
     }
 
 Timing (:mod:`edgedistill.timing`): every variant, PyTorch eager and the teacher run in ``rounds`` interleaved
-rounds; a figure is the median of the rounds and its IQR, a ratio is taken round by round (a spread:
-``{"median", "q1", "q3", "n"}``).
+rounds; a figure is the median of the rounds and their central 95 %, a ratio is taken round by round (a spread:
+``{"median", "lo", "hi", "n"}``).
 
 The files, the runtime that runs them and the gates come from the export targets
 (:data:`edgedistill.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` and
@@ -51,10 +51,6 @@ from edgedistill.recommend import recommend
 from edgedistill.targets import TARGETS, OnnxTarget, Runner, Target, check_images
 from edgedistill.timing import interleaved, per_round_ratio, spread
 
-# Per variant and figure (batch-1 latency, throughput), over all rounds. For latency too: a fixed few calls of a
-# sub-millisecond model last milliseconds, and on a shared or virtual machine one slow phase of a few hundred
-# milliseconds then decides a whole validation's median.
-DEFAULT_TIMING_SECONDS = 1.0
 LATENCY_WARMUP = 5
 REFERENCE_BATCH = 64
 REFERENCE_VARIANT = "fp32"  # the variant every other one is compared with (the others require it)
@@ -65,7 +61,7 @@ TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing roun
 
 
 def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
-                    cfg, *, timing_seconds: float = DEFAULT_TIMING_SECONDS, teacher: nn.Module | None = None) -> dict:
+                    cfg, *, teacher: nn.Module | None = None) -> dict:
     """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
     ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
@@ -88,7 +84,7 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
             runners[name] = runner
         results[name]["deploy_to"] = list(target.deploy_to)
     eager = {TORCH: reference["model"]} | ({TEACHER: teacher} if teacher is not None else {})
-    timed = _time_all(runners, eager, test_x, cfg, timing_seconds)
+    timed = _time_all(runners, eager, test_x, cfg)
     _fill_timing(results, timed, cfg.throughput_batch)
     for name, r in results.items():
         if name in runners:
@@ -109,8 +105,7 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
     return out
 
 
-def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None,
-                       timing_seconds: float = DEFAULT_TIMING_SECONDS) -> dict:
+def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None) -> dict:
     """Accuracy, latency and size of one ONNX (or ORT-format) file, with no PyTorch model (no parity, no gates).
 
     Same result shape as :func:`validate_export`; ``torch_*`` fields are ``None``. The only gate is
@@ -121,7 +116,7 @@ def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, nam
     name = name or path.name
     r, runner = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None)  # ORT runner; no gate without a reference
     if runner is not None:
-        _fill_timing({name: r}, _time_all({name: runner}, {}, test_x, cfg, timing_seconds), cfg.throughput_batch)
+        _fill_timing({name: r}, _time_all({name: runner}, {}, test_x, cfg), cfg.throughput_batch)
     r["passed"] = not r["failures"]
     return {
         "passed": r["passed"],
@@ -151,7 +146,7 @@ def check_gates(results: Mapping) -> None:
 
 
 def validation_table(results: Mapping):
-    """A rich Table: variant · size · top-1 · Δ vs PyTorch · latency ms [IQR] · img/s [IQR] · × PyTorch · status."""
+    """A rich Table: variant · size · top-1 · Δ vs PyTorch · latency ms [95 %] · img/s [95 %] · × PyTorch · status."""
     from rich.table import Table
 
     settings = results.get("settings", {})
@@ -162,11 +157,11 @@ def validation_table(results: Mapping):
         title += f", img/s at batch {settings['throughput_batch']}"
     table = Table(title=title + ")")
     for col, justify in (("variant", "left"), ("size", "right"), ("top-1", "right"), ("Δ vs PyTorch", "right"),
-                         ("batch-1 ms [IQR]", "right"), ("img/s [IQR]", "right"), ("× PyTorch", "right"), ("status", "left")):
+                         ("batch-1 ms [95 %]", "right"), ("img/s [95 %]", "right"), ("× PyTorch", "right"), ("status", "left")):
         table.add_column(col, justify=justify)
     if results.get("torch_top1") is not None:
         table.add_row("pytorch (eager)", "–", _fmt(results["torch_top1"], "{:.2f}%"), "–", "–",
-                      _with_iqr(results.get("torch_images_per_second"), results.get("torch_images_per_second_iqr"), "{:,.0f}"),
+                      _with_interval(results.get("torch_images_per_second"), results.get("torch_images_per_second_interval"), "{:,.0f}"),
                       "1", "reference")
     for name, r in results.get("variants", {}).items():
         status = "✅" if r.get("passed") else "❌ " + "; ".join(r.get("failures") or [])
@@ -175,8 +170,8 @@ def validation_table(results: Mapping):
             _fmt_size(r.get("size_bytes")),
             _fmt(r.get("test_top1"), "{:.2f}%"),
             _fmt(r.get("delta_top1"), "{:+.2f}"),
-            _with_iqr(r.get("latency_ms_p50"), r.get("latency_ms_iqr"), "{:.3g}"),
-            _with_iqr(r.get("images_per_second"), r.get("images_per_second_iqr"), "{:,.0f}"),
+            _with_interval(r.get("latency_ms_p50"), r.get("latency_ms_interval"), "{:.3g}"),
+            _with_interval(r.get("images_per_second"), r.get("images_per_second_interval"), "{:,.0f}"),
             _fmt((r.get("speedup_vs_torch") or {}).get("median"), "{:.2f}×"),
             status,
         )
@@ -197,9 +192,9 @@ def _row(path: Path, reference: dict | None) -> dict:
         "torch_top1": reference["top1"] if reference else None,
         "delta_top1": None,
         "latency_ms_p50": None,
-        "latency_ms_iqr": None,
+        "latency_ms_interval": None,
         "images_per_second": None,
-        "images_per_second_iqr": None,
+        "images_per_second_interval": None,
         "passed": False,
         "failures": [],
     }
@@ -251,12 +246,12 @@ def _parity(r: dict, runner: Runner, reference: dict) -> None:
 # ---------------------------------------------------------------- timing, interleaved
 
 
-def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg, seconds: float) -> dict:
+def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg) -> dict:
     """Seconds per call, per round: ``{"latency": {variant: [...]}, "throughput": {variant or eager name: [...]}}``.
 
     Batch-1 latency of every variant and throughput at ``throughput_batch`` of every variant and eager model, all
     in the same ``cfg.rounds`` interleaved rounds (:func:`edgedistill.timing.interleaved`), each figure for at least
-    ``seconds`` over the rounds. Sharing the rounds spreads every figure's samples over the whole measurement: a
+    ``cfg.seconds`` over the rounds. Sharing the rounds spreads every figure's samples over the whole measurement: a
     slow phase of the machine that lasts seconds then shows in each figure's spread instead of moving its median."""
     x1, xb = np.ascontiguousarray(test_x[:1]), _take(test_x, cfg.throughput_batch)
     tb = torch.from_numpy(xb)
@@ -264,7 +259,7 @@ def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], tes
     calls |= {("throughput", n): (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
     calls |= {("throughput", n): (lambda m=m: m(tb)) for n, m in eager.items()}
     with torch_threads(cfg.threads), torch.inference_mode():
-        samples = interleaved(calls, rounds=cfg.rounds, min_seconds=seconds / cfg.rounds,
+        samples = interleaved(calls, rounds=cfg.rounds, min_seconds=cfg.seconds / cfg.rounds,
                               min_calls={k: max(1, cfg.latency_runs // cfg.rounds) if k[0] == "latency" else 1 for k in calls},
                               warmup={k: LATENCY_WARMUP if k[0] == "latency" else 1 for k in calls}) if calls else {}
     out: dict[str, dict[str, list[float]]] = {"latency": {}, "throughput": {}}
@@ -274,14 +269,14 @@ def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], tes
 
 
 def _fill_timing(results: dict, timed: dict, batch: int) -> None:
-    """Medians, IQRs and per-round ratios into the rows of the variants that were timed."""
+    """Medians, central 95 % ranges and per-round ratios into the rows of the variants that were timed."""
     lat, thr = timed["latency"], timed["throughput"]
     for name, r in results.items():
         if name not in lat:
             continue
         ms = [1000.0 * t for t in lat[name]]
         s = spread(ms)
-        r.update(latency_ms_p50=s["median"], latency_ms_iqr=[s["q1"], s["q3"]], latency_ms_samples=[round(t, 5) for t in ms])
+        r.update(latency_ms_p50=s["median"], latency_ms_interval=[s["lo"], s["hi"]], latency_ms_samples=[round(t, 5) for t in ms])
         r.update(_throughput_fields("", thr[name], batch))
         if TORCH in thr:
             r["speedup_vs_torch"] = spread(per_round_ratio(thr[TORCH], thr[name]))
@@ -292,7 +287,7 @@ def _fill_timing(results: dict, timed: dict, batch: int) -> None:
 def _throughput_fields(prefix: str, seconds: list[float], batch: int) -> dict:
     ips = [batch / t for t in seconds]
     s = spread(ips, digits=2)
-    return {f"{prefix}images_per_second": s["median"], f"{prefix}images_per_second_iqr": [s["q1"], s["q3"]],
+    return {f"{prefix}images_per_second": s["median"], f"{prefix}images_per_second_interval": [s["lo"], s["hi"]],
             f"{prefix}images_per_second_samples": [round(v, 2) for v in ips]}
 
 
@@ -356,7 +351,8 @@ def _top1(logits: np.ndarray, y: np.ndarray) -> float:
 def _settings(cfg, n: int) -> dict:
     return {"threads": cfg.threads, "atol": cfg.atol, "max_int8_drop": cfg.max_int8_drop,
             "max_fp16_drop": cfg.max_fp16_drop, "parity_batches": list(cfg.parity_batches),
-            "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "rounds": cfg.rounds, "test_images": n,
+            "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "rounds": cfg.rounds,
+            "seconds": cfg.seconds, "test_images": n,
             "provider": "CPUExecutionProvider"}
 
 
@@ -369,8 +365,8 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None else spec.format(v)
 
 
-def _with_iqr(v, iqr, spec: str) -> str:
-    return "–" if v is None else spec.format(v) + (f" [{spec.format(iqr[0])}–{spec.format(iqr[1])}]" if iqr else "")
+def _with_interval(v, interval, spec: str) -> str:
+    return "–" if v is None else spec.format(v) + (f" [{spec.format(interval[0])}–{spec.format(interval[1])}]" if interval else "")
 
 
 def _fmt_size(n) -> str:

@@ -22,7 +22,7 @@ TINY = {
     "distill": {"epochs": 2, "optimizer": {"lr": 0.05}, "loss": {"name": "energy_kd"}},
     "augment": {"fraction": 0.2, "profile_steps": 1},
     "export": {"formats": ["fp32"]},
-    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4},
+    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4, "rounds": 3, "seconds": 0.05},
 }
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_documented_snippet_reproduces_the_validated_fp32_top1(tmp_path, monkeyp
     raw["data"] = {"source": "imagefolder", "root": str(root), "image_size": 72, "batch_size": 4, "eval_batch_size": 32}
     for section in (raw["teacher"]["train"], raw["distill"]):  # enough steps to beat chance (about 80 %)
         section["epochs"], section["optimizer"] = 6, {"lr": 0.02}
-    raw["validate"] = {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 32}
+    raw["validate"] = {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 32, "rounds": 3, "seconds": 0.05}
     recipe = tmp_path / "shapes.yaml"
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
 

@@ -38,9 +38,8 @@ SIZE = 32
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
 CLASSES = {arch: 3 + i % 8 for i, arch in enumerate(STUDENTS)}  # 3–10 classes, varying by arch
 MAIN = "mobilenet_v3_small"
-FAST = dict(timing_seconds=0.02)
 # One thread: on a shared 2-core box, 2 OpenMP / ORT threads wait on each other's time slices (100x slower).
-VCFG = ValidateConfig(parity_batches=[1, 3, 8], latency_runs=5, throughput_batch=8, threads=1)
+VCFG = ValidateConfig(parity_batches=[1, 3, 8], latency_runs=5, throughput_batch=8, threads=1, seconds=0.02)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -202,7 +201,7 @@ def test_every_registered_target_builds_runs_and_passes_its_gate(name, tmp_path)
     assert got.shape == (len(x), 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, torch_out(model, x), atol=tol, rtol=0)
 
-    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    res = validate_export(model, tmp_path, summary, x, y, VCFG)
     row = res["variants"][name]
     assert row["passed"], row["failures"]
     assert row["path"] == target.files[0] and row["max_abs_diff"] <= tol and target.gate(row, VCFG) == []
@@ -264,7 +263,7 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
 
     x, y = confident_test_set(model, margin=0.01)
     Pt2Runner.calls = 0
-    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    res = validate_export(model, tmp_path, summary, x, y, VCFG)
     row = res["variants"][Pt2.name]
     assert res["passed"] and row["passed"] and Pt2Runner.calls > 0  # run by its own runner
     assert row["max_abs_diff"] <= VCFG.atol and row["top1_agreement"] == 1.0 and row["test_top1"] == 100.0
@@ -273,7 +272,7 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
     assert f"| {Pt2.name} | `student.test.pt2` |" in md and "| fp32 | `student.onnx` |" in md
 
     (tmp_path / "student.test.pt2").write_bytes(b"garbage")
-    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    res = validate_export(model, tmp_path, summary, x, y, VCFG)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     assert res["variants"][Pt2.name]["failures"][0].startswith("not a loadable torch.export program: student.test.pt2")
 
@@ -481,7 +480,7 @@ def test_validation_passes_on_a_healthy_model(main_run):
     x, y = _test_set(model)
     # int8 of an untrained net on noise images is not a fair accuracy test: its gate is checked separately.
     cfg = VCFG.model_copy(update={"max_int8_drop": 100.0, "max_fp16_drop": 5.0})
-    res = validate_export(model, d, summary, x, y, cfg, **FAST)
+    res = validate_export(model, d, summary, x, y, cfg)
     assert res["passed"], res
     assert list(res["variants"]) == ["fp32", "int8", "fp16", "edge"]
     assert res["torch_top1"] == 100.0 and res["torch_images_per_second"] > 0
@@ -493,7 +492,7 @@ def test_validation_passes_on_a_healthy_model(main_run):
     for name, r in res["variants"].items():
         for key in ("max_abs_diff", "top1_agreement", "test_top1", "latency_ms_p50", "images_per_second", "size_bytes"):
             assert r[key] is not None, (name, key)
-        assert r["latency_ms_iqr"][1] >= r["latency_ms_p50"] >= r["latency_ms_iqr"][0] > 0 and r["failures"] == []
+        assert r["latency_ms_interval"][1] >= r["latency_ms_p50"] >= r["latency_ms_interval"][0] > 0 and r["failures"] == []
         assert len(r["latency_ms_samples"]) == len(r["images_per_second_samples"]) == VCFG.rounds
         assert r["speedup_vs_torch"]["n"] == VCFG.rounds and r["deploy_to"] == list(TARGETS.get(name).deploy_to)
         assert r["delta_top1"] == pytest.approx(r["test_top1"] - 100.0)
@@ -516,7 +515,7 @@ def test_corrupted_or_missing_files_fail_their_variant_only(main_run, tmp_path):
     truncated.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])
     summary = summary_of(fp32="student.onnx", int8=garbage.name, fp16=truncated.name, edge="student.b1.ort")
     x, y = _test_set(model, n=16)
-    res = validate_export(model, tmp_path, summary, x, y, VCFG, **FAST)
+    res = validate_export(model, tmp_path, summary, x, y, VCFG)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     for name, file in (("int8", garbage), ("fp16", truncated)):
         r = res["variants"][name]
@@ -533,7 +532,7 @@ def test_corrupted_or_missing_files_fail_their_variant_only(main_run, tmp_path):
 
 def test_a_variant_of_an_unknown_target_fails_with_the_known_names(main_run):
     x, y = _test_set(main_run["model"], n=8)
-    res = validate_export(main_run["model"], main_run["dir"], summary_of(fp32="student.onnx", coreml="student.mlpackage"), x, y, VCFG, **FAST)
+    res = validate_export(main_run["model"], main_run["dir"], summary_of(fp32="student.onnx", coreml="student.mlpackage"), x, y, VCFG)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     assert res["variants"]["coreml"]["failures"] == ["unknown export target 'coreml'; known: " + ", ".join(TARGETS.names())]
 
@@ -544,7 +543,7 @@ def test_perturbed_weights_fail_the_parity_gates(main_run):
     with torch.no_grad():
         conv.weight.add_(0.5 * torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)))
     x, y = _test_set(main_run["model"], n=16)
-    res = validate_export(model, main_run["dir"], summary_of(fp32="student.onnx", edge="student.b1.ort"), x, y, VCFG, **FAST)
+    res = validate_export(model, main_run["dir"], summary_of(fp32="student.onnx", edge="student.b1.ort"), x, y, VCFG)
     for name in ("fp32", "edge"):
         r = res["variants"][name]
         assert not r["passed"] and r["max_abs_diff"] > VCFG.atol
@@ -581,13 +580,27 @@ def test_timed_sessions_stop_spinning_between_calls(main_run):
 
 def test_validate_onnx_file_without_torch_model(main_run):
     x, y = _test_set(main_run["model"], n=16)
-    res = validate_onnx_file(main_run["paths"]["int8"], x, y, VCFG, **FAST)
+    res = validate_onnx_file(main_run["paths"]["int8"], x, y, VCFG)
     r = res["variants"]["student.int8.onnx"]
     assert res["passed"] and r["passed"] and r["max_abs_diff"] is None and r["delta_top1"] is None
     assert 0 <= r["test_top1"] <= 100 and r["latency_ms_p50"] > 0 and r["size_bytes"] > 0
     for fixed_batch_1 in ("student.b1.onnx", "student.b1.ort"):  # run image by image
-        res = validate_onnx_file(main_run["dir"] / fixed_batch_1, x, y, VCFG, **FAST)
+        res = validate_onnx_file(main_run["dir"] / fixed_batch_1, x, y, VCFG)
         assert res["variants"][fixed_batch_1]["test_top1"] == 100.0
+
+
+def test_validate_seconds_and_rounds_set_the_timing(main_run, monkeypatch):
+    """``validate.seconds`` is each figure's timed length over all rounds: every round times it for its share."""
+    import edgedistill.validate as validate_module
+
+    seen = []
+    real = validate_module.interleaved
+    monkeypatch.setattr(validate_module, "interleaved", lambda calls, **kw: seen.append(kw) or real(calls, **kw))
+    x, y = _test_set(main_run["model"], n=8)
+    cfg = VCFG.model_copy(update={"seconds": 0.06, "rounds": 3})
+    res = validate_onnx_file(main_run["paths"]["fp32"], x, y, cfg)
+    assert [(kw["rounds"], kw["min_seconds"]) for kw in seen] == [(3, pytest.approx(0.02))]
+    assert res["settings"]["seconds"] == 0.06 and len(res["variants"]["student.onnx"]["latency_ms_samples"]) == 3
 
 
 def test_validation_refuses_bad_test_data(main_run):

@@ -15,9 +15,9 @@ from edgedistill.timing import interleaved, per_round_ratio, spread, within
 pytestmark = pytest.mark.usefixtures("isolated")
 
 
-def row(arch, width, macs, ms, mb, iqr=0.01):
+def row(arch, width, macs, ms, mb, half=0.01):
     return {"arch": arch, "width": width, "macs": macs, "parameters": macs // 10, "size_mb": mb,
-            "latency_ms": {"median": ms, "q1": ms - iqr, "q3": ms + iqr, "n": 5}}
+            "latency_ms": {"median": ms, "lo": ms - half, "hi": ms + half, "n": 5}}
 
 
 TABLE = [
@@ -132,10 +132,12 @@ def test_min_seconds_keeps_calling_until_it_has_passed():
     assert samples["f"] == pytest.approx([0.1, 0.1])
 
 
-def test_spread_is_median_and_quartiles():
-    assert spread([5, 1, 3, 2, 4]) == {"median": 3, "q1": 2, "q3": 4, "n": 5}
-    assert spread([7]) == {"median": 7, "q1": 7, "q3": 7, "n": 1}
-    assert within(3.5, spread([1, 2, 3, 4, 5])) and not within(4.5, spread([1, 2, 3, 4, 5]))
+def test_spread_is_median_and_central_95_percent():
+    # 2.5th percentile of 5 sorted samples: position 4 × 0.025 = 0.1 between the 1st and 2nd; 97.5th: 3.9
+    assert spread([5, 1, 3, 2, 4]) == {"median": 3, "lo": 1.1, "hi": 4.9, "n": 5}
+    assert spread([7]) == {"median": 7, "lo": 7, "hi": 7, "n": 1}
+    assert spread(range(1, 42)) == {"median": 21, "lo": 2, "hi": 40, "n": 41}  # 40 gaps: the cuts fall on the 2nd and 40th
+    assert within(4.9, spread([1, 2, 3, 4, 5])) and not within(4.95, spread([1, 2, 3, 4, 5]))
     with pytest.raises(ValueError):
         per_round_ratio([1, 2], [1])
 
@@ -157,7 +159,7 @@ def test_on_real_exports_the_chosen_student_runs_under_its_target(monkeypatch):
     table = measure(probe.candidate_archs(), probe, rounds=3, round_seconds=0.01, **kw)
     assert [(r["arch"], r["width"]) for r in table["rows"]] == [("mobilenet_v3_small", 0.35), ("shufflenet_v2_x0_5", 1.0)]
     for r in table["rows"]:
-        assert r["macs"] > 0 and r["size_mb"] > 0 and r["latency_ms"]["q1"] <= r["latency_ms"]["median"] <= r["latency_ms"]["q3"]
+        assert r["macs"] > 0 and r["size_mb"] > 0 and r["latency_ms"]["lo"] <= r["latency_ms"]["median"] <= r["latency_ms"]["hi"]
     limit = 3 * max(r["latency_ms"]["median"] for r in table["rows"])
     target = DeviceTarget(max_latency_ms=limit, archs=probe.archs)
     result = P.pick(table["rows"], target)

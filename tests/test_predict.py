@@ -71,7 +71,7 @@ def test_validation_recommends_what_to_ship_and_the_report_tells_the_compression
         assert rec["variant"] in ("fp32", "int8") and rec["line"].startswith(f"{rec['kind'].replace('server', 'server CPU').replace('edge', 'edge device')}: ship {rec['variant']}")
         assert " ".join(rec["line"].split())[:60] in output
     for r in val["variants"].values():
-        assert len(r["latency_ms_samples"]) == 3 and r["latency_ms_iqr"][0] <= r["latency_ms_p50"] <= r["latency_ms_iqr"][1]
+        assert len(r["latency_ms_samples"]) == 3 and r["latency_ms_interval"][0] <= r["latency_ms_p50"] <= r["latency_ms_interval"][1]
         assert r["speedup_vs_torch"]["n"] == 3
     assert val["variants"]["int8"]["latency_vs_fp32"]["n"] == 3
     assert val["models"]["teacher"]["macs"] > 0 and val["models"]["student"]["macs"] > 0
