@@ -6,8 +6,9 @@ Here every callable runs once per *round*, in an order rotated from round to rou
 of that round alike; each round gives one sample per callable (its mean seconds per call in that round), and a
 figure is the median of the rounds with the central 95 % of them as its spread. Not the interquartile range: on a
 virtual machine whose speed drifts, the median of a validation repeated a minute later mostly lands outside the
-first one's IQR, so an IQR overstates how well a figure repeats (measured in docs/deploy.md). A ratio (int8 vs fp32, ONNX Runtime
-vs PyTorch) is computed inside each round and then summarised, never as a ratio of two medians taken apart.
+first one's IQR, so an IQR overstates how well a figure repeats (measured in docs/deploy.md). A ratio (int8 vs
+fp32, ONNX Runtime vs PyTorch) is computed inside each round and then summarised, never as a ratio of two medians
+taken apart.
 
 Pure Python over an injected clock, so the tests run on a fake one.
 """
