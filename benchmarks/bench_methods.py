@@ -2,8 +2,10 @@
 
 Every configuration (student × method × seed) is one real run of the pipeline's own stages in its own run folder
 under ``benchmarks/cache/methods/<protocol>/``, named by a hash of its overrides. A finished stage is never redone
-and an interrupted one resumes exactly from its checkpoint, so the grid runs in chunks across sessions: stop it,
-run it again. The work comes in three parts, because accuracy does not depend on the machine's load and timings do:
+and an interrupted one resumes exactly from its checkpoint. A finished run's numbers are also written to
+``benchmarks/records/methods/<protocol>/<id>.json``, which is committed: the cache is hours of CPU but lives only
+in one checkout, so the grid is made across sessions and clones, and a configuration with a record is not trained
+again. The work comes in three parts, because accuracy does not depend on the machine's load and timings do:
 
     python benchmarks/bench_methods.py train [--seed N] [--only TEXT]   # accuracy runs; may run beside other work
     python benchmarks/bench_methods.py costs     # alone on the machine: step costs of every method, plan vs measured
@@ -54,6 +56,7 @@ from edgedistill.train import evaluate  # noqa: E402
 
 BASE_RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
 CACHE = ROOT / "benchmarks" / "cache" / "methods"
+RECORDS = ROOT / "benchmarks" / "records" / "methods"
 DOCS = ROOT / "docs"
 
 STUDENTS = {
@@ -132,7 +135,7 @@ PROTOCOLS = {
     # checks this script end to end in minutes; its numbers mean nothing
     "smoke": Protocol(
         FIXED + ("data.train_limit=512", "data.test_limit=500", "data.batch_size=64", "distill.epochs=1", "distill.schedule={name: constant}",
-                 "augment.profile_steps=2"),
+                 "augment.profile_steps=2", "validate.rounds=3", "validate.seconds=0.2"),
         1, (("shufflenet_v2_x0_5", "kd", 2), ("shufflenet_v2_x0_5", "energy_kd", 2), ("shufflenet_v2_x0_5", "ce", 1),
             ("mobilenet_v2_w0.5", "kd", 1), ("shufflenet_v2_x0_5", "kd_heda_0.5", 1)), "a smoke test"),
 }
@@ -187,7 +190,7 @@ def shared_scores(protocol: str) -> Path:
     return base
 
 
-def train(cfg: Config, protocol: str, base: Path) -> None:
+def train(cfg: Config, protocol: str, base: Path, stages: tuple[str, ...] = TRAIN_STAGES) -> None:
     root = folder(cfg, protocol)
     if not root.exists():  # copied whole, then renamed: a folder is there complete or not at all
         tmp = root.with_name(f".{root.name}.tmp")
@@ -195,7 +198,7 @@ def train(cfg: Config, protocol: str, base: Path) -> None:
         shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("recipe.yaml", "env.json"))
         tmp.rename(root)
     ctx = open_run(recipe_for(cfg, protocol), root, resume=True)
-    for stage in TRAIN_STAGES:
+    for stage in stages:
         if not ctx.run.done(stage):
             run_stage(ctx, stage)
 
@@ -214,7 +217,10 @@ def measure_costs(protocol: str) -> dict:
     evaluation of the test set. For the HE-DA rows, also the plan stage's forecast of the same epoch, measured now."""
     out = {}
     live = ("distill.teacher_cache=null", f"augment.profile_steps={COST_STEPS}")
+    base = shared_scores(protocol)
     for student, methods in PROTOCOLS[protocol].methods().items():
+        for m in methods:  # a fresh checkout has records but no run folders: only the plan is needed here
+            train(Config(student, m, 0), protocol, base, stages=("teacher", "score", "plan"))
         ctxs = {m: context(Config(student, m, 0), protocol, *live) for m in methods}
         ref = ctxs[REFERENCE]
         bench = StepBench(ref)
@@ -244,15 +250,23 @@ def measure_costs(protocol: str) -> dict:
 
 
 def deploy(protocol: str, rows: list[dict]) -> None:
-    """Export and validate the best run of each student (highest final test top-1), on the full test split."""
+    """Export and validate the best run of each student (highest final test top-1), on the full test split. A best
+    run known only from its record is trained again first; the same seed gives the same data order and the same
+    initialisation, and the retrained top-1 is printed next to the recorded one."""
     for student in PROTOCOLS[protocol].methods():
         best = max((r for r in rows if r["student"] == student), key=lambda r: r["test_top1"], default=None)
         if best is None:
             continue
-        ctx = open_run(recipe_for(Config(student, best["method"], best["seed"]), protocol), ROOT / best["run"], resume=True)
+        cfg = Config(student, best["method"], best["seed"])
+        if not RunFolder(folder(cfg, protocol)).done("distill"):
+            print(f"{cfg.id}: its run folder is not in this checkout's cache; training it again", flush=True)
+            train(cfg, protocol, shared_scores(protocol))
+            print(f"{cfg.id}: retrained top-1 {collect(cfg, protocol)['test_top1']:.2f} %, recorded {best['test_top1']:.2f} %", flush=True)
+        ctx = open_run(recipe_for(cfg, protocol), folder(cfg, protocol), resume=True)
         for stage in ("export", "validate"):
             if not ctx.run.done(stage):
                 run_stage(ctx, stage)
+        save_record(cfg, protocol)
 
 
 # ---------------------------------------------------------------- collecting
@@ -281,6 +295,31 @@ def collect(cfg: Config, protocol: str) -> dict | None:
     if run.done("validate"):
         row["validation"] = json.loads((run / "validation.json").read_text())
     return row
+
+
+def record_path(cfg: Config, protocol: str) -> Path:
+    return RECORDS / protocol / f"{cfg.id}.json"
+
+
+def save_record(cfg: Config, protocol: str) -> dict | None:
+    row = collect(cfg, protocol)
+    if row:
+        fsio.write_json(record_path(cfg, protocol), row)
+    return row
+
+
+def finished(cfg: Config, protocol: str) -> dict | None:
+    """The configuration's numbers: from its run folder where this checkout has it (the record is brought up to
+    date), else from its record if that was made under the same overrides (the run folder's name hashes them)."""
+    if RunFolder(folder(cfg, protocol)).done("distill"):
+        return save_record(cfg, protocol)
+    path = record_path(cfg, protocol)
+    row = json.loads(path.read_text()) if path.exists() else None
+    return row if row and Path(row["run"]).name == folder(cfg, protocol).name else None
+
+
+def finished_rows(protocol: str) -> list[dict]:
+    return [r for c in grid(protocol) if (r := finished(c, protocol))]
 
 
 # ---------------------------------------------------------------- statistics
@@ -413,8 +452,8 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"data: `../shared/data/cifar100-real`). Generated by `python benchmarks/bench_methods.py report"
           f"{'' if protocol == 'cpu' else ' --protocol ' + protocol}` on {time.strftime('%Y-%m-%d')}; machine: {meta['machine']}. "
           f"{len(rows)} finished runs, {sum(r['train_seconds'] for r in rows) / 3600:.1f} h of distillation epochs in all "
-          f"({meta['span']}). The accuracy runs shared the machine with other work (at first two at a time with one thread "
-          "each, then one at a time with two), so their epoch times are not cost figures."
+          f"({meta['span']}). The accuracy runs were made one at a time with two threads, often beside other work (test "
+          "suites, other benchmarks), so their epoch times are not cost figures."
           + (" The cost columns were measured separately, alone on the machine." if costs else ""), ""]
     if missing:
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
@@ -482,7 +521,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           "## Reproduce", "", "```bash",
           *(f"python benchmarks/bench_methods.py {part}{'' if protocol == 'cpu' else ' --protocol ' + protocol}" for part in ("train", "costs", "deploy", "report")),
           "```", "", "Runs are cached per configuration under `benchmarks/cache/methods/`; `train` resumes where it stopped and may "
-          "run in chunks (`--seed N`, `--only TEXT`). The raw numbers are in [`benchmarks/results.json`](benchmarks/results.json).", ""]
+          "run in chunks (`--seed N`, `--only TEXT`). Each finished run's numbers are committed under `benchmarks/records/methods/`, "
+          "so a fresh clone regenerates this page and trains only what is missing. The raw numbers are in "
+          "[`benchmarks/results.json`](benchmarks/results.json).", ""]
     fsio.write_text(DOCS / "benchmarks.md", "\n".join(L))
     fsio.write_json(DOCS / "benchmarks" / "results.json", {"protocol": protocol, **meta, "rows": rows, "summary": summary, "costs": costs,
                                                           "paired": {st: {m: paired(summary, st, m) for m in summary[st] if m != REFERENCE} for st in summary}})
@@ -507,23 +548,26 @@ def main() -> int:
     ap.add_argument("--seed", type=int, action="append", default=[], help="train: only these seeds (repeatable)")
     ap.add_argument("--only", action="append", default=[], help="train: only configurations whose id contains this (repeatable)")
     args = ap.parse_args()
-    costs_path = CACHE / args.protocol / "costs.json"
+    costs_path = RECORDS / args.protocol / "costs.json"
     if args.part == "train":
         configs = [c for c in grid(args.protocol) if (not args.seed or c.seed in args.seed) and (not args.only or any(o in c.id for o in args.only))]
-        base = shared_scores(args.protocol)
-        for i, cfg in enumerate(configs, 1):
-            print(f"\n=== [{i}/{len(configs)}] {cfg.id}", flush=True)
+        todo = [c for c in configs if not finished(c, args.protocol)]
+        print(f"{len(configs) - len(todo)} of {len(configs)} configurations already finished", flush=True)
+        base = shared_scores(args.protocol) if todo else None
+        for i, cfg in enumerate(todo, 1):
+            print(f"\n=== [{i}/{len(todo)}] {cfg.id}", flush=True)
             train(cfg, args.protocol, base)
+            save_record(cfg, args.protocol)
         return 0
-    rows = [r for c in grid(args.protocol) if (r := collect(c, args.protocol))]
+    rows = finished_rows(args.protocol)
     if args.part == "costs":
         t = time.perf_counter()
         fsio.write_json(costs_path, {**measure_costs(args.protocol), "_seconds": time.perf_counter() - t})
     elif args.part == "deploy":
         deploy(args.protocol, rows)
-        rows = [r for c in grid(args.protocol) if (r := collect(c, args.protocol))]
+        rows = finished_rows(args.protocol)
     if not rows:
-        print(f"no finished runs under {CACHE / args.protocol}; docs/benchmarks.md left as it is", file=sys.stderr)
+        print(f"no finished runs under {CACHE / args.protocol} or {RECORDS / args.protocol}; docs/benchmarks.md left as it is", file=sys.stderr)
         return 1
     costs = json.loads(costs_path.read_text()) if costs_path.exists() else {}
     costs = {k: v for k, v in costs.items() if not k.startswith("_")}
