@@ -117,5 +117,5 @@ class ValidateConfig(Section):
     rounds: Annotated[int, Field(ge=1)] = 15  # interleaved timing rounds: every latency / throughput is their median and central 95 %
     # Timed seconds per latency or throughput figure, over all rounds. A machine whose speed drifts (a shared VM)
     # needs a measurement longer than its slow phases for two validations' medians to agree: at 1 s and 5 rounds
-    # they did not, at 10 s and 15 rounds they did (docs/deploy.md).
+    # they were up to 70 % apart, at 10 s and 15 rounds within 20 % (docs/deploy.md).
     seconds: PositiveFloat = 10.0
