@@ -165,7 +165,7 @@ def _opened(target: Path, overrides, out: Path | None, force: bool, *, resume: b
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the lock for the job
     try:
         with run.lock(take=main_rank):
-            yield open_run(recipe, run.root, resume=resume, force=force, new_run=new_run,
+            yield open_run(recipe, run.root, resume=resume, force=force, new_run=new_run, stage=stage and stage.name,
                            preflight=stage is None or stage.reads_inputs, command=shlex.join(["edgedistill", *_argv()]))
     except EdgeDistillError as e:
         if e.exit_code == BAD_INPUT and created is not None and main_rank and not run.has_work():

@@ -20,15 +20,16 @@ from edgedistill.distributed import barrier, init_from_env
 from edgedistill.errors import RunStateError
 from edgedistill.folder import RunFolder
 from edgedistill.recipe import Recipe, dump_recipe
-from edgedistill.stage_table import BY_NAME, STAGE_NAMES
+from edgedistill.stage_table import BY_NAME, STAGE_NAMES, free_sections
 
 
 def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = False, new_run: bool = False,
-             preflight: bool = True, command: str | None = None) -> RunContext:
+             stage: str | None = None, preflight: bool = True, command: str | None = None) -> RunContext:
     """Create or re-open the run folder ``root``; write recipe.yaml and env.json; refuse a changed recipe.
 
     ``new_run`` (the ``run`` command) refuses a folder that already holds a run unless ``resume``:
-    finished work is never silently redone or overwritten. ``preflight`` loads the data and a file teacher
+    finished work is never silently redone or overwritten. A recipe that changed only in sections ``stage``
+    (the one stage this command runs) owns is taken, and saved. ``preflight`` loads the data and a file teacher
     before anything is written, so that a bad input leaves nothing behind. ``command`` (the CLI's own command
     line, default this process's) goes into env.json.
     """
@@ -37,18 +38,22 @@ def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = 
     saved = run / "recipe.yaml"
     # a folder whose run failed before finishing anything (bad input) holds nothing to protect: start afresh
     started = saved.exists() and run.has_work()
+    diff: list[str] = []
     if started:
         if new_run and not resume:
             raise RunStateError(f"{run.root} already holds a run; add --resume to continue it, or --out DIR for a new one")
         old = yaml.safe_load(saved.read_text()) or {}
         diff = sorted(_diff_keys(old, recipe.to_dict()))
-        if diff and not force:
+        free = free_sections(stage) if stage else frozenset()
+        held = [k for k in diff if k.split(".")[0] not in free]
+        if held and not force:
             raise RunStateError(
-                f"{run.root}: the recipe differs from the one this run was started with ({_keys(diff)}); "
+                f"{run.root}: the recipe differs from the one this run was started with ({_keys(held)}); "
                 "use --force to continue anyway, or --out for a new run"
             )
-        if diff and force and dist.is_main:
-            console.print(f"[yellow]recipe changed ({_keys(diff)}); continuing because of --force[/]")
+        if diff and dist.is_main:
+            why = "continuing because of --force" if held else f"the {stage} stage redoes what they change"
+            console.print(f"[yellow]recipe changed ({_keys(diff)}); {why}[/]")
     ctx = RunContext(recipe, run, dist, resume=resume)
     if preflight:
         ctx.device, ctx.data  # noqa: B018 - bad data or a bad device fail here, before anything is written
@@ -56,7 +61,7 @@ def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = 
             ctx.teacher  # noqa: B018
     barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
     if dist.is_main:
-        if not started or force:
+        if not started or diff:
             fsio.write_text(saved, dump_recipe(recipe))
         fsio.write_json(run / "env.json", _with_history(run / "env.json", environment(ctx, command or shlex.join(sys.argv))))
     barrier(dist)

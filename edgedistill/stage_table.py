@@ -18,6 +18,9 @@ class StageSpec:
     reads_inputs: bool = True  # it loads the data (and a file teacher): checked before anything is written
     # re-running it removes the markers of the later stages (built on its old output); a plan is only a forecast
     invalidates_later: bool = True
+    # recipe sections read by this stage alone (and the stages after it): running it on an existing run takes a
+    # change to them without --force, since it replaces everything built from the old values
+    owns: tuple[str, ...] = ()
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -30,11 +33,21 @@ STAGES: tuple[StageSpec, ...] = (
               "allows; write plan.json. On a finished run it is a what-if and changes no other stage.", invalidates_later=False),
     StageSpec("distill", "Distill the student, steering HE-DA's r to hold the budget (student.pt, metrics.jsonl, budget.json).",
               ("score", "plan"), trains=True),
-    StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge; ExecuTorch, LiteRT).", ("distill",)),
-    StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",)),
+    StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge; ExecuTorch, LiteRT).", ("distill",),
+              owns=("export",)),
+    StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",),
+              owns=("validate",)),
     StageSpec("baseline", "With report.baseline: ce, train the same student with cross-entropy alone under the same schedule "
               "(baseline.json), so the report shows what distillation added.", trains=True),
     StageSpec("report", "Write report.md with tables and plots from the run folder's files.", reads_inputs=False),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def free_sections(name: str) -> frozenset[str]:
+    """The recipe sections that running stage ``name`` on an existing run may change without --force: its own, and
+    those of the later stages whose markers it clears (nothing built from the old values is kept)."""
+    i = STAGE_NAMES.index(name)
+    stages = STAGES[i:] if STAGES[i].invalidates_later else STAGES[i:i + 1]
+    return frozenset(section for spec in stages for section in spec.owns)

@@ -203,11 +203,30 @@ def test_resume_of_a_finished_run_skips_every_stage(finished, tmp_path):
 def test_a_failed_gate_exits_1(finished, tmp_path):
     recipe, run = finished
     shutil.copytree(run, tmp_path / "runs" / "tiny")
-    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--set", "validate.atol=1e-30", "--force")
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--set", "validate.atol=1e-30")
     assert result.exit_code == 1, result.output
     last = [line for line in result.output.splitlines() if line.strip()][-1]
     assert last.startswith("failed:") and "fp32" in last
     assert "Traceback" not in result.output
+
+
+def test_a_stage_takes_a_change_to_its_own_recipe_section_without_force(finished, tmp_path):
+    """Validating again with other timing settings is what ``validate`` is for, and it redoes all they change; a
+    change to a section the stage does not own still needs --force, even beside one it owns."""
+    recipe, run = finished
+    copy_run = tmp_path / "runs" / "tiny"
+    shutil.copytree(run, copy_run)
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--set", "validate.rounds=2", "--set", "distill.epochs=3")
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert result.exit_code == 2 and "recipe differs" in last and "distill.epochs" in last and "validate.rounds" not in last
+    result = invoke("distill", recipe, "--out", tmp_path / "runs", "--set", "validate.rounds=2")
+    assert result.exit_code == 2 and "validate.rounds" in result.output, "distill does not own the validate section"
+
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--set", "validate.rounds=2")
+    assert result.exit_code == 0, result.output
+    assert "recipe changed (validate.rounds)" in " ".join(result.output.split())
+    assert yaml.safe_load((copy_run / "recipe.yaml").read_text())["validate"]["rounds"] == 2
+    assert json.loads((copy_run / "validation.json").read_text())["settings"]["rounds"] == 2
 
 
 @pytest.mark.parametrize("selection, loss", [("high", "energy_kd"), ("all", "energy_kd"), ("high", "ce")])
