@@ -289,7 +289,9 @@ def collect(cfg: Config, protocol: str) -> dict | None:
         "teacher_top1": run.summary("teacher").get("test_top1"), "test_top1": epochs[-1]["test_top1"],
         "best_top1": max(e["test_top1"] for e in epochs), "top1_by_epoch": [e["test_top1"] for e in epochs],
         "train_seconds": sum(e["epoch_seconds"] for e in epochs), "fraction": plan["fraction"],
-        "n_train": plan["cost_model"]["n_train"], "test_limit": recipe_for(cfg, protocol).data.test_limit, "started_at": env["started_at"],
+        "n_train": plan["cost_model"]["n_train"], "test_limit": recipe_for(cfg, protocol).data.test_limit,
+        "cpu_threads": env["cpu_threads"],  # the reduction order, so a re-run to compare must use as many (benchmarks/README.md)
+        "started_at": env["started_at"],
         "finished_at": datetime.fromtimestamp((run.root / "stages" / "distill.done").stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
     }
     if run.done("validate"):
