@@ -48,6 +48,8 @@ from edgedistill import fsio  # noqa: E402
 from edgedistill.context import RunContext  # noqa: E402
 from edgedistill.distributed import DistInfo  # noqa: E402
 from edgedistill.folder import RunFolder  # noqa: E402
+from edgedistill.macs import model_stats  # noqa: E402
+from edgedistill.models import build_student  # noqa: E402
 from edgedistill.planning import StepBench, measure_cost  # noqa: E402
 from edgedistill.plots import png, pyplot  # noqa: E402
 from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
@@ -405,7 +407,18 @@ def plots(summary: dict, costs: dict, out: Path) -> list[str]:
     return ["accuracy_cost.png"]
 
 
-def findings(summary: dict, costs: dict, teacher: float | None) -> list[str]:
+def student_sizes(protocol: str) -> dict[str, dict]:
+    """Parameters and MACs per image of each student in the grid, at CIFAR-100's 100 classes and 32 px."""
+    sizes = {}
+    for cfg in grid(protocol):
+        if cfg.student not in sizes:
+            s = recipe_for(cfg, protocol).student
+            net = build_student(s.arch, 100, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, width=s.width, small_input=s.small_input)
+            sizes[cfg.student] = model_stats(net, 32)
+    return sizes
+
+
+def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str, dict]) -> list[str]:
     L = []
     ranges = {st: [v for s in ms.values() for v in s["top1"].values()] for st, ms in summary.items()}
     shuffle = summary.get("shufflenet_v2_x0_5", {})
@@ -418,6 +431,14 @@ def findings(summary: dict, costs: dict, teacher: float | None) -> list[str]:
     L.append("- **The students learn here.** Final test top-1: "
              + "; ".join(f"{st} {min(v):.2f}" + (f"–{max(v):.2f}" if max(v) > min(v) else "") + " %" for st, v in ranges.items())
              + (f" (the teacher: {teacher:.2f} %)" if teacher is not None else "") + ". " + passing)
+    kd = {st: statistics.fmean(ms[REFERENCE]["top1"].values()) for st, ms in summary.items() if REFERENCE in ms}
+    if len(kd) > 1:
+        best = max(kd, key=kd.get)
+        L.append("- **The students differ.** Under KD, " + "; ".join(
+            f"{st} ends {kd[best] - kd[st]:.2f} points below {best}" for st in kd if st != best)
+            + ". At 32 px: " + "; ".join(f"{st} {sizes[st]['parameters'] / 1e6:.2f} M parameters, {sizes[st]['macs'] / 1e6:.1f} M MACs"
+                                       for st in kd)
+            + ". Whether more capacity per image or a longer schedule would close the gap is not measured here.")
     for student in summary:
         for method in METHODS:
             p = paired(summary, student, method) if method != REFERENCE else None
@@ -462,7 +483,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
               "The findings below cover the finished runs only.", ""]
     L += ["## Findings", ""]
-    L += findings(summary, costs, teacher)
+    L += findings(summary, costs, teacher, student_sizes(protocol))
     L += ["", "How a difference is called real: each method is paired with KD at the same seed (same initialisation, "
           "data order and augmented views), and the difference counts when a two-sided paired t-test over the seeds "
           f"gives p < {ALPHA}. With two or three seeds that needs a consistent difference (t > 12.7 with two, > 4.3 with "
