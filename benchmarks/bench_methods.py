@@ -504,7 +504,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
 
     L += ["## Cost", "", "One full distillation step of each method with the teacher live (ONNX Runtime, no logit cache), all on the "
           f"same {COST_STEPS} batches in turns, {COST_PASSES} passes, median; an epoch is its steps plus one evaluation of the test "
-          "set. Measured alone on the machine, after the accuracy runs. For the HE-DA rows, the plan stage's forecast of the same "
+          "set. Measured alone on the machine, with the accuracy runs paused. For the HE-DA rows, the plan stage's forecast of the same "
           "epoch, measured in the same session.", ""]
     L.append("| student | method | step ms | epoch s | img/s | plan: epoch s | plan − measured |")
     L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
