@@ -476,8 +476,8 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"{'' if protocol == 'cpu' else ' --protocol ' + protocol}` on {time.strftime('%Y-%m-%d')}; machine: {meta['machine']}. "
           f"{len(rows)} finished runs, {sum(r['train_seconds'] for r in rows) / 3600:.1f} h of distillation epochs in all "
           f"({meta['span']}). The accuracy runs shared the machine with other work (the first ones two at a time with one "
-          "thread each, the later ones one at a time with two, beside test suites; DKD s0 was paused for half an hour, which "
-          "its first epoch's time includes, while a timing benchmark had the machine), so their epoch times are not cost figures."
+          "thread each, the later ones one at a time with two, beside test suites; DKD s0 and KD s1 were paused for 30 and 5 min, "
+          "which their epoch times include, while timing benchmarks had the machine), so their epoch times are not cost figures."
           + (" The cost columns were measured separately, alone on the machine." if costs else ""), ""]
     if missing:
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
