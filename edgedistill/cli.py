@@ -147,7 +147,7 @@ def _check_needs(stage: StageSpec, run: RunFolder, target: Path) -> None:
 
 @contextlib.contextmanager
 def _opened(target: Path, overrides, out: Path | None, force: bool, *, resume: bool = False, stage: StageSpec | None = None,
-            new_run: bool = False):
+            once: frozenset[str] = frozenset(), new_run: bool = False):
     """Load the recipe, check that ``stage`` (if any) can start, take the run folder's lock, open the run.
 
     ``new_run``: the whole pipeline, which refuses a folder holding a run unless resumed. A run folder this command creates is removed again if the
@@ -165,7 +165,7 @@ def _opened(target: Path, overrides, out: Path | None, force: bool, *, resume: b
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the lock for the job
     try:
         with run.lock(take=main_rank):
-            yield open_run(recipe, run.root, resume=resume, force=force, new_run=new_run, stage=stage and stage.name,
+            yield open_run(recipe, run.root, resume=resume, force=force, new_run=new_run, stage=stage and stage.name, once=once,
                            preflight=stage is None or stage.reads_inputs, command=shlex.join(["edgedistill", *_argv()]))
     except EdgeDistillError as e:
         if e.exit_code == BAD_INPUT and created is not None and main_rank and not run.has_work():
@@ -239,7 +239,9 @@ def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool)
     from edgedistill.run import run_stage
     from edgedistill.stages import validate_files
 
-    with _opened(recipe, overrides, out, force, stage=None if onnx_files else BY_NAME["validate"]) as ctx:
+    # checking given files redoes nothing of the run's: other validate settings serve this command alone
+    with _opened(recipe, overrides, out, force, stage=None if onnx_files else BY_NAME["validate"],
+                 once=frozenset(BY_NAME["validate"].owns) if onnx_files else frozenset()) as ctx:
         if onnx_files:
             validate_files(ctx, list(onnx_files))
             return

@@ -24,12 +24,15 @@ from edgedistill.stage_table import BY_NAME, STAGE_NAMES, free_sections
 
 
 def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = False, new_run: bool = False,
-             stage: str | None = None, preflight: bool = True, command: str | None = None) -> RunContext:
+             stage: str | None = None, once: frozenset[str] = frozenset(), preflight: bool = True,
+             command: str | None = None) -> RunContext:
     """Create or re-open the run folder ``root``; write recipe.yaml and env.json; refuse a changed recipe.
 
     ``new_run`` (the ``run`` command) refuses a folder that already holds a run unless ``resume``:
     finished work is never silently redone or overwritten. A recipe that changed only in sections ``stage``
-    (the one stage this command runs) owns is taken, and saved. ``preflight`` loads the data and a file teacher
+    (the one stage this command runs) owns is taken, and saved. A change only in sections ``once`` is taken for
+    this command alone and not saved: the command's own output records it, while the run's recipe.yaml must keep
+    describing what the run's stages made (``validate --onnx`` with other timing settings). ``preflight`` loads the data and a file teacher
     before anything is written, so that a bad input leaves nothing behind. ``command`` (the CLI's own command
     line, default this process's) goes into env.json.
     """
@@ -45,14 +48,15 @@ def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = 
         old = yaml.safe_load(saved.read_text()) or {}
         diff = sorted(_diff_keys(old, recipe.to_dict()))
         free = free_sections(stage) if stage else frozenset()
-        held = [k for k in diff if k.split(".")[0] not in free]
+        held = [k for k in diff if k.split(".")[0] not in free | once]
         if held and not force:
             raise RunStateError(
                 f"{run.root}: the recipe differs from the one this run was started with ({_keys(held)}); "
                 "use --force to continue anyway, or --out for a new run"
             )
         if diff and dist.is_main:
-            why = "continuing because of --force" if held else f"the {stage} stage redoes what they change"
+            why = ("continuing because of --force" if held else f"the {stage} stage redoes what they change" if stage
+                   else "for this command only; the run's recipe.yaml keeps its own")
             console.print(f"[yellow]recipe changed ({_keys(diff)}); {why}[/]")
     ctx = RunContext(recipe, run, dist, resume=resume)
     if preflight:
@@ -61,7 +65,7 @@ def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = 
             ctx.teacher  # noqa: B018
     barrier(dist)  # every rank has looked at the folder before rank 0 writes into it
     if dist.is_main:
-        if not started or diff:
+        if not started or any(k.split(".")[0] not in once for k in diff):
             fsio.write_text(saved, dump_recipe(recipe))
         fsio.write_json(run / "env.json", _with_history(run / "env.json", environment(ctx, command or shlex.join(sys.argv))))
     barrier(dist)

@@ -291,7 +291,8 @@ def validate_files(ctx: RunContext, files: list[Path]) -> None:
             raise InputError(f"--onnx: {f}: {problem}")
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
     results = [validate_onnx_file(f, test_x, test_y, ctx.recipe.validate_) for f in files]
-    merged = {"passed": all(r["passed"] for r in results), "variants": {k: v for r in results for k, v in r["variants"].items()}}
+    merged = {"passed": all(r["passed"] for r in results), "settings": results[0]["settings"],
+              "variants": {k: v for r in results for k, v in r["variants"].items()}}
     fsio.write_json(ctx.run / "validation.files.json", merged)
     ctx.print(validation_table(merged))
     check_gates(merged)

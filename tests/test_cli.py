@@ -301,6 +301,17 @@ def test_validate_given_onnx_files(finished, tmp_path):
     result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", tmp_path / "nope.onnx")
     assert result.exit_code == 2 and "nope.onnx" in result.output
 
+    # other timing settings serve this check alone: the run's recipe.yaml still describes its own validation.json
+    before = (tmp_path / "runs" / "tiny" / "recipe.yaml").read_text()
+    rounds = yaml.safe_load(before)["validate"]["rounds"] + 1
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", good, "--set", f"validate.rounds={rounds}")
+    assert result.exit_code == 0, result.output
+    assert "for this command only" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "runs" / "tiny" / "validation.files.json").read_text())["settings"]["rounds"] == rounds
+    assert (tmp_path / "runs" / "tiny" / "recipe.yaml").read_text() == before
+    result = invoke("validate", recipe, "--out", tmp_path / "runs", "--onnx", good, "--set", "distill.epochs=3")
+    assert result.exit_code == 2 and "distill.epochs" in result.output, "only the validate section is this command's to change"
+
 
 # ---------------------------------------------------------------- scriptability: run folders, prerequisites, history
 
