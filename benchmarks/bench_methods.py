@@ -34,6 +34,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -330,10 +331,11 @@ def finished_rows(protocol: str) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per student and method: the final top-1 of every seed, their mean and standard deviation."""
+    """Per student and method: the final top-1 and the per-epoch curve of every seed, the finals' mean and std."""
     out: dict[str, dict[str, dict]] = {}
     for r in rows:
-        out.setdefault(r["student"], {}).setdefault(r["method"], {"top1": {}})["top1"][r["seed"]] = r["test_top1"]
+        s = out.setdefault(r["student"], {}).setdefault(r["method"], {"top1": {}, "curves": {}})
+        s["top1"][r["seed"]], s["curves"][r["seed"]] = r["test_top1"], r["top1_by_epoch"]
     for methods in out.values():
         for s in methods.values():
             v = list(s["top1"].values())
@@ -377,6 +379,38 @@ def fmt_paired(p: dict) -> str:
     return f"{p['mean']:+.2f}{spread} ({n} seed{'s' if n > 1 else ''}{pv}): {p['verdict']}"
 
 
+def lead_over_time(summary: dict) -> list[str]:
+    """Each method's paired difference to KD half-way through training and at the end (ShuffleNetV2 ×0.5, where
+    the grid has most methods): whether a teacher signal's lead builds up or fades as the learning rate falls."""
+    ms = summary.get("shufflenet_v2_x0_5", {})
+    kd = ms.get(REFERENCE, {}).get("curves", {})
+    rows = []
+    for m, s in ms.items():
+        seeds = sorted(set(s["curves"]) & set(kd)) if m != REFERENCE else []
+        if seeds:
+            half = len(kd[seeds[0]]) // 2 - 1
+            rows.append((m, *(statistics.fmean(s["curves"][k][e] - kd[k][e] for k in seeds) for e in (half, -1))))
+    if not rows:
+        return []
+    fading = [m for m, mid, end in rows if abs(end) < abs(mid)]
+    return [f"- **Leads over KD by the end of training** (shufflenet_v2_x0_5, epoch {half + 1} → final, points, same seeds): "
+            + "; ".join(f"{METHODS[m].label} {mid:+.2f} → {end:+.2f}" for m, mid, end in rows)
+            + f". {len(fading)} of {len(rows)} differences are smaller at the end than half-way"
+            + (": much of what these methods change is how fast the student learns, and a longer schedule may shrink the "
+               "differences further" if 2 * len(fading) > len(rows) else ": most differences hold or grow as the learning rate falls")
+            + " (see the curves under Accuracy)."]
+
+
+def in_words(p: dict) -> str:
+    """A paired difference to KD as a sentence: its mean, every seed's difference, and the call the rule makes."""
+    n = len(p["diffs"])
+    seeds = ", ".join(f"s{seed} {d:+.2f}" for seed, d in zip(p["seeds"], p["diffs"]))
+    if p["p"] is None:
+        return f"{p['mean']:+.2f} points with one seed; not judged until a second seed is in"
+    call = f"real: {p['verdict']}" if p["verdict"] != "no real difference" else "not a real difference by the rule below"
+    return f"{p['mean']:+.2f} points on average (per seed: {seeds}); p = {p['p']:.2f} over {n} seeds, {call}"
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -404,7 +438,30 @@ def plots(summary: dict, costs: dict, out: Path) -> list[str]:
     axes[0].set_ylim(max(0, lo - 10), None)
     fig.tight_layout()
     fsio.write_bytes(out / "accuracy_cost.png", png(fig))
-    return ["accuracy_cost.png"]
+
+    fig, axes = plt.subplots(len(summary), 2, figsize=(12, 4 * len(summary)), dpi=110, squeeze=False)
+    for (left, right), (student, ms) in zip(axes, summary.items()):
+        kd = ms.get(REFERENCE, {}).get("curves", {})
+        for m, s in ms.items():
+            curves = list(s["curves"].values())
+            epochs = range(1, len(curves[0]) + 1)
+            color = f"C{list(METHODS).index(m)}"  # one colour per method in every panel
+            left.plot(epochs, [statistics.fmean(c) for c in zip(*curves)], color=color, label=f"{METHODS[m].label} ({len(curves)})")
+            seeds = sorted(set(s["curves"]) & set(kd)) if m != REFERENCE else []
+            if seeds:  # paired by seed, as in the tables
+                right.plot(epochs, [statistics.fmean(s["curves"][k][e] - kd[k][e] for k in seeds) for e in range(len(epochs))],
+                           color=color, label=f"{METHODS[m].label} ({len(seeds)})")
+        left.set_title(f"{student}: test top-1 (%) by epoch, mean over seeds", fontsize=10)
+        right.set_title(f"{student}: − KD at the same seed (points) by epoch", fontsize=10)
+        right.axhline(0, color="black", lw=0.8)
+        for ax in (left, right):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fsio.write_bytes(out / "curves.png", png(fig))
+    return ["accuracy_cost.png", "curves.png"]
 
 
 def student_sizes(protocol: str) -> dict[str, dict]:
@@ -443,7 +500,8 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
         for method in METHODS:
             p = paired(summary, student, method) if method != REFERENCE else None
             if p:
-                L.append(f"- {student}: {METHODS[method].label} − KD = {fmt_paired(p)}.")
+                L.append(f"- **{METHODS[method].label} vs KD** ({student}): {in_words(p)}.")
+    L += lead_over_time(summary)
     paper, code = (paired(summary, "shufflenet_v2_x0_5", m) for m in ("energy_kd", "energy_kd_reversed"))
     if paper and code:
         seeds = sorted(set(paper["seeds"]) & set(code["seeds"]))
@@ -451,7 +509,8 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
         p = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and statistics.stdev(d) > 0 else None
         L.append(f"- **Paper vs code direction** (ShuffleNetV2 ×0.5, paired by seed): paper − reversed = {statistics.fmean(d):+.2f} points "
                  f"over {len(d)} seed{'s' if len(d) > 1 else ''}" + (f" (p = {p:.2f})" if p is not None else "")
-                 + (": the direction matters at this scale." if p is not None and p < ALPHA else ": no real difference at this scale."))
+                 + (": one seed, not judged." if len(d) < 2 else ": the direction matters at this scale." if p is not None and p < ALPHA
+                    else ": no real difference at this scale."))
     for student, c in costs.items():
         m = c["methods"]
         parts = [f"{METHODS[a].label} {100 * (m[a]['step_ms'] / m[b]['step_ms'] - 1):+.1f} % over {METHODS[b].label}"
@@ -459,6 +518,12 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
         if parts:
             L.append(f"- Cost of a step ({student}, teacher live, quiet machine): {'; '.join(parts)}.")
     return L
+
+
+def threads_words(rows: list[dict]) -> str:
+    """How many runs used how many CPU threads (the thread count sets the order of floating-point sums)."""
+    counts = sorted(Counter(r["cpu_threads"] for r in rows).items())
+    return ", ".join(f"{n} run{'s' if n > 1 else ''} with {t} thread{'s' if t > 1 else ''}" for t, n in counts)
 
 
 def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None:
@@ -475,9 +540,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"data: `../shared/data/cifar100-real`). Generated by `python benchmarks/bench_methods.py report"
           f"{'' if protocol == 'cpu' else ' --protocol ' + protocol}` on {time.strftime('%Y-%m-%d')}; machine: {meta['machine']}. "
           f"{len(rows)} finished runs, {sum(r['train_seconds'] for r in rows) / 3600:.1f} h of distillation epochs in all "
-          f"({meta['span']}). The accuracy runs shared the machine with other work (the first ones two at a time with one "
-          "thread each, the later ones one at a time with two, beside test suites; DKD s0 and KD s1 were paused for 30 and 5 min, "
-          "which their epoch times include, while timing benchmarks had the machine), so their epoch times are not cost figures."
+          f"({meta['span']}). The accuracy runs shared the machine with other work ({threads_words(rows)}, the one-thread runs two at a time, beside test suites "
+          "and editing; DKD s0 and KD s1 were paused for 30 and 5 min, which their epoch times include, while timing benchmarks "
+          "had the machine), so their epoch times are not cost figures."
           + (" The cost columns were measured separately, alone on the machine." if costs else ""), ""]
     if missing:
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
@@ -500,7 +565,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
                 pr = paired(summary, student, m) if m != REFERENCE else None
                 L.append(f"| {student} | {METHODS[m].label} | {fmt_acc(s)} | {', '.join(f's{k} {v:.2f}' for k, v in sorted(s['top1'].items()))} | "
                          f"{fmt_paired(pr) if pr else '–'} |")
-    L += ["", f"![accuracy and cost](benchmarks/{figures[0]})", ""]
+    L += ["", f"![accuracy and cost](benchmarks/{figures[0]})", "",
+          "Test top-1 after every epoch, mean over the seeds run (their number in brackets):", "",
+          f"![learning curves](benchmarks/{figures[1]})", ""]
 
     L += ["## Cost", "", "One full distillation step of each method with the teacher live (ONNX Runtime, no logit cache), all on the "
           f"same {COST_STEPS} batches in turns, {COST_PASSES} passes, median; an epoch is its steps plus one evaluation of the test "
@@ -532,12 +599,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
     if not validated:
         L.append("| – | not validated yet (`bench_methods.py deploy`) | | | | | | | |")
     L += [""] + [f"- {r['student']}: {rec['line']}" for r in validated for rec in r["validation"].get("recommendations", [])]
-    L += ["", "## What the 240-epoch GPU protocol would add", "",
-          "`--protocol gpu` runs the same grid with the paper's schedule (240 epochs, SGD 0.01, steps at 150/180/210). "
-          "The CPU protocol ranks the methods after 12 epochs, where the students are still far from converged (the teacher is "
-          "several points ahead) and the KD term mostly speeds up learning; the paper's claims are about converged students, "
-          "where the per-sample temperature reshapes what is learnt late in training. The GPU protocol would test those claims "
-          "at the paper's scale and give the converged gap between the directions; it needs about a GPU-day for the grid.", "",
+    L += ["", "## What the 240-epoch GPU protocol would add", "", gpu_words(costs, protocol), "",
           "## Other benchmarks", "",
           "- Budget control (`benchmarks/bench_budget.py`): [benchmarks/budget.md](benchmarks/budget.md).",
           "- Step speed (`benchmarks/bench_speed.py`): [benchmarks/speed.md](benchmarks/speed.md).",
@@ -551,6 +613,25 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
     fsio.write_text(DOCS / "benchmarks.md", "\n".join(L))
     fsio.write_json(DOCS / "benchmarks" / "results.json", {"protocol": protocol, **meta, "rows": rows, "summary": summary, "costs": costs,
                                                           "paired": {st: {m: paired(summary, st, m) for m in summary[st] if m != REFERENCE} for st in summary}})
+
+
+def gpu_words(costs: dict, protocol: str) -> str:
+    """What ``--protocol gpu`` would settle that 12 epochs cannot, and what it would cost on this machine."""
+    text = ("`--protocol gpu` runs the same grid with the paper's schedule: 240 epochs, SGD 0.01, steps at 150/180/210. "
+            "Twelve epochs stop the students well short of what they can reach: the curves climb until the learning rate "
+            "reaches zero, and the teacher is still several points ahead. So these runs measure how much each teacher signal helps "
+            "a student that underfits. The paper's claims "
+            "concern converged students, where what the per-sample temperature changes is what is learnt in the last, "
+            "low-learning-rate epochs. The GPU protocol would test those claims at the paper's scale, give the converged gap "
+            "between the two temperature directions, and show whether the augmentation rows keep their lead when overfitting, "
+            "not underfitting, is what limits the student.")
+    if protocol != "cpu" or not costs:
+        return text
+    gpu = PROTOCOLS["gpu"]
+    hours = sum(costs[st]["methods"][m]["epoch_seconds"] * gpu.epochs * seeds for st, m, seeds in gpu.grid
+                if m in costs.get(st, {}).get("methods", {})) / 3600
+    return text + (f" From the measured costs above, its {sum(n for *_, n in gpu.grid)} runs would take about {hours:,.0f} h "
+                   f"({hours / 24:.0f} days) on this 2-core CPU; it is meant for a GPU.")
 
 
 def machine() -> str:
