@@ -32,9 +32,9 @@ def open_run(recipe: Recipe, root: Path, *, resume: bool = False, force: bool = 
     finished work is never silently redone or overwritten. A recipe that changed only in sections ``stage``
     (the one stage this command runs) owns is taken, and saved. A change only in sections ``once`` is taken for
     this command alone and not saved: the command's own output records it, while the run's recipe.yaml must keep
-    describing what the run's stages made (``validate --onnx`` with other timing settings). ``preflight`` loads the data and a file teacher
-    before anything is written, so that a bad input leaves nothing behind. ``command`` (the CLI's own command
-    line, default this process's) goes into env.json.
+    describing what the run's stages made (``validate --onnx`` with other timing settings). ``preflight`` loads
+    the data and a file teacher before anything is written, so that a bad input leaves nothing behind.
+    ``command`` (the CLI's own command line, default this process's) goes into env.json.
     """
     dist = init_from_env("cuda" if recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available()) else "cpu")
     run = RunFolder(root)
