@@ -287,15 +287,18 @@ def collect(cfg: Config, protocol: str) -> dict | None:
     epochs = _jsonl(run / "metrics.jsonl")
     plan = json.loads((run / "plan.json").read_text())
     env = json.loads((run / "env.json").read_text())
+    finished = datetime.fromtimestamp((run.root / "stages" / "distill.done").stat().st_mtime, timezone.utc)
+    # the command that finished training: a run resumed with another thread count lists it in env.json's history
+    trained_by = [c for c in (env, *env["history"]) if datetime.fromisoformat(c["started_at"]) <= finished][-1]
     row = {
         "id": cfg.id, "student": cfg.student, "method": cfg.method, "seed": cfg.seed, "run": str(run.root.relative_to(ROOT)),
         "teacher_top1": run.summary("teacher").get("test_top1"), "test_top1": epochs[-1]["test_top1"],
         "best_top1": max(e["test_top1"] for e in epochs), "top1_by_epoch": [e["test_top1"] for e in epochs],
         "train_seconds": sum(e["epoch_seconds"] for e in epochs), "fraction": plan["fraction"],
         "n_train": plan["cost_model"]["n_train"], "test_limit": recipe_for(cfg, protocol).data.test_limit,
-        "cpu_threads": env["cpu_threads"],  # the reduction order, so a re-run to compare must use as many (benchmarks/README.md)
+        "cpu_threads": trained_by["cpu_threads"],  # the reduction order, so a re-run to compare must use as many (benchmarks/README.md)
         "started_at": env["started_at"],
-        "finished_at": datetime.fromtimestamp((run.root / "stages" / "distill.done").stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
     }
     if run.done("validate"):
         row["validation"] = json.loads((run / "validation.json").read_text())
