@@ -3,9 +3,7 @@ measured table on real tiny exports."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from edgedistill import pick as P
 from edgedistill.recipe_deploy import DeviceTarget
@@ -145,13 +143,11 @@ def test_spread_is_median_and_central_95_percent():
 # ---------------------------------------------------------------- real tiny exports
 
 
-def test_on_real_exports_the_chosen_student_runs_under_its_target(monkeypatch):
+def test_on_real_exports_the_student_with_the_most_macs_under_the_target_is_chosen(monkeypatch):
     """Two tiny candidates exported and timed here; a target 3x the slowest median, so both fit and the one with the
-    more MACs is chosen; timed again on its own, it stays under the target."""
+    more MACs is chosen. Whether the choice then stays under its target when timed again depends on the machine's
+    load, so benchmarks/bench_pick.py measures that; a test must not."""
     from edgedistill.candidates import measure
-    from edgedistill.models import build_student
-    from edgedistill.targets._onnx import OrtRunner
-    from edgedistill.targets.fp32 import export_onnx
 
     monkeypatch.setattr(P, "WIDTH_GRID", (0.35,))
     probe = DeviceTarget(max_size_mb=100, archs=["mobilenet_v3_small", "shufflenet_v2_x0_5"])
@@ -161,18 +157,5 @@ def test_on_real_exports_the_chosen_student_runs_under_its_target(monkeypatch):
     for r in table["rows"]:
         assert r["macs"] > 0 and r["size_mb"] > 0 and r["latency_ms"]["lo"] <= r["latency_ms"]["median"] <= r["latency_ms"]["hi"]
     limit = 3 * max(r["latency_ms"]["median"] for r in table["rows"])
-    target = DeviceTarget(max_latency_ms=limit, archs=probe.archs)
-    result = P.pick(table["rows"], target)
+    result = P.pick(table["rows"], DeviceTarget(max_latency_ms=limit, archs=probe.archs))
     assert result["choice"]["macs"] == max(r["macs"] for r in table["rows"])
-
-    torch.manual_seed(0)
-    model = build_student(result["arch"], 5, image_size=8, mean=kw["mean"], std=kw["std"], width=result["width"]).eval()
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as td:
-        export_onnx(model, Path(td) / "m.onnx", image_size=8, metadata={})
-        runner = OrtRunner.load(Path(td) / "m.onnx", 1)
-        x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
-        again = spread([1000 * s for s in interleaved({"m": lambda: runner.run_once(x)}, rounds=3, min_seconds=0.01)["m"]])
-    assert again["median"] < limit, (again, limit)
