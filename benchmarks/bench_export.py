@@ -88,7 +88,7 @@ class Int8S8S8(Int8):
 
 
 def fmt_size(n):
-    return "–" if n is None else f"{n / 2**20:.2f} MB"
+    return "–" if n is None else f"{n / 1e6:.2f} MB"
 
 
 def fmt(v, spec):

@@ -641,7 +641,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
         v = r["validation"]
         for name, x in v["variants"].items():
             interval = x["latency_ms_interval"]
-            L.append(f"| {r['student']} | {METHODS[r['method']].label}, s{r['seed']} | {name} | {x['size_bytes'] / 2**20:.2f} | {x['test_top1']:.2f} | "
+            L.append(f"| {r['student']} | {METHODS[r['method']].label}, s{r['seed']} | {name} | {x['size_bytes'] / 1e6:.2f} | {x['test_top1']:.2f} | "
                      f"{x['delta_top1']:+.2f} | {x['latency_ms_p50']:.3f} [{interval[0]:.3f}–{interval[1]:.3f}] | {x['images_per_second']:,.0f} | "
                      f"{'✅' if x['passed'] else '❌ ' + '; '.join(x['failures'])} |")
     for r in best.values():

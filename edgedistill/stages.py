@@ -223,8 +223,8 @@ def distill_stage(ctx: RunContext) -> dict:
     if objective.cache is not None:
         c, epochs = objective.cache, ctx.recipe.distill.epochs
         replayed = c.cached_epochs(epochs)
-        ctx.print(f"teacher logit cache: {c.dir} · {c.bytes_per_epoch() / 2**20:.1f} MB per epoch, "
-                  f"{c.bytes_per_epoch() * epochs / 2**20:.0f} MB for {epochs} · replaying {len(replayed)} of {epochs} epochs")
+        ctx.print(f"teacher logit cache: {c.dir} · {c.bytes_per_epoch() / 1e6:.1f} MB per epoch, "
+                  f"{c.bytes_per_epoch() * epochs / 1e6:.0f} MB for {epochs} · replaying {len(replayed)} of {epochs} epochs")
     train_set = ctx.train_set()
     steps = math.ceil(math.ceil(len(train_set) / ctx.dist.world) / ctx.recipe.data.batch_size)
     hook = BudgetHook(

@@ -370,11 +370,12 @@ def _with_interval(v, interval, spec: str) -> str:
 
 
 def _fmt_size(n) -> str:
+    """Decimal units, as ``student.target.max_size_mb`` and the ship line count them."""
     if n is None:
         return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        n /= 1000
+    return f"{n:.1f} GB"
 

@@ -277,6 +277,14 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
     assert res["variants"][Pt2.name]["failures"][0].startswith("not a loadable torch.export program: student.test.pt2")
 
 
+def test_the_validation_table_counts_sizes_as_the_size_limit_does():
+    """In decimal units, as student.target.max_size_mb and the ship line count them: an 837,120-byte int8 file is
+    0.84 MB there, so the table must not call it 817.5 KB."""
+    from edgedistill.validate import _fmt_size
+
+    assert [_fmt_size(n) for n in (512, 837_120, 3_490_000, 2.5e9, None)] == ["512 B", "837.1 kB", "3.5 MB", "2.5 GB", "–"]
+
+
 def test_export_formats_are_checked_against_the_registry():
     for formats, expected in (
         (["fp32", "int4"], "export.formats: unknown export target 'int4' (did you mean 'int8'?); known: " + ", ".join(TARGETS.names())),
