@@ -599,7 +599,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
     L += ["", "How a difference is called real: each method is paired with KD at the same seed (same initialisation, "
           "data order and augmented views), and the difference counts when a two-sided paired t-test over the seeds "
           f"gives p < {ALPHA}. With two or three seeds that needs a consistent difference (t > 12.7 with two, > 4.3 with "
-          "three); one-seed rows are shown, not judged.", ""]
+          "three); one-seed rows are shown, not judged. The rule is applied to each comparison on its own, with no correction "
+          f"for how many are made ({sum(m != REFERENCE for _, m, _ in PROTOCOLS[protocol].grid)} against KD, plus paper vs code): a p just under {ALPHA} "
+          "is one seed-set's evidence, and more seeds are what would firm it up.", ""]
 
     L += ["## Accuracy", "", f"Final-epoch test top-1 (%) on {test_phrase}: mean ± std over seeds, each seed, and the "
           "paired difference to KD (mean ± std over seeds).", ""]
