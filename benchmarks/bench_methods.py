@@ -588,8 +588,8 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"{'' if protocol == 'cpu' else ' --protocol ' + protocol}` on {time.strftime('%Y-%m-%d')}; machine: {meta['machine']}. "
           f"{len(rows)} finished runs, {sum(r['train_seconds'] for r in rows) / 3600:.1f} h of distillation epochs in all "
           f"({meta['span']}). The accuracy runs shared the machine with other work ({threads_words(rows)}, the one-thread "
-          "runs two at a time, beside test suites and editing; DKD s0 and KD s1 were paused for 30 and 5 min, which their epoch times include, while timing benchmarks "
-          "had the machine), so their epoch times are not cost figures."
+          "runs two at a time, beside test suites and editing; DKD s0, KD s1, and Energy KD reversed s2 with "
+          "KD + CutMix s1 were paused for 30, 5 and 3 min, which their epoch times include, while timing benchmarks had the machine), so their epoch times are not cost figures."
           + (" The cost columns were measured separately, alone on the machine." if costs else ""), ""]
     if missing:
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
