@@ -521,8 +521,10 @@ def in_short(summary: dict, costs: dict) -> str:
     if heda and mix and mix["mean"] > 0 and {"kd_heda_0.5", "kd_cutmix_all", REFERENCE} <= set(step):
         gain = heda["mean"] / mix["mean"]
         cost = (step["kd_heda_0.5"] - step[REFERENCE]) / (step["kd_cutmix_all"] - step[REFERENCE])
+        selective = paired(summary, "shufflenet_v2_x0_5", "kd_heda_0.5", reference="kd_cutmix_all")
         out.append(f"Mixing only the uncertain half (HE-DA, r = 0.5) buys {100 * gain:.0f} % of what mixing every sample gains over KD "
-                   f"for {100 * cost:.0f} % of its extra time.")
+                   f"for {100 * cost:.0f} % of its extra time (the two differ by {selective['mean']:+.2f} points; "
+                   f"{short_call(selective)}).")
     return "**In short.** " + " ".join(out) if out else ""
 
 
@@ -558,6 +560,10 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
     if direction:
         L.append(f"- **Paper vs code direction** (ShuffleNetV2 ×0.5, Energy KD in the paper's direction − the reversed one of the "
                  f"authors' code, same seeds): {in_words(direction)}.")
+    selective = paired(summary, "shufflenet_v2_x0_5", "kd_heda_0.5", reference="kd_cutmix_all")
+    if selective:
+        L.append(f"- **Mixing the uncertain half vs mixing everything** (ShuffleNetV2 ×0.5, KD + HE-DA r = 0.5 − KD + CutMix "
+                 f"on all data, same seeds): {in_words(selective)}.")
     for student, c in costs.items():
         m = c["methods"]
         parts = [f"{METHODS[a].label} {100 * (m[a]['step_ms'] / m[b]['step_ms'] - 1):+.1f} % over {METHODS[b].label}"
@@ -588,8 +594,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"{'' if protocol == 'cpu' else ' --protocol ' + protocol}` on {time.strftime('%Y-%m-%d')}; machine: {meta['machine']}. "
           f"{len(rows)} finished runs, {sum(r['train_seconds'] for r in rows) / 3600:.1f} h of distillation epochs in all "
           f"({meta['span']}). The accuracy runs shared the machine with other work ({threads_words(rows)}, the one-thread "
-          "runs two at a time, beside test suites and editing; DKD s0, KD s1, and Energy KD reversed s2 with "
-          "KD + CutMix s1 were paused for 30, 5 and 3 min, which their epoch times include, while timing benchmarks had the machine), so their epoch times are not cost figures."
+          "runs two at a time, beside test suites and editing; four runs were paused while timing benchmarks had the machine, "
+          "and their epoch times include the pause: DKD s0 for 30 min, KD s1 for 5, Energy KD reversed s2 and KD + CutMix s1 "
+          "for 3 each), so their epoch times are not cost figures."
           + (" The cost columns were measured separately, alone on the machine." if costs else ""), ""]
     if missing:
         L += [f"**In progress: {len(rows)} of {len(rows) + len(missing)} runs finished.** Not yet run: {', '.join(missing)}. "
@@ -600,7 +607,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           "data order and augmented views), and the difference counts when a two-sided paired t-test over the seeds "
           f"gives p < {ALPHA}. With two or three seeds that needs a consistent difference (t > 12.7 with two, > 4.3 with "
           "three); one-seed rows are shown, not judged. The rule is applied to each comparison on its own, with no correction "
-          f"for how many are made ({sum(m != REFERENCE for _, m, _ in PROTOCOLS[protocol].grid)} against KD, plus paper vs code): a p just under {ALPHA} "
+          f"for how many are made ({sum(m != REFERENCE for _, m, _ in PROTOCOLS[protocol].grid)} against KD, plus paper vs code and HE-DA vs CutMix on all data): a p just under {ALPHA} "
           "is one seed-set's evidence, and more seeds are what would firm it up.", ""]
 
     L += ["## Accuracy", "", f"Final-epoch test top-1 (%) on {test_phrase}: mean ± std over seeds, each seed, and the "
