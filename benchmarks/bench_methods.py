@@ -382,9 +382,14 @@ def fmt_acc(s: dict) -> str:
     return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["std"] is not None else "")
 
 
+def fmt_p(p: float) -> str:
+    """Two decimals, or three where two would round onto the threshold and hide which side of it p lies."""
+    return f"{p:.3f}" if round(p, 2) == ALPHA else f"{p:.2f}"
+
+
 def fmt_paired(p: dict) -> str:
     spread = f" ± {p['std']:.2f}" if p["std"] is not None else ""
-    pv = f", p = {p['p']:.2f}" if p["p"] is not None else ""
+    pv = f", p = {fmt_p(p['p'])}" if p["p"] is not None else ""
     n = len(p["diffs"])
     return f"{p['mean']:+.2f}{spread} ({n} seed{'s' if n > 1 else ''}{pv}): {p['verdict']}"
 
@@ -416,7 +421,7 @@ def short_call(p: dict) -> str:
     if p["p"] is None:
         return "one seed, not yet judged"
     n = len(p["diffs"])
-    return f"p = {p['p']:.2f} over {n} seeds: " + ("not a difference the rule calls real" if p["p"] >= ALPHA
+    return f"p = {fmt_p(p['p'])} over {n} seeds: " + ("not a difference the rule calls real" if p["p"] >= ALPHA
                                                    else "a real gain" if p["mean"] > 0 else "a real loss")
 
 
@@ -427,7 +432,7 @@ def in_words(p: dict) -> str:
     if p["p"] is None:
         return f"{p['mean']:+.2f} points with one seed; not judged until a second seed is in"
     call = f"real: {p['verdict']}" if p["p"] < ALPHA else "not a real difference by the rule below"
-    return f"{p['mean']:+.2f} points on average (per seed: {seeds}); p = {p['p']:.2f} over {n} seeds, {call}"
+    return f"{p['mean']:+.2f} points on average (per seed: {seeds}); p = {fmt_p(p['p'])} over {n} seeds, {call}"
 
 
 # ---------------------------------------------------------------- writing
@@ -515,8 +520,8 @@ def in_short(summary: dict, costs: dict) -> str:
     if ms:
         best = max(ms, key=lambda m: ms[m]["mean"])
         vs = paired(summary, "shufflenet_v2_x0_5", best) if best != REFERENCE else None
-        out.append(f"The best student comes from {METHODS[best].label} ({fmt_acc(ms[best])} %"
-                   + (f", {vs['mean']:+.2f} over KD" if vs else "") + f"{extra_cost(best)}).")
+        out.append(f"The best student comes from {METHODS[best].label}: {fmt_acc(ms[best])} %"
+                   + (f", {vs['mean']:+.2f} points over KD ({short_call(vs)})" if vs else "") + f"{extra_cost(best)}.")
     heda, mix = (paired(summary, "shufflenet_v2_x0_5", m) for m in ("kd_heda_0.5", "kd_cutmix_all"))
     if heda and mix and mix["mean"] > 0 and {"kd_heda_0.5", "kd_cutmix_all", REFERENCE} <= set(step):
         gain = heda["mean"] / mix["mean"]
@@ -554,7 +559,8 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
         for method in METHODS:
             p = paired(summary, student, method) if method != REFERENCE else None
             if p:
-                L.append(f"- **{METHODS[method].label} vs KD** ({student}): {in_words(p)}.")
+                label = METHODS[method].label
+                L.append(f"- **{label[:1].upper() + label[1:]} vs KD** ({student}): {in_words(p)}.")
     L += lead_over_time(summary)
     direction = paired(summary, "shufflenet_v2_x0_5", "energy_kd", reference="energy_kd_reversed")
     if direction:
@@ -571,6 +577,19 @@ def findings(summary: dict, costs: dict, teacher: float | None, sizes: dict[str,
         if parts:
             L.append(f"- Cost of a step ({student}, teacher live, quiet machine): {'; '.join(parts)}.")
     return L
+
+
+def strict_words(summary: dict) -> str:
+    """The comparisons the rule leaves uncalled although every seed moves the same way: what two or three seeds
+    cannot settle, named so that a reader does not take "not real" for "no effect"."""
+    same_sign = [(st, m, p) for st in summary for m in METHODS if m != REFERENCE
+                 for p in [paired(summary, st, m)] if p and p["p"] is not None and p["p"] >= ALPHA
+                 and (all(d > 0 for d in p["diffs"]) or all(d < 0 for d in p["diffs"]))]
+    if not same_sign:
+        return ""
+    return (" The rule is strict with few seeds: " + "; ".join(
+        f"{METHODS[m].label} − KD ({st}) has the same sign at every seed ({', '.join(f'{d:+.2f}' for d in p['diffs'])}) "
+        f"and still gets p = {fmt_p(p['p'])}" for st, m, p in same_sign) + ".")
 
 
 def threads_words(rows: list[dict]) -> str:
@@ -608,7 +627,7 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           f"gives p < {ALPHA}. With two or three seeds that needs a consistent difference (t > 12.7 with two, > 4.3 with "
           "three); one-seed rows are shown, not judged. The rule is applied to each comparison on its own, with no correction "
           f"for how many are made ({sum(m != REFERENCE for _, m, _ in PROTOCOLS[protocol].grid)} against KD, plus paper vs code and HE-DA vs CutMix on all data): a p just under {ALPHA} "
-          "is one seed-set's evidence, and more seeds are what would firm it up.", ""]
+          "is one seed-set's evidence, and more seeds are what would firm it up." + strict_words(summary), ""]
 
     L += ["## Accuracy", "", f"Final-epoch test top-1 (%) on {test_phrase}: mean ± std over seeds, each seed, and the "
           "paired difference to KD (mean ± std over seeds).", ""]
