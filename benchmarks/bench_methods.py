@@ -383,13 +383,15 @@ def fmt_acc(s: dict) -> str:
 
 
 def fmt_p(p: float) -> str:
-    """Two decimals, or three where two would round onto the threshold and hide which side of it p lies."""
-    return f"{p:.3f}" if round(p, 2) == ALPHA else f"{p:.2f}"
+    """``p = …`` to two decimals, or three where two would round onto the threshold or to zero and hide what p is."""
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.3f}" if round(p, 2) in (ALPHA, 0) else f"p = {p:.2f}"
 
 
 def fmt_paired(p: dict) -> str:
     spread = f" ± {p['std']:.2f}" if p["std"] is not None else ""
-    pv = f", p = {fmt_p(p['p'])}" if p["p"] is not None else ""
+    pv = f", {fmt_p(p['p'])}" if p["p"] is not None else ""
     n = len(p["diffs"])
     return f"{p['mean']:+.2f}{spread} ({n} seed{'s' if n > 1 else ''}{pv}): {p['verdict']}"
 
@@ -421,7 +423,7 @@ def short_call(p: dict) -> str:
     if p["p"] is None:
         return "one seed, not yet judged"
     n = len(p["diffs"])
-    return f"p = {fmt_p(p['p'])} over {n} seeds: " + ("not a difference the rule calls real" if p["p"] >= ALPHA
+    return f"{fmt_p(p['p'])} over {n} seeds: " + ("not a difference the rule calls real" if p["p"] >= ALPHA
                                                    else "a real gain" if p["mean"] > 0 else "a real loss")
 
 
@@ -432,7 +434,7 @@ def in_words(p: dict) -> str:
     if p["p"] is None:
         return f"{p['mean']:+.2f} points with one seed; not judged until a second seed is in"
     call = f"real: {p['verdict']}" if p["p"] < ALPHA else "not a real difference by the rule below"
-    return f"{p['mean']:+.2f} points on average (per seed: {seeds}); p = {fmt_p(p['p'])} over {n} seeds, {call}"
+    return f"{p['mean']:+.2f} points on average (per seed: {seeds}); {fmt_p(p['p'])} over {n} seeds, {call}"
 
 
 # ---------------------------------------------------------------- writing
@@ -463,7 +465,7 @@ def plots(summary: dict, costs: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fsio.write_bytes(out / "accuracy_cost.png", png(fig))
 
-    fig, axes = plt.subplots(len(summary), 2, figsize=(12, 4 * len(summary)), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(len(summary), 2, figsize=(14, 4 * len(summary)), dpi=110, squeeze=False)
     for (left, right), (student, ms) in zip(axes, summary.items()):
         kd = ms.get(REFERENCE, {}).get("curves", {})
         for m, s in ms.items():
@@ -481,8 +483,9 @@ def plots(summary: dict, costs: dict, out: Path) -> list[str]:
         for ax in (left, right):
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize=7)
+        left.legend(fontsize=7)
+        if right.has_data():  # outside: the differences fill the panel, and the no-teacher curve runs along its floor
+            right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fsio.write_bytes(out / "curves.png", png(fig))
     return ["accuracy_cost.png", "curves.png"]
@@ -589,7 +592,7 @@ def strict_words(summary: dict) -> str:
         return ""
     return (" The rule is strict with few seeds: " + "; ".join(
         f"{METHODS[m].label} − KD ({st}) has the same sign at every seed ({', '.join(f'{d:+.2f}' for d in p['diffs'])}) "
-        f"and still gets p = {fmt_p(p['p'])}" for st, m, p in same_sign) + ".")
+        f"and still gets {fmt_p(p['p'])}" for st, m, p in same_sign) + ".")
 
 
 def threads_words(rows: list[dict]) -> str:
