@@ -374,7 +374,7 @@ def _fmt_size(n) -> str:
     if n is None:
         return "–"
     for unit in ("B", "kB", "MB"):
-        if n < 1000:
+        if round(n, 1) < 1000:  # as printed: 999,950 bytes is 1.0 MB, not 1000.0 kB
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"

@@ -282,7 +282,8 @@ def test_the_validation_table_counts_sizes_as_the_size_limit_does():
     0.84 MB there, so the table must not call it 817.5 KB."""
     from edgedistill.validate import _fmt_size
 
-    assert [_fmt_size(n) for n in (512, 837_120, 3_490_000, 2.5e9, None)] == ["512 B", "837.1 kB", "3.5 MB", "2.5 GB", "–"]
+    assert [_fmt_size(n) for n in (512, 837_120, 999_940, 999_950, 3_490_000, 2.5e9, None)] == [
+        "512 B", "837.1 kB", "999.9 kB", "1.0 MB", "3.5 MB", "2.5 GB", "–"]
 
 
 def test_export_formats_are_checked_against_the_registry():
