@@ -382,7 +382,7 @@ def paired(summary: dict, student: str, method: str, reference: str = REFERENCE)
     else:  # the same difference at every seed: no noise left to test against
         p = 1.0 if out["mean"] == 0 else 0.0
     versus = METHODS[reference].label
-    verdict = (f"better than {versus}" if out["mean"] > 0 else f"worse than {versus}") if p < ALPHA else "no real difference"
+    verdict = (f"better than {versus}" if out["mean"] > 0 else f"worse than {versus}") if p < ALPHA else "not called real"
     return {**out, "p": p, "verdict": verdict}
 
 
@@ -441,7 +441,7 @@ def in_words(p: dict) -> str:
     seeds = ", ".join(f"s{seed} {d:+.2f}" for seed, d in zip(p["seeds"], p["diffs"]))
     if p["p"] is None:
         return f"{p['mean']:+.2f} points with one seed; not judged until a second seed is in"
-    call = f"real: {p['verdict']}" if p["p"] < ALPHA else "not a real difference by the rule below"
+    call = f"real: {p['verdict']}" if p["p"] < ALPHA else "not called real by the rule below"
     return f"{p['mean']:+.2f} points on average (per seed: {seeds}); {fmt_p(p['p'])} over {n} seeds, {call}"
 
 
