@@ -696,7 +696,9 @@ def write_docs(rows: list[dict], costs: dict, protocol: str, meta: dict) -> None
           "[`benchmarks/results.json`](benchmarks/results.json).", ""]
     fsio.write_text(DOCS / "benchmarks.md", "\n".join(L))
     fsio.write_json(DOCS / "benchmarks" / "results.json", {"protocol": protocol, **meta, "rows": rows, "summary": summary, "costs": costs,
-                                                          "paired": {st: {m: paired(summary, st, m) for m in summary[st] if m != REFERENCE} for st in summary}})
+                                                          "paired": {st: {m: paired(summary, st, m) for m in summary[st] if m != REFERENCE} for st in summary},
+                                                          "head_to_head": {f"{a} - {b}": paired(summary, "shufflenet_v2_x0_5", a, reference=b)
+                                                                           for a, b, _, _ in HEAD_TO_HEAD}})
 
 
 def gpu_words(costs: dict, protocol: str) -> str:
