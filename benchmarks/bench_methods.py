@@ -532,7 +532,7 @@ def in_short(summary: dict, costs: dict) -> str:
     if ms:
         best = max(ms, key=lambda m: ms[m]["mean"])
         vs = paired(summary, "shufflenet_v2_x0_5", best) if best != REFERENCE else None
-        out.append(f"The best student comes from {METHODS[best].label}: {fmt_acc(ms[best])} %"
+        out.append(f"The best method on mean top-1 is {METHODS[best].label}: {fmt_acc(ms[best])} %"
                    + (f", {vs['mean']:+.2f} points over KD ({short_call(vs)})" if vs else "") + f"{extra_cost(best)}.")
     heda, mix = (paired(summary, "shufflenet_v2_x0_5", m) for m in ("kd_heda_0.5", "kd_cutmix_all"))
     if heda and mix and mix["mean"] > 0 and {"kd_heda_0.5", "kd_cutmix_all", REFERENCE} <= set(step):
