@@ -39,12 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgedistill.data import limit_indices  # noqa: E402
-from edgedistill.models import build_student, load_checkpoint  # noqa: E402
-from edgedistill.recipe import ExportConfig, ValidateConfig  # noqa: E402
-from edgedistill.targets import TARGETS, export_all, onnx_metadata, register  # noqa: E402
-from edgedistill.targets.int8 import INT8_ACTIVATION_TYPE, Int8, quantize_int8  # noqa: E402
-from edgedistill.validate import validate_export, validate_onnx_file  # noqa: E402
+from edgedistill.data.sources import limit_indices
+from edgedistill.models.students import build_student
+from edgedistill.models.checkpoints import load_checkpoint
+from edgedistill.recipe.schema import ExportConfig, ValidateConfig  # noqa: E402
+from edgedistill.deploy.targets import TARGETS, export_all, onnx_metadata, register  # noqa: E402
+from edgedistill.deploy.targets.int8 import INT8_ACTIVATION_TYPE, Int8, quantize_int8  # noqa: E402
+from edgedistill.deploy.validate import validate_export, validate_onnx_file  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from edgedistill import fsio
-from edgedistill.objectives import Augmenter
-from edgedistill.planning import measure_cost
-from edgedistill.recipe import load_recipe
-from edgedistill.run import open_run, run_stage
-from edgedistill.train import LoopConfig, fit
+from edgedistill.base import fsio
+from edgedistill.distill.objectives import Augmenter
+from edgedistill.pipeline.planning import measure_cost
+from edgedistill.recipe.schema import load_recipe
+from edgedistill.pipeline.run import open_run, run_stage
+from edgedistill.distill.train import LoopConfig, fit
 
 
 def main() -> None:

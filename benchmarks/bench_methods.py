@@ -45,17 +45,17 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgedistill import fsio  # noqa: E402
-from edgedistill.context import RunContext  # noqa: E402
-from edgedistill.distributed import DistInfo  # noqa: E402
-from edgedistill.folder import RunFolder  # noqa: E402
-from edgedistill.macs import model_stats  # noqa: E402
-from edgedistill.models import build_student  # noqa: E402
-from edgedistill.planning import StepBench, measure_cost  # noqa: E402
-from edgedistill.plots import png, pyplot  # noqa: E402
-from edgedistill.recipe import Recipe, load_recipe  # noqa: E402
-from edgedistill.run import open_run, run_stage  # noqa: E402
-from edgedistill.train import evaluate  # noqa: E402
+from edgedistill.base import fsio
+from edgedistill.pipeline.context import RunContext  # noqa: E402
+from edgedistill.base.distributed import DistInfo  # noqa: E402
+from edgedistill.pipeline.folder import RunFolder  # noqa: E402
+from edgedistill.models.macs import model_stats  # noqa: E402
+from edgedistill.models.students import build_student
+from edgedistill.pipeline.planning import StepBench, measure_cost  # noqa: E402
+from edgedistill.base.plots import png, pyplot  # noqa: E402
+from edgedistill.recipe.schema import Recipe, load_recipe  # noqa: E402
+from edgedistill.pipeline.run import open_run, run_stage  # noqa: E402
+from edgedistill.distill.train import evaluate  # noqa: E402
 
 BASE_RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
 CACHE = ROOT / "benchmarks" / "cache" / "methods"

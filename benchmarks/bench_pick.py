@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgedistill.pick import label, pick  # noqa: E402
-from edgedistill.recipe_deploy import DeviceTarget  # noqa: E402
-from edgedistill.timing import fmt_spread, within  # noqa: E402
+from edgedistill.deploy.pick import label, pick  # noqa: E402
+from edgedistill.recipe.deploy import DeviceTarget  # noqa: E402
+from edgedistill.base.timing import fmt_spread, within  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
 DEPLOY_MD = ROOT / "docs" / "deploy.md"

@@ -10,7 +10,7 @@ teacher's own forward pass is timed the same way in each runtime, for its share 
 Variants (a variant's name says what differs from ``before``):
 
 * ``before``: the step as it was: the teacher as loaded (eager, NCHW), the student eager NCHW, SGD's loop;
-* ``teacher_runtime``: the teacher in the runtime the teacher stage chooses (:mod:`edgedistill.teacher_runtime`);
+* ``teacher_runtime``: the teacher in the runtime the teacher stage chooses (:mod:`edgedistill.distill.teacher_runtime`);
 * ``channels_last``: the student (and its input) in channels_last;
 * ``fused_sgd``: the optimizer's fused kernel instead of its loop over parameters;
 * ``compile``: ``torch.compile`` of the student;
@@ -34,16 +34,18 @@ from pathlib import Path
 
 import torch
 
-from edgedistill import fsio
-from edgedistill.data import EpochSampler, ImageDataset, load_data, make_loader, to_float
-from edgedistill.energy import EnergyIndex
-from edgedistill.losses import LOSSES
-from edgedistill.models import build_student, load_teacher
-from edgedistill.objectives import DistillObjective
-from edgedistill.recipe import load_recipe
-from edgedistill.teacher_cache import LogitCache
-from edgedistill.teacher_runtime import choose_runtime
-from edgedistill.train import build_optimizer
+from edgedistill.base import fsio
+from edgedistill.data.loading import EpochSampler, ImageDataset, make_loader, to_float
+from edgedistill.data.sources import load_data
+from edgedistill.distill.energy import EnergyIndex
+from edgedistill.distill.losses import LOSSES
+from edgedistill.models.students import build_student
+from edgedistill.models.teachers import load_teacher
+from edgedistill.distill.objectives import DistillObjective
+from edgedistill.recipe.schema import load_recipe
+from edgedistill.distill.teacher_cache import LogitCache
+from edgedistill.distill.teacher_runtime import choose_runtime
+from edgedistill.distill.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {"shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", 1.0), "mobilenet_v2_w0.5": ("mobilenet_v2", 0.5), "mobilenet_v2_w1.0": ("mobilenet_v2", 1.0)}

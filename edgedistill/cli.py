@@ -19,10 +19,10 @@ import click
 from rich.markup import escape
 
 from edgedistill import __version__
-from edgedistill.console import console, setup_logging, stdout
-from edgedistill.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed, InputError, RunStateError
-from edgedistill.folder import RunFolder
-from edgedistill.stage_table import BY_NAME, STAGE_NAMES, STAGES, StageSpec
+from edgedistill.base.console import console, setup_logging, stdout
+from edgedistill.base.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed, InputError, RunStateError
+from edgedistill.pipeline.folder import RunFolder
+from edgedistill.pipeline.stage_table import BY_NAME, STAGE_NAMES, STAGES, StageSpec
 
 DEFAULT_OUT = Path("runs")
 RECIPE = click.argument("recipe", metavar="RECIPE|RUN", type=click.Path(path_type=Path))
@@ -153,8 +153,8 @@ def _opened(target: Path, overrides, out: Path | None, force: bool, *, resume: b
     ``new_run``: the whole pipeline, which refuses a folder holding a run unless resumed. A run folder this command creates is removed again if the
     command fails on bad input before any work is saved: nothing is left where nothing was made.
     """
-    from edgedistill.recipe import load_recipe
-    from edgedistill.run import open_run
+    from edgedistill.recipe.schema import load_recipe
+    from edgedistill.pipeline.run import open_run
 
     recipe_path, root = _locate(target, out)
     recipe = load_recipe(recipe_path, list(overrides))
@@ -177,7 +177,7 @@ def _raise_gates(ctx) -> None:
     """Exit 1 when the validated models failed a gate (after the report is written)."""
     path = ctx.run / "validation.json"
     if ctx.dist.is_main and ctx.run.done("validate") and path.exists():
-        from edgedistill.validate import check_gates
+        from edgedistill.deploy.validate import check_gates
 
         check_gates(json.loads(path.read_text()))
 
@@ -204,7 +204,7 @@ def cli():
 @RECIPE
 @common(trains="run")
 def run(recipe: Path, overrides, out: Path | None, force: bool, resume: bool):
-    from edgedistill.run import run_all
+    from edgedistill.pipeline.run import run_all
 
     with _opened(recipe, overrides, out, force, resume=resume, new_run=True) as ctx:
         run_all(ctx)
@@ -218,7 +218,7 @@ def _stage_command(stage: StageSpec) -> None:
     @RECIPE
     @common(stage.name if stage.trains else None)
     def command(recipe: Path, overrides, out: Path | None, force: bool, resume: bool = False):
-        from edgedistill.run import run_stage
+        from edgedistill.pipeline.run import run_stage
 
         with _opened(recipe, overrides, out, force, resume=resume, stage=stage) as ctx:
             run_stage(ctx, stage.name)
@@ -236,8 +236,8 @@ for _stage in STAGES:
               help="Validate this ONNX or ORT file (repeatable) on the recipe's test data instead of the run's exports: accuracy, latency, size.")
 @common()
 def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool):
-    from edgedistill.run import run_stage
-    from edgedistill.stages import validate_files
+    from edgedistill.pipeline.run import run_stage
+    from edgedistill.pipeline.stages import validate_files
 
     # checking given files redoes nothing of the run's: other validate settings serve this command alone
     with _opened(recipe, overrides, out, force, stage=None if onnx_files else BY_NAME["validate"],
@@ -257,13 +257,14 @@ def list_registered(image_size: int, num_classes: int):
     (at each width student.arch: auto tries) with its parameters and MACs per image (on stdout)."""
     from rich.table import Table
 
-    from edgedistill.augment import AUGMENTS
-    from edgedistill.data import DATA_SOURCES
-    from edgedistill.losses import LOSSES
-    from edgedistill.macs import model_stats
-    from edgedistill.models import STUDENTS, TEACHERS, build_student
-    from edgedistill.pick import candidate_specs, label
-    from edgedistill.targets import TARGETS
+    from edgedistill.distill.augment import AUGMENTS
+    from edgedistill.data.sources import DATA_SOURCES
+    from edgedistill.distill.losses import LOSSES
+    from edgedistill.models.macs import model_stats
+    from edgedistill.models.students import STUDENTS, build_student
+    from edgedistill.models.teachers import TEACHERS
+    from edgedistill.deploy.pick import candidate_specs, label
+    from edgedistill.deploy.targets import TARGETS
 
     table = Table(title="edgedistill registries")
     table.add_column("kind")
@@ -293,7 +294,7 @@ def list_registered(image_size: int, num_classes: int):
 def predict(model: Path, images: Path, top_k: int, fmt: str, batch: int, output: Path | None, debug: bool):
     setup_logging(debug)
     try:
-        from edgedistill import predict as p
+        from edgedistill.deploy import predict as p
 
         p.write(p.render(p.predict(model, images, top_k=top_k, batch=batch), fmt), output)
     except EdgeDistillError as e:

@@ -13,9 +13,9 @@ import os
 import signal
 import sys
 
-import edgedistill.stages as stages
+import edgedistill.pipeline.stages as stages
 from edgedistill.cli import main
-from edgedistill.objectives import Objective
+from edgedistill.distill.objectives import Objective
 
 
 class Interrupting(Objective):

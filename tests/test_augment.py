@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from edgedistill.augment import AUGMENTS, MixResult, cutmix, mixed_targets, mixup, sample_beta, selection_mask
+from edgedistill.distill.augment import AUGMENTS, MixResult, cutmix, mixed_targets, mixup, sample_beta, selection_mask
 
 METHODS = AUGMENTS.names()
 DEFAULT_ALPHA = {"cutmix": 1.0, "mixup": 0.2}

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from edgedistill.budget import Choice, CostModel, choose_fraction, curve, fraction_grid, from_step_timings
+from edgedistill.budget.cost import Choice, CostModel, choose_fraction, curve, fraction_grid, from_step_timings
 
 EPOCHS = 40
 
@@ -29,7 +29,7 @@ def model(**kw) -> CostModel:
 
 
 def test_no_torch_at_import():
-    code = "import sys, edgedistill.budget; assert 'torch' not in sys.modules"
+    code = "import sys, edgedistill.budget.cost; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -23,7 +23,7 @@ from conftest import TINY
 from edgedistill import __version__
 from edgedistill import cli as cli_module
 from edgedistill.cli import cli, main
-from edgedistill.folder import RunFolder
+from edgedistill.pipeline.folder import RunFolder
 
 STAGES = ["pick", "teacher", "score", "plan", "distill", "export", "validate", "baseline", "report"]
 
@@ -121,7 +121,7 @@ def test_interrupt_prints_the_exact_quoted_resume_command(tmp_path, monkeypatch)
     def interrupted(ctx, name):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("edgedistill.run.run_stage", interrupted)
+    monkeypatch.setattr("edgedistill.pipeline.run.run_stage", interrupted)
     result = invoke("teacher", recipe, "--out", tmp_path / "runs", "--set", "seed=3")
     assert result.exit_code == 130
     expected = f"resume with: edgedistill teacher '{recipe}' --out {tmp_path / 'runs'} --set seed=3 --resume"
@@ -234,10 +234,10 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(fin
     """The cost model rests on the plain-vs-extra difference; 'all' (which ignores the fraction) once let the
     'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead.
     The no-teacher baseline is neither run through the teacher nor charged for it."""
-    from edgedistill.context import RunContext
-    from edgedistill.planning import WARMUP_STEPS, measure_cost
-    from edgedistill.recipe import load_recipe
-    from edgedistill.run import open_run
+    from edgedistill.pipeline.context import RunContext
+    from edgedistill.pipeline.planning import WARMUP_STEPS, measure_cost
+    from edgedistill.recipe.schema import load_recipe
+    from edgedistill.pipeline.run import open_run
 
     recipe, run = finished
     shutil.copytree(run, tmp_path / "tiny")
@@ -256,7 +256,7 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(fin
 
     monkeypatch.setattr(RunContext, "build_student", recording)
     teacher_calls = []
-    from edgedistill.objectives import DistillObjective
+    from edgedistill.distill.objectives import DistillObjective
 
     run_teacher = DistillObjective._teacher  # the teacher in whatever runtime the teacher stage chose
 

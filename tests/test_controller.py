@@ -7,7 +7,7 @@ from dataclasses import astuple
 
 import pytest
 
-from edgedistill.controller import MAX_RISE, WARMUP_STEPS, BudgetHook, CostEstimator, Costs, Goal, choose, prior_costs
+from edgedistill.budget.controller import MAX_RISE, WARMUP_STEPS, BudgetHook, CostEstimator, Costs, Goal, choose, prior_costs
 
 
 class Machine:

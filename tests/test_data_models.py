@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from edgedistill.data import DATA_SOURCES, ImageDataset, Split, limit_indices, load_data, long_tail_indices
-from edgedistill.errors import InputError
-from edgedistill.models import STUDENTS, TEACHERS, build_student, build_torchvision, load_teacher
-from edgedistill.recipe import DataConfig, TeacherConfig
+from edgedistill.data.sources import DATA_SOURCES, Split, limit_indices, load_data, long_tail_indices
+from edgedistill.data.loading import ImageDataset
+from edgedistill.base.errors import InputError
+from edgedistill.models.students import STUDENTS, build_student, build_torchvision
+from edgedistill.models.teachers import TEACHERS, load_teacher
+from edgedistill.recipe.schema import DataConfig, TeacherConfig
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -442,7 +444,7 @@ def test_torchvision_state_dict_wrappers(wrap, teacher_files, tmp_path):
 
 
 def test_load_state_names_the_file_on_a_mismatch():
-    from edgedistill.models import load_state
+    from edgedistill.models.checkpoints import load_state
 
     student = build_student("shufflenet_v2_x0_5", 3, image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)
     other = build_student("mobilenet_v2", 3, image_size=16, mean=(0.5,) * 3, std=(0.2,) * 3)

@@ -17,10 +17,11 @@ from conftest import TINY
 from PIL import Image, ImageDraw
 
 from edgedistill.cli import cli
-from edgedistill.data import ImageDataset, Split, eval_arrays, load_data
-from edgedistill.recipe import DataConfig
-from edgedistill.targets import onnx_metadata, read_metadata
-from edgedistill.transforms import CROP_RATIO, SMALL_IMAGE, _resize, eval_preprocessing, eval_transform
+from edgedistill.data.loading import ImageDataset, eval_arrays
+from edgedistill.data.sources import Split, load_data
+from edgedistill.recipe.schema import DataConfig
+from edgedistill.deploy.targets import onnx_metadata, read_metadata
+from edgedistill.data.transforms import CROP_RATIO, SMALL_IMAGE, _resize, eval_preprocessing, eval_transform
 
 DEPLOY_MD = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 

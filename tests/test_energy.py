@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.energy import HIGH, LOW, MIDDLE, EnergyIndex, assign_groups, energy_from_logits, group_count
+from edgedistill.distill.energy import HIGH, LOW, MIDDLE, EnergyIndex, assign_groups, energy_from_logits, group_count
 
 
 def naive_energy(row, t):

@@ -1,6 +1,6 @@
 """Every registered loss: contract, numerical safety, and agreement with naive float64 references.
 
-The references below are written independently of ``edgedistill.losses``: plain Python loops over samples,
+The references below are written independently of ``edgedistill.distill.losses``: plain Python loops over samples,
 float64, ``math.exp`` with max-subtraction.  No expected value is copied from a paper.
 """
 
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from edgedistill import losses
-from edgedistill.losses import (
+from edgedistill.distill import losses
+from edgedistill.distill.losses import (
     LOSSES,
     MIN_TEMPERATURE,
     STD_EPS,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from edgedistill import pick as P
-from edgedistill.recipe_deploy import DeviceTarget
-from edgedistill.errors import InputError
-from edgedistill.timing import interleaved, per_round_ratio, spread, within
+from edgedistill.deploy import pick as P
+from edgedistill.recipe.deploy import DeviceTarget
+from edgedistill.base.errors import InputError
+from edgedistill.base.timing import interleaved, per_round_ratio, spread, within
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -80,7 +80,7 @@ def test_headroom_keeps_a_median_just_under_the_limit_out():
 def test_candidates_are_every_student_and_its_widths():
     specs = P.candidate_specs(["mobilenet_v2", "shufflenet_v2_x1_0"])
     assert specs == [("mobilenet_v2", w) for w in P.WIDTH_GRID] + [("shufflenet_v2_x1_0", 1.0)]
-    from edgedistill.models import STUDENTS
+    from edgedistill.models.students import STUDENTS
 
     assert DeviceTarget(max_size_mb=1).candidate_archs() == STUDENTS.names()
 
@@ -147,7 +147,7 @@ def test_on_real_exports_the_student_with_the_most_macs_under_the_target_is_chos
     """Two tiny candidates exported and timed here; a target 3x the slowest median, so both fit and the one with the
     more MACs is chosen. Whether the choice then stays under its target when timed again depends on the machine's
     load, so benchmarks/bench_pick.py measures that; a test must not."""
-    from edgedistill.candidates import measure
+    from edgedistill.deploy.candidates import measure
 
     monkeypatch.setattr(P, "WIDTH_GRID", (0.35,))
     probe = DeviceTarget(max_size_mb=100, archs=["mobilenet_v3_small", "shufflenet_v2_x0_5"])

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from conftest import TINY
 from test_deploy import make_imagefolder, snippet_source
 
-from edgedistill import pick as P
-from edgedistill import predict as predict_module
+from edgedistill.deploy import pick as P
+from edgedistill.deploy import predict as predict_module
 from edgedistill.cli import cli
 
 pytestmark = pytest.mark.usefixtures("isolated")

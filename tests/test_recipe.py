@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill.errors import RecipeError
-from edgedistill.recipe import apply_override, dump_recipe, load_recipe, validate_recipe
+from edgedistill.base.errors import RecipeError
+from edgedistill.recipe.schema import apply_override, dump_recipe, load_recipe, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,8 +252,8 @@ def test_malformed_overrides(item, expected):
     ],
 )
 def test_a_validator_key_prefix_is_never_doubled(keys, msg, expected):
-    from edgedistill.recipe_text import _with_subkey
-    from edgedistill.recipe import Recipe
+    from edgedistill.recipe.text import _with_subkey
+    from edgedistill.recipe.schema import Recipe
 
     assert _with_subkey(keys, msg, {}, Recipe) == expected
 
@@ -288,7 +288,7 @@ def test_resolved_file_teacher_recipe_round_trips(tmp_path):
 
 
 def test_every_data_source_declares_its_root():
-    from edgedistill.data import DATA_SOURCES
+    from edgedistill.data.sources import DATA_SOURCES
 
     for name in DATA_SOURCES.names():
         spec = DATA_SOURCES.get(name)
@@ -297,7 +297,7 @@ def test_every_data_source_declares_its_root():
 
 
 def test_every_teacher_source_says_what_it_reads():
-    from edgedistill.models import TEACHERS
+    from edgedistill.models.teachers import TEACHERS
 
     for name in TEACHERS.names():
         spec = TEACHERS.get(name)

@@ -3,7 +3,7 @@ slower here is named with its per-round ratio and its target's note; any target'
 
 from __future__ import annotations
 
-from edgedistill.recommend import recommend
+from edgedistill.deploy.recommend import recommend
 
 
 def v(path, mb, top1, ms, ips, deploy_to=("server", "edge"), passed=True):
@@ -55,7 +55,7 @@ def test_a_kind_with_nothing_that_passed_says_so():
 
 
 def test_the_registered_targets_say_where_they_pay_off():
-    from edgedistill.targets import TARGETS
+    from edgedistill.deploy.targets import TARGETS
 
     for name in TARGETS:
         t = TARGETS.get(name)

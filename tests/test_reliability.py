@@ -28,7 +28,7 @@ from conftest import TINY
 from PIL import Image
 
 from edgedistill.cli import cli
-from edgedistill.folder import RunFolder
+from edgedistill.pipeline.folder import RunFolder
 
 # One thread (in-process and in subprocesses): on a shared 2-core box two threads wait on each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "240"}
@@ -149,7 +149,7 @@ def fx(tmp_path_factory) -> Path:
     import torchvision
     import warnings
 
-    from edgedistill.models import build_torchvision
+    from edgedistill.models.students import build_torchvision
 
     d = tmp_path_factory.mktemp("fx")
     # teachers
@@ -233,7 +233,7 @@ def data(source: str, root: str | None = None, **extra) -> dict:
 
 def fresh_run_folder(tmp: Path, recipe_text: str | None = None) -> Path:
     """``tmp/runs/tiny`` as a run folder whose recipe.yaml is TINY resolved, and no stage has finished."""
-    from edgedistill.recipe import dump_recipe, validate_recipe
+    from edgedistill.recipe.schema import dump_recipe, validate_recipe
 
     run = tmp / "runs" / "tiny"
     run.mkdir(parents=True)
@@ -481,8 +481,8 @@ def test_the_table_is_big_enough():
     for kind in KINDS:
         assert sum(i.startswith(f"{kind}/") for i in ids) >= 3, kind
     # every data source and every teacher source has a case, and so has every issue item
-    from edgedistill.data import DATA_SOURCES
-    from edgedistill.models import TEACHERS
+    from edgedistill.data.sources import DATA_SOURCES
+    from edgedistill.models.teachers import TEACHERS
 
     text = repr(BAD_INPUTS)
     for name in DATA_SOURCES.names():
@@ -611,7 +611,7 @@ def test_checkpoints_never_run_code(prepared, tmp_path):
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_get_the_mode_of_any_new_file(umask, mode, tmp_path):
     """Temp files are private (0600); the artifact they become must not be, or a serving account cannot read it."""
-    from edgedistill import fsio
+    from edgedistill.base import fsio
 
     old = os.umask(umask)
     try:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from test_train import dropout_student, heda_objective, same_weights, tiny_data, train
 
-from edgedistill.context import loader_workers, resolve
-from edgedistill.errors import InputError
-from edgedistill.models import Normalized, build_torchvision, freeze
-from edgedistill.planning import compile_pays
-from edgedistill.teacher_cache import LogitCache
-from edgedistill.teacher_runtime import PARITY_ATOL, Measured, build_runtime, candidates, choose_runtime, pick
+from edgedistill.pipeline.context import loader_workers, resolve
+from edgedistill.base.errors import InputError
+from edgedistill.models.students import Normalized, build_torchvision
+from edgedistill.models.teachers import freeze
+from edgedistill.pipeline.planning import compile_pays
+from edgedistill.distill.teacher_cache import LogitCache
+from edgedistill.distill.teacher_runtime import PARITY_ATOL, Measured, build_runtime, candidates, choose_runtime, pick
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -153,7 +154,7 @@ def test_a_partly_run_epoch_is_not_stored(tmp_path):
 
     from interrupt_at import Interrupting
 
-    from edgedistill.errors import Interrupted
+    from edgedistill.base.errors import Interrupted
 
     objective = cached_objective(tmp_path / "cache")
     with pytest.raises(Interrupted):

@@ -22,16 +22,16 @@ import torch
 from test_export_validate import SIZE, TINY_META, VCFG, _render, confident_test_set, images, tiny_model, torch_out
 from torch import nn
 
-from edgedistill.errors import GateFailed, InputError, RecipeError
-from edgedistill.recipe import ExportConfig, validate_recipe
-from edgedistill.report import _validation_section
-from edgedistill.targets import TARGETS, export_all, not_installed
-from edgedistill.validate import check_gates, validate_export, validation_table
+from edgedistill.base.errors import GateFailed, InputError, RecipeError
+from edgedistill.recipe.schema import ExportConfig, validate_recipe
+from edgedistill.pipeline.report import _validation_section
+from edgedistill.deploy.targets import TARGETS, export_all, not_installed
+from edgedistill.deploy.validate import check_gates, validate_export, validation_table
 
 # extra → (module that proves it is installed, its fp32 target, its int8 target, module with read_metadata)
 RUNTIMES = {
-    "executorch": ("executorch.runtime", "executorch", "executorch_int8", "edgedistill.targets.executorch"),
-    "litert": ("ai_edge_litert.interpreter", "litert", "litert_int8", "edgedistill.targets.litert"),
+    "executorch": ("executorch.runtime", "executorch", "executorch_int8", "edgedistill.deploy.targets.executorch"),
+    "litert": ("ai_edge_litert.interpreter", "litert", "litert_int8", "edgedistill.deploy.targets.litert"),
 }
 
 

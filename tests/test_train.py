@@ -12,19 +12,20 @@ import pytest
 import torch
 from interrupt_at import Interrupting
 
-from edgedistill.data import ImageDataset, Split
-from edgedistill.energy import EnergyIndex
-from edgedistill.errors import Interrupted, TrainingDiverged
-from edgedistill.losses import LOSSES
-from edgedistill.models import build_student
-from edgedistill.objectives import (
+from edgedistill.data.loading import ImageDataset
+from edgedistill.data.sources import Split
+from edgedistill.distill.energy import EnergyIndex
+from edgedistill.base.errors import Interrupted, TrainingDiverged
+from edgedistill.distill.losses import LOSSES
+from edgedistill.models.students import build_student
+from edgedistill.distill.objectives import (
     Augmenter,
     CrossEntropyObjective,
     DistillObjective,
     Objective,
 )
-from edgedistill.recipe import EnergyConfig, TrainConfig
-from edgedistill.train import LoopConfig, fit, lr_factor
+from edgedistill.recipe.schema import EnergyConfig, TrainConfig
+from edgedistill.distill.train import LoopConfig, fit, lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -162,7 +163,7 @@ def test_resume_at_any_step_with_heda_and_dropout_is_bit_exact(tmp_path, call):
 def test_the_step_seed_decides_the_heda_draws_and_dropout(tmp_path, monkeypatch):
     """Guards the test above against passing vacuously: with the same data order but other step seeds (other
     dropout masks and CutMix draws) the weights differ, so a resume that replayed a step's draws wrongly would show."""
-    import edgedistill.train as train_module
+    import edgedistill.distill.train as train_module
 
     a, _ = train(tmp_path / "a", objective=heda_objective(), model=dropout_student())
     seed_of = train_module.step_seed

@@ -1,0 +1,68 @@
+"""The picker's timing table, measured here: every candidate student built untrained, exported as the export stage
+exports it (and quantised for an int8 target), then timed in ONNX Runtime with the target's threads and batch.
+
+Untrained weights give the same graph, and so the same speed, as trained ones; int8 is calibrated on random
+images for the same reason (the ranges change numbers, not which kernels run). This machine's CPU stands in
+for the device: the table ranks candidates the way the device would when both run the same kernels (an x86
+server for an x86 server, an ARM CPU for an ARM CPU), but an NPU or a CPU with other int8 / fp16 kernels can
+rank them differently, and absolute milliseconds carry over only to the same kind of CPU (docs/recipe.md).
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from edgedistill.models.macs import model_stats
+from edgedistill.models.students import build_student
+from edgedistill.deploy.pick import candidate_specs, label
+from edgedistill.data.transforms import hw
+from edgedistill.deploy.targets._onnx import OrtRunner
+from edgedistill.models.onnx_export import export_onnx
+from edgedistill.deploy.targets.int8 import quantize_int8
+from edgedistill.base.timing import interleaved, spread
+
+ROUNDS = 7
+ROUND_SECONDS = 0.15
+CALIBRATION_IMAGES = 16
+
+
+def measure(archs: Sequence[str], target: Any, *, num_classes: int, image_size, mean, std, small_input="auto",
+            seed: int = 0, rounds: int = ROUNDS, round_seconds: float = ROUND_SECONDS,
+            progress: Callable[[str], None] = lambda _: None) -> dict:
+    """The timing table of every (arch, width) of ``archs`` for ``target`` (a ``student.target`` section):
+    ``{"target", "settings", "rows": [{"arch", "width", "parameters", "macs", "size_mb", "latency_ms": spread}]}``."""
+    h, w = hw(image_size)
+    rng = np.random.default_rng(seed)
+    x = rng.random((target.batch, 3, h, w), dtype=np.float32)
+    rows, runners = [], {}
+    with tempfile.TemporaryDirectory(prefix="edgedistill-pick-") as td:
+        for i, (arch, width) in enumerate(candidate_specs(archs)):
+            torch.manual_seed(seed)
+            model = build_student(arch, num_classes, image_size=image_size, mean=mean, std=std, width=width,
+                                  small_input=small_input).eval()
+            row = {"arch": arch, "width": width, **model_stats(model, image_size)}
+            progress(f"exporting {label(row)}")
+            path = Path(td) / f"c{i}.onnx"
+            export_onnx(model, path, image_size=image_size, metadata={})
+            if target.precision == "int8":
+                calibration = rng.random((CALIBRATION_IMAGES, 3, h, w), dtype=np.float32)
+                quantize_int8(path, path.with_suffix(".int8.onnx"), calibration)
+                path = path.with_suffix(".int8.onnx")
+            row["size_mb"] = round(path.stat().st_size / 1e6, 4)
+            runners[i] = OrtRunner.load(path, target.threads)
+            rows.append(row)
+        progress(f"timing {len(rows)} candidates, {rounds} interleaved rounds")
+        samples = interleaved({i: (lambda r=r: r.run_once(x)) for i, r in runners.items()}, rounds=rounds,
+                              min_seconds=round_seconds, warmup=3)
+    for i, row in enumerate(rows):
+        row["latency_ms"] = spread([1000.0 * s for s in samples[i]])
+    return {"target": target.model_dump(), "rows": rows,
+            "settings": {"rounds": rounds, "round_seconds": round_seconds, "image_size": list(hw(image_size)),
+                         "num_classes": num_classes, "machine": platform.processor() or platform.machine(),
+                         "torch_threads": torch.get_num_threads()}}

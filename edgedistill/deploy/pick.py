@@ -1,0 +1,149 @@
+"""``student.arch: auto``: the student with the most capacity that fits the device target, chosen over a timing table.
+
+The decision is pure: :func:`pick` takes the measured table (one row per candidate: its MACs, file size and the
+spread of its latency, see :mod:`edgedistill.deploy.candidates`) and the target, and returns the choice with the reason
+for it, or refuses in one line naming the fastest candidate's figures. Capacity is counted in MACs: among
+students that fit, the one that computes most per image has the most room to learn from the teacher.
+
+A candidate fits when its *median* latency (one inference call of ``target.batch`` images with
+``target.threads`` threads) is at most ``max_latency_ms`` less ``headroom`` (a share of it, 10 % unless set) and
+its file is at most ``max_size_mb`` (10^6 bytes). The headroom is there because the choice is measured again later,
+in validation and on the device: a median just under the limit lands over it about every other time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgedistill.base.errors import InputError
+from edgedistill.base.timing import fmt_spread
+
+CHOICE_FILE = "student_choice.json"
+PLOT_FILE = "student_choice.png"
+# Width multipliers tried for every family that has one (ShuffleNetV2's width is its variant name).
+WIDTH_GRID = (0.35, 0.5, 0.75, 1.0)
+
+
+def widths_of(arch: str) -> tuple[float, ...]:
+    """The widths the picker tries for ``arch`` (the same rule as the recipe's ``student.width`` check)."""
+    return (1.0,) if arch.startswith("shufflenet_v2") else WIDTH_GRID
+
+
+def candidate_specs(archs: Sequence[str]) -> list[tuple[str, float]]:
+    """Every (arch, width) pair the picker measures."""
+    return [(arch, w) for arch in archs for w in widths_of(arch)]
+
+
+def label(row: dict) -> str:
+    return row["arch"] if len(widths_of(row["arch"])) == 1 else f"{row['arch']} ×{row['width']:g}"
+
+
+def misses(row: dict, target: Any) -> list[str]:
+    """Why ``row`` does not fit ``target`` (empty: it fits)."""
+    out = []
+    if target.max_latency_ms is not None and row["latency_ms"]["median"] > latency_allowed(target):
+        out.append(f"latency {row['latency_ms']['median']:.3g} ms > {latency_allowed(target):.3g}")
+    if target.max_size_mb is not None and row["size_mb"] > target.max_size_mb:
+        out.append(f"size {row['size_mb']:.3g} MB > {target.max_size_mb:g}")
+    return out
+
+
+def latency_allowed(target: Any) -> float:
+    """The longest median latency that fits: ``max_latency_ms`` less the headroom."""
+    return target.max_latency_ms * (1 - target.headroom)
+
+
+def describe_target(target: Any) -> str:
+    headroom = f" less {target.headroom:.0%} headroom" if target.headroom else ""
+    limits = [f"max_latency_ms {target.max_latency_ms:g}{headroom}" if target.max_latency_ms is not None else "",
+              f"max_size_mb {target.max_size_mb:g}" if target.max_size_mb is not None else ""]
+    return (", ".join(x for x in limits if x)
+            + f"; {target.precision}, batch {target.batch}, {target.threads} thread{'s' if target.threads > 1 else ''}")
+
+
+def pick(rows: Sequence[dict], target: Any) -> dict:
+    """The candidate with the most MACs among those that fit (ties: the faster one), the table with each row's
+    ``fits`` and ``misses``, and the reason. No candidate fits: :class:`InputError` naming the fastest one."""
+    if not rows:
+        raise ValueError("pick: no candidates")
+    table = [{**r, "misses": misses(r, target)} for r in rows]
+    for r in table:
+        r["fits"] = not r["misses"]
+    fits = [r for r in table if r["fits"]]
+    if not fits:
+        fastest = min(table, key=lambda r: (r["latency_ms"]["median"], r["size_mb"]))
+        smallest = min(table, key=lambda r: r["size_mb"])
+        raise InputError(
+            f"student.target: none of the {len(table)} candidates fits ({describe_target(target)}); the fastest, "
+            f"{label(fastest)}, measured {fmt_spread(fastest['latency_ms'])} ms and {fastest['size_mb']:.3g} MB here"
+            + (f" (the smallest, {label(smallest)}, {smallest['size_mb']:.3g} MB)" if smallest is not fastest else "")
+            + "; loosen the target or run where it is meant for")
+    best = max(fits, key=lambda r: (r["macs"], -r["latency_ms"]["median"]))
+    best["chosen"] = True
+    reason = (f"{label(best)}: the most MACs ({best['macs'] / 1e6:.3g} M) of the {len(fits)} of {len(table)} candidates "
+              f"that fit {describe_target(target)}; it measured {fmt_spread(best['latency_ms'])} ms and {best['size_mb']:.3g} MB")
+    return {"arch": best["arch"], "width": best["width"], "reason": reason, "choice": best,
+            "candidates": sorted(table, key=lambda r: r["macs"])}
+
+
+def chosen_student(path: Path) -> tuple[str, float]:
+    """(arch, width) in the pick stage's ``student_choice.json``."""
+    choice = json.loads(Path(path).read_text())
+    return choice["arch"], float(choice["width"])
+
+
+# ---------------------------------------------------------------- showing it
+
+
+def pick_table(result: dict):
+    from rich.table import Table
+
+    t = Table(title=f"student candidates ({describe_target_dict(result['target'])})")
+    for col in ("student", "params", "MACs", "size MB", "latency ms [95 %]", ""):
+        t.add_column(col, justify="left" if col in ("student", "") else "right")
+    for r in result["candidates"]:
+        mark = "◀ chosen" if r.get("chosen") else ("fits" if r["fits"] else "; ".join(r["misses"]))
+        t.add_row(label(r), f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e6:.1f} M", f"{r['size_mb']:.2f}",
+                  fmt_spread(r["latency_ms"]), mark)
+    return t
+
+
+def describe_target_dict(target: dict) -> str:
+    """:func:`describe_target` of the ``target`` a choice file records (the section's ``model_dump``)."""
+    from types import SimpleNamespace
+
+    return describe_target(SimpleNamespace(**target))
+
+
+def choice_plot(result: dict) -> bytes:
+    """Latency vs MACs of every candidate (the central 95 % of the rounds as error bars), the target's latency line, the choice ringed."""
+    from edgedistill.base.plots import png, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    rows, target = result["candidates"], result["target"]
+    for fits, color, name in ((True, "tab:green", "fits"), (False, "tab:red", "does not fit")):
+        sel = [r for r in rows if r["fits"] == fits]
+        if sel:
+            ys = [r["latency_ms"]["median"] for r in sel]
+            err = [[y - r["latency_ms"]["lo"] for y, r in zip(ys, sel)], [r["latency_ms"]["hi"] - y for y, r in zip(ys, sel)]]
+            ax.errorbar([r["macs"] / 1e6 for r in sel], ys, yerr=err, fmt="o", color=color, label=name, ms=5, capsize=2)
+    for r in rows:
+        ax.annotate(label(r), (r["macs"] / 1e6, r["latency_ms"]["median"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    c = result["choice"]
+    ax.scatter([c["macs"] / 1e6], [c["latency_ms"]["median"]], s=220, facecolors="none", edgecolors="black", label="chosen")
+    if target.get("max_latency_ms") is not None:
+        ax.axhline(target["max_latency_ms"], color="gray", ls="--", lw=1, label="max_latency_ms")
+        if target.get("headroom"):
+            ax.axhline(target["max_latency_ms"] * (1 - target["headroom"]), color="gray", ls=":", lw=1,
+                       label=f"less {target['headroom']:.0%} headroom: a median above does not fit")
+    if target.get("max_size_mb") is not None:
+        ax.plot([], [], " ", label=f"max_size_mb {target['max_size_mb']:g} (size per row in student_choice.json)")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel(f"latency per call, ms (batch {target['batch']}, {target['threads']} threads, {target['precision']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)

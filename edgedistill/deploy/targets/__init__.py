@@ -1,0 +1,102 @@
+"""Export targets: one module per format, registered in :data:`TARGETS` under the name ``export.formats`` uses.
+
+Every module in this package whose name does not start with ``_`` is imported here, so a new target is
+one new module (a :class:`Target` subclass decorated with :func:`register`) plus its tests. Importing the
+package is cheap: targets import torch / onnx / onnxruntime inside their functions.
+
+:func:`export_all` builds the targets of ``export.formats`` (each after the ones it requires) into the
+run folder and writes ``export.json``::
+
+    {"exporter", "opset", "input", "output",   # written by the fp32 target
+     "versions": {...},
+     "variants": {name: {"path": file validation runs, "files": [every file it wrote], ...its info,
+                         "size_bytes", "sha256": of the main file, "seconds": to build it}},
+     "seconds": float}
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from edgedistill.base.errors import InputError
+from edgedistill.base.fsio import sha256, write_json
+from edgedistill.deploy.targets._base import (
+    TARGETS,
+    BuildContext,
+    Runner,
+    Target,
+    build_order,
+    check_images,
+    missing_requirements,
+    not_installed,
+    parity_gate,
+    register,
+    top1_drop_gate,
+)
+from edgedistill.deploy.targets._onnx import OnnxTarget, OrtRunner, onnx_metadata, read_metadata
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+EXPORT_SUMMARY_FILE = "export.json"
+
+__all__ = [
+    "EXPORT_SUMMARY_FILE", "TARGETS", "BuildContext", "OnnxTarget", "OrtRunner", "Runner", "Target", "build_order", "check_images",
+    "export_all", "missing_requirements", "not_installed", "onnx_metadata", "parity_gate", "read_metadata", "register", "top1_drop_gate",
+]
+
+
+def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
+               calibration_images: "np.ndarray | None", metadata: Mapping[str, str]) -> dict:
+    """Build every target in ``cfg.formats`` into ``out_dir``, write ``export.json`` atomically, return its content.
+
+    ``cfg``: the recipe's :class:`edgedistill.recipe.schema.ExportConfig` (not imported here: the recipe imports
+    this package to check ``export.formats``).
+    ``calibration_images``: (N, 3, H, W) float32 RGB in [0, 1], already chosen by the caller (targets that
+    calibrate use at most ``cfg.calibration.samples`` of them); ``metadata``: see :func:`onnx_metadata`.
+    Each target's inputs are checked before anything is built.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    names = build_order(list(cfg.formats))
+    ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata))
+    for name in names:
+        TARGETS.get(name).check(ctx)
+    for name in names:
+        target = TARGETS.get(name)
+        t_target = time.perf_counter()
+        info = target.build(ctx)
+        missing = [f for f in target.files if not (out_dir / f).is_file()]
+        if missing:
+            raise InputError(f"export target '{name}' did not write {', '.join(missing)}")
+        main = out_dir / target.files[0]
+        ctx.built[name] = {"path": target.files[0], "files": list(target.files), **info, "size_bytes": main.stat().st_size,
+                           "sha256": sha256(main), "seconds": round(time.perf_counter() - t_target, 2)}
+    summary = ctx.summary
+    summary["versions"] = _versions(names)
+    summary["variants"] = ctx.built
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(out_dir / EXPORT_SUMMARY_FILE, summary)
+    return summary
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    from edgedistill import __version__
+
+    packages = dict.fromkeys(p for name in names for p in TARGETS.get(name).packages)
+    return {"edgedistill": __version__, **{p: importlib.import_module(p).__version__ for p in packages}}
+
+
+def _import_targets() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_targets()

@@ -1,0 +1,377 @@
+"""Validate the exported targets on the CPU, each in its own runtime: parity, accuracy, latency, size.
+
+:func:`validate_export` returns a JSON-ready dict (the caller writes it as ``validation.json``)::
+
+    {
+      "passed": bool,                      # every variant passed its gates
+      "torch_top1": float,                 # PyTorch eager test top-1 (percent)
+      "torch_images_per_second": float,    # PyTorch eager throughput, same batch and threads
+      "settings": {...},                   # the ValidateConfig used, number of test images
+      "variants": {
+        "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
+                 "test_top1", "torch_top1", "delta_top1",
+                 "latency_ms_p50", "latency_ms_interval": [lo, hi], "latency_ms_samples": [per round],   # batch 1
+                 "images_per_second", "images_per_second_interval", "images_per_second_samples",       # throughput_batch
+                 "speedup_vs_torch": spread, "latency_vs_fp32": spread,                           # ratios per round
+                 "deploy_to": [kind], "torch_images_per_second", "passed", "failures": [str]},
+        ...                                # one row per target in export.json
+      },
+      "torch_images_per_second_interval", "torch_images_per_second_samples",
+      "models": {"student": {"parameters", "macs"}, "teacher": {"parameters", "macs", "images_per_second", ...}},
+      "recommendations": [{"kind", "variant", "line", ...}]   # edgedistill.deploy.recommend
+    }
+
+Timing (:mod:`edgedistill.base.timing`): every variant, PyTorch eager and the teacher run in ``rounds`` interleaved
+rounds; a figure is the median of the rounds and their central 95 %, a ratio is taken round by round (a spread:
+``{"median", "lo", "hi", "n"}``).
+
+The files, the runtime that runs them and the gates come from the export targets
+(:data:`edgedistill.deploy.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` and
+identical top-1 on every parity batch); int8 / fp16 may lose at most ``max_int8_drop`` /
+``max_fp16_drop`` top-1 points against PyTorch. Any variant that cannot be loaded fails.
+:func:`check_gates` turns failures into :class:`~edgedistill.base.errors.GateFailed` (exit code 1);
+write ``validation.json`` before calling it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgedistill.base.errors import GateFailed, InputError, first_line
+from edgedistill.models.macs import model_stats
+from edgedistill.deploy.recommend import recommend
+from edgedistill.deploy.targets import TARGETS, OnnxTarget, Runner, Target, check_images
+from edgedistill.base.timing import interleaved, per_round_ratio, spread
+
+LATENCY_WARMUP = 5
+REFERENCE_BATCH = 64
+REFERENCE_VARIANT = "fp32"  # the variant every other one is compared with (the others require it)
+TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing rounds
+
+
+# ---------------------------------------------------------------- public API
+
+
+def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
+                    cfg, *, teacher: nn.Module | None = None) -> dict:
+    """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
+
+    ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
+    ``test_y``: (N,) int64 labels; ``cfg``: a :class:`edgedistill.recipe.schema.ValidateConfig`. A variant that
+    cannot be loaded fails on its own; it never stops the others. ``teacher`` (eval mode, on the CPU): counted
+    and timed beside the student in eager PyTorch, for the report's compression table.
+    """
+    test_x, test_y = _check_data(test_x, test_y)
+    reference = _reference(model, test_x, test_y, cfg)
+    results, runners = {}, {}
+    for name, info in export_summary.get("variants", {}).items():
+        path = Path(out_dir) / info["path"]
+        target = TARGETS.get(name)
+        results[name], runner = _validate_one(target, path, test_x, test_y, cfg, reference)
+        if runner is not None:
+            runners[name] = runner
+        results[name]["deploy_to"] = list(target.deploy_to)
+    eager = {TORCH: reference["model"]} | ({TEACHER: teacher} if teacher is not None else {})
+    timed = _time_all(runners, eager, test_x, cfg)
+    _fill_timing(results, timed, cfg.throughput_batch)
+    for name, r in results.items():
+        if name in runners:
+            r["failures"].extend(TARGETS.get(name).gate(r, cfg))
+            r["passed"] = not r["failures"]
+    out = {
+        "passed": all(r["passed"] for r in results.values()),
+        "torch_top1": reference["top1"],
+        **_throughput_fields("torch_", timed["throughput"][TORCH], cfg.throughput_batch),
+        "settings": _settings(cfg, len(test_x)),
+        "variants": results,
+        "models": {"student": model_stats(reference["model"], test_x.shape[2:])},
+    }
+    if teacher is not None:
+        out["models"]["teacher"] = {**model_stats(teacher, test_x.shape[2:]),
+                                    **_throughput_fields("", timed["throughput"][TEACHER], cfg.throughput_batch)}
+    out["recommendations"] = recommend(results)
+    return out
+
+
+def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None) -> dict:
+    """Accuracy, latency and size of one ONNX (or ORT-format) file, with no PyTorch model (no parity, no gates).
+
+    Same result shape as :func:`validate_export`; ``torch_*`` fields are ``None``. The only gate is
+    that the file loads and runs on the test images in ONNX Runtime.
+    """
+    test_x, test_y = _check_data(test_x, test_y)
+    path = Path(path)
+    name = name or path.name
+    r, runner = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None)  # ORT runner; no gate without a reference
+    if runner is not None:
+        _fill_timing({name: r}, _time_all({name: runner}, {}, test_x, cfg), cfg.throughput_batch)
+    r["passed"] = not r["failures"]
+    return {
+        "passed": r["passed"],
+        "torch_top1": None,
+        "torch_images_per_second": None,
+        "settings": _settings(cfg, len(test_x)),
+        "variants": {name: r},
+    }
+
+
+def onnx_file_problem(path: Path, image_size: int) -> str | None:
+    """Why ONNX Runtime cannot run ``path`` on (N, 3, image_size, image_size) images, or None when it can."""
+    try:
+        runner = OnnxTarget().open(Path(path), threads=1)
+    except Exception as e:  # noqa: BLE001 - whatever ORT says about the file is the message
+        return f"not a loadable ONNX model ({first_line(e)})"
+    return runner.incompatible((3, image_size, image_size))
+
+
+def check_gates(results: Mapping) -> None:
+    """Raise :class:`GateFailed` (exit 1) naming every failed variant and gate, in one line."""
+    variants = results.get("variants", results)
+    failed = [f"{name}: {'; '.join(r.get('failures') or ['failed'])}"
+              for name, r in variants.items() if not r.get("passed", False)]
+    if failed:
+        raise GateFailed("validation gate failed: " + " | ".join(failed))
+
+
+def validation_table(results: Mapping):
+    """A rich Table: variant · size · top-1 · Δ vs PyTorch · latency ms [95 %] · img/s [95 %] · × PyTorch · status."""
+    from rich.table import Table
+
+    settings = results.get("settings", {})
+    title = "Validation of the exported models (CPU"
+    if settings.get("threads"):
+        title += f", {settings['threads']} threads"
+    if settings.get("throughput_batch"):
+        title += f", img/s at batch {settings['throughput_batch']}"
+    table = Table(title=title + ")")
+    for col, justify in (("variant", "left"), ("size", "right"), ("top-1", "right"), ("Δ vs PyTorch", "right"),
+                         ("batch-1 ms [95 %]", "right"), ("img/s [95 %]", "right"), ("× PyTorch", "right"), ("status", "left")):
+        table.add_column(col, justify=justify)
+    if results.get("torch_top1") is not None:
+        table.add_row("pytorch (eager)", "–", _fmt(results["torch_top1"], "{:.2f}%"), "–", "–",
+                      _with_interval(results.get("torch_images_per_second"), results.get("torch_images_per_second_interval"), "{:,.0f}"),
+                      "1", "reference")
+    for name, r in results.get("variants", {}).items():
+        status = "✅" if r.get("passed") else "❌ " + "; ".join(r.get("failures") or [])
+        table.add_row(
+            name,
+            _fmt_size(r.get("size_bytes")),
+            _fmt(r.get("test_top1"), "{:.2f}%"),
+            _fmt(r.get("delta_top1"), "{:+.2f}"),
+            _with_interval(r.get("latency_ms_p50"), r.get("latency_ms_interval"), "{:.3g}"),
+            _with_interval(r.get("images_per_second"), r.get("images_per_second_interval"), "{:,.0f}"),
+            _fmt((r.get("speedup_vs_torch") or {}).get("median"), "{:.2f}×"),
+            status,
+        )
+    return table
+
+
+# ---------------------------------------------------------------- one variant
+
+
+def _row(path: Path, reference: dict | None) -> dict:
+    return {
+        "path": path.name,
+        "size_bytes": path.stat().st_size if path.is_file() else None,
+        "max_abs_diff": None,
+        "top1_agreement": None,
+        "parity": {},
+        "test_top1": None,
+        "torch_top1": reference["top1"] if reference else None,
+        "delta_top1": None,
+        "latency_ms_p50": None,
+        "latency_ms_interval": None,
+        "images_per_second": None,
+        "images_per_second_interval": None,
+        "passed": False,
+        "failures": [],
+    }
+
+
+def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: dict | None) -> tuple[dict, Runner | None]:
+    """The row of one variant (parity and accuracy; timing comes later, with the others) and its runner when it ran;
+    the gates are applied once the row is complete."""
+    r = _row(path, reference)
+    if not path.is_file():
+        r["failures"].append(f"file not found: {path}")
+        return r, None
+    try:
+        runner = target.open(path, cfg.threads)
+    except Exception as e:  # noqa: BLE001 - any load error is this variant's failure
+        r["failures"].append(f"not a loadable {target.format_name}: {path.name} ({first_line(e)})")
+        return r, None
+    problem = runner.incompatible(test_x.shape[1:])
+    if problem:
+        r["failures"].append(f"{path.name}: {problem}")
+        return r, None
+    try:
+        if reference is not None:
+            _parity(r, runner, reference)
+        logits = runner.run(test_x, batch=cfg.throughput_batch)
+        r["test_top1"] = _top1(logits, test_y)
+        if reference is not None:
+            r["delta_top1"] = round(r["test_top1"] - reference["top1"], 4)
+        runner.run(test_x[:1], batch=1)  # the timed calls cannot fail later, in the middle of the others' rounds
+    except Exception as e:  # noqa: BLE001
+        r["failures"].append(f"{path.name} fails in {target.runtime_name}: {first_line(e)}")
+        return r, None
+    return r, runner
+
+
+def _parity(r: dict, runner: Runner, reference: dict) -> None:
+    """Max |logit difference| and top-1 agreement with PyTorch on every parity batch."""
+    worst, agree, total = 0.0, 0, 0
+    for b, x in reference["parity_inputs"].items():
+        out = runner.run(x, batch=b)
+        ref = reference["parity"][b]
+        diff = float(np.max(np.abs(out.astype(np.float64) - ref))) if np.isfinite(out).all() else math.inf
+        same = int((out.argmax(1) == ref.argmax(1)).sum())
+        r["parity"][str(b)] = {"max_abs_diff": _num(diff), "top1_agreement": same / len(x)}
+        worst, agree, total = max(worst, diff), agree + same, total + len(x)
+    r["max_abs_diff"], r["top1_agreement"] = _num(worst), agree / total
+
+
+# ---------------------------------------------------------------- timing, interleaved
+
+
+def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg) -> dict:
+    """Seconds per call, per round: ``{"latency": {variant: [...]}, "throughput": {variant or eager name: [...]}}``.
+
+    Batch-1 latency of every variant and throughput at ``throughput_batch`` of every variant and eager model, all
+    in the same ``cfg.rounds`` interleaved rounds (:func:`edgedistill.base.timing.interleaved`), each figure for at least
+    ``cfg.seconds`` over the rounds. Sharing the rounds spreads every figure's samples over the whole measurement: a
+    slow phase of the machine that lasts seconds then shows in each figure's spread instead of moving its median."""
+    x1, xb = np.ascontiguousarray(test_x[:1]), _take(test_x, cfg.throughput_batch)
+    tb = torch.from_numpy(xb)
+    calls = {("latency", n): (lambda r=r: r.run(x1, batch=1)) for n, r in runners.items()}
+    calls |= {("throughput", n): (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
+    calls |= {("throughput", n): (lambda m=m: m(tb)) for n, m in eager.items()}
+    with torch_threads(cfg.threads), torch.inference_mode():
+        samples = interleaved(calls, rounds=cfg.rounds, min_seconds=cfg.seconds / cfg.rounds,
+                              min_calls={k: max(1, cfg.latency_runs // cfg.rounds) if k[0] == "latency" else 1 for k in calls},
+                              warmup={k: LATENCY_WARMUP if k[0] == "latency" else 1 for k in calls}) if calls else {}
+    out: dict[str, dict[str, list[float]]] = {"latency": {}, "throughput": {}}
+    for (figure, name), s in samples.items():
+        out[figure][name] = s
+    return out
+
+
+def _fill_timing(results: dict, timed: dict, batch: int) -> None:
+    """Medians, central 95 % ranges and per-round ratios into the rows of the variants that were timed."""
+    lat, thr = timed["latency"], timed["throughput"]
+    for name, r in results.items():
+        if name not in lat:
+            continue
+        ms = [1000.0 * t for t in lat[name]]
+        s = spread(ms)
+        r.update(latency_ms_p50=s["median"], latency_ms_interval=[s["lo"], s["hi"]], latency_ms_samples=[round(t, 5) for t in ms])
+        r.update(_throughput_fields("", thr[name], batch))
+        if TORCH in thr:
+            r["speedup_vs_torch"] = spread(per_round_ratio(thr[TORCH], thr[name]))
+        if REFERENCE_VARIANT in lat and name != REFERENCE_VARIANT:
+            r["latency_vs_fp32"] = spread(per_round_ratio(lat[name], lat[REFERENCE_VARIANT]))
+
+
+def _throughput_fields(prefix: str, seconds: list[float], batch: int) -> dict:
+    ips = [batch / t for t in seconds]
+    s = spread(ips, digits=2)
+    return {f"{prefix}images_per_second": s["median"], f"{prefix}images_per_second_interval": [s["lo"], s["hi"]],
+            f"{prefix}images_per_second_samples": [round(v, 2) for v in ips]}
+
+
+# ---------------------------------------------------------------- PyTorch reference
+
+
+def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg) -> dict:
+    """PyTorch's test top-1 and its logits on the parity batches (CPU, float32, eval copy, which is timed later)."""
+    ref_model = copy.deepcopy(model).cpu().float().eval()
+    with torch_threads(cfg.threads):
+        parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
+        return {
+            "model": ref_model,
+            "top1": _top1(_torch_logits(ref_model, test_x), test_y),
+            "parity_inputs": parity_inputs,
+            "parity": {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()},
+        }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block, restoring the old value."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _torch_logits(model: nn.Module, x: np.ndarray, batch: int = REFERENCE_BATCH) -> np.ndarray:
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            outs.append(model(torch.from_numpy(x[i:i + batch])).float().numpy().astype(np.float64))
+    return np.concatenate(outs)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_data(test_x, test_y) -> tuple[np.ndarray, np.ndarray]:
+    test_x = check_images(test_x, "test images")
+    test_y = np.asarray(test_y)
+    if test_y.ndim != 1 or len(test_y) != len(test_x) or not np.issubdtype(test_y.dtype, np.integer):
+        raise InputError(f"test labels: expected ({len(test_x)},) integers, got {test_y.dtype} {test_y.shape}")
+    return test_x, test_y.astype(np.int64)
+
+
+def _take(x: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` images, cycling when there are fewer."""
+    if n <= len(x):
+        return np.ascontiguousarray(x[:n])
+    return np.ascontiguousarray(x[np.arange(n) % len(x)])
+
+
+def _top1(logits: np.ndarray, y: np.ndarray) -> float:
+    return round(float((logits.argmax(1) == y).mean() * 100.0), 4)
+
+
+def _settings(cfg, n: int) -> dict:
+    return {"threads": cfg.threads, "atol": cfg.atol, "max_int8_drop": cfg.max_int8_drop,
+            "max_fp16_drop": cfg.max_fp16_drop, "parity_batches": list(cfg.parity_batches),
+            "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "rounds": cfg.rounds,
+            "seconds": cfg.seconds, "test_images": n,
+            "provider": "CPUExecutionProvider"}
+
+
+def _num(v):
+    """JSON-safe float: non-finite → None."""
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else spec.format(v)
+
+
+def _with_interval(v, interval, spec: str) -> str:
+    return "–" if v is None else spec.format(v) + (f" [{spec.format(interval[0])}–{spec.format(interval[1])}]" if interval else "")
+
+
+def _fmt_size(n) -> str:
+    """Decimal units, as ``student.target.max_size_mb`` and the ship line count them."""
+    if n is None:
+        return "–"
+    for unit in ("B", "kB", "MB"):
+        if round(n, 1) < 1000:  # as printed: 999,950 bytes is 1.0 MB, not 1000.0 kB
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+

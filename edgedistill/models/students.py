@@ -1,0 +1,137 @@
+"""Students: the registry of compact networks a run may distill into, and the torchvision builders a teacher
+trained here shares with them.
+
+Every model takes float32 RGB pixels in [0, 1], NCHW, and returns logits: the input normalisation lives inside
+the model (:class:`Normalized`), so a checkpoint, an ONNX file and the data loaders can never disagree about it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from edgedistill.base.errors import InputError
+from edgedistill.base.registry import Registry
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``: keeps preprocessing inside the exported graph."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def small_input_wanted(small_input: bool | str, image_size: int) -> bool:
+    """'auto' → a stride-1 stem for images of 64 pixels or less (CIFAR-like)."""
+    return image_size <= 64 if small_input == "auto" else bool(small_input)
+
+
+STUDENTS: Registry[Callable[..., nn.Module]] = Registry("student architecture")
+DEFAULT_TEACHER_ARCH = "resnet18"
+
+
+def _stride1(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+
+
+@STUDENTS.register("mobilenet_v2")
+def _mobilenet_v2(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+    net = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width, dropout=dropout)
+    if small_input:
+        _stride1(net.features[0][0])
+    return net
+
+
+def _mobilenet_v3(builder):
+    def build(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+        net = builder(num_classes=num_classes, width_mult=width, dropout=dropout)
+        if small_input:
+            _stride1(net.features[0][0])
+        return net
+
+    return build
+
+
+STUDENTS.register("mobilenet_v3_small")(_mobilenet_v3(torchvision.models.mobilenet_v3_small))
+STUDENTS.register("mobilenet_v3_large")(_mobilenet_v3(torchvision.models.mobilenet_v3_large))
+
+
+def _shufflenet(builder):
+    def build(num_classes: int, width: float, small_input: bool, dropout: float) -> nn.Module:
+        # ShuffleNetV2's width is its variant name (x0_5 … x2_0); it has no dropout.
+        if width != 1.0:
+            raise InputError(f"student.width: ShuffleNetV2 has no width option (pick shufflenet_v2_x0_5 … x2_0), got {width}")
+        net = builder(num_classes=num_classes)
+        if small_input:
+            _stride1(net.conv1[0])
+            net.maxpool = nn.Identity()
+        return net
+
+    return build
+
+
+for _name in ("x0_5", "x1_0", "x1_5", "x2_0"):
+    STUDENTS.register(f"shufflenet_v2_{_name}")(_shufflenet(getattr(torchvision.models, f"shufflenet_v2_{_name}")))
+
+
+def build_student(
+    arch: str,
+    num_classes: int,
+    *,
+    image_size: int,
+    mean,
+    std,
+    width: float = 1.0,
+    small_input: bool | str = "auto",
+    dropout: float = 0.2,
+) -> nn.Module:
+    net = STUDENTS.get(arch)(num_classes, width, small_input_wanted(small_input, image_size), dropout)
+    _default_bn_momentum(net)
+    return Normalized(net, mean, std)
+
+
+def _default_bn_momentum(net: nn.Module) -> None:
+    """torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet schedules; with the
+    few hundred steps of a short distillation its running statistics never converge and evaluation
+    collapses to one class. PyTorch's default 0.1 works for short and long schedules alike."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+
+
+def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_input: bool | str = "auto") -> nn.Module:
+    """Any torchvision classifier by name (a student name works too), with a small-input stem when asked."""
+    if arch in STUDENTS:
+        return STUDENTS.get(arch)(num_classes, 1.0, small_input_wanted(small_input, image_size), 0.2)
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        from edgedistill.base.registry import did_you_mean
+
+        raise InputError(f"teacher.arch: '{arch}' is not a torchvision classifier{did_you_mean(arch, known)}")
+    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if small_input_wanted(small_input, image_size) and isinstance(getattr(net, "conv1", None), nn.Conv2d):
+        # ResNet-style stem: 3x3 stride-1 conv, no max-pool (the usual CIFAR adaptation).
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+def teacher_arch_problem(arch: str) -> str | None:
+    """Why ``teacher.arch`` names no architecture :func:`build_torchvision` can build (one line), or None."""
+    if arch in STUDENTS:
+        return None
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch in known:
+        return None
+    from edgedistill.base.registry import did_you_mean
+
+    return f"'{arch}' is not a torchvision classifier{did_you_mean(arch, known)}; see torchvision.models.list_models()"

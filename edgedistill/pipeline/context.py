@@ -1,0 +1,208 @@
+"""What every stage receives: the recipe, the run folder, the device, and the builders of the run's parts.
+
+The context knows how to build the teacher, the student, the datasets and the training objective from the
+recipe and the files earlier stages left in the run folder. It knows no stage: stages depend on it, never
+the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgedistill.data import transforms
+from edgedistill.base import fsio
+from edgedistill.base.console import console
+from edgedistill.data.sources import DataBundle, load_data
+from edgedistill.data.loading import ImageDataset
+from edgedistill.base.devices import select_device
+from edgedistill.base.distributed import DistInfo, broadcast_object
+from edgedistill.distill.energy import EnergyIndex
+from edgedistill.pipeline.folder import RunFolder
+from edgedistill.distill.losses import LOSSES
+from edgedistill.models.teachers import TEACHERS, freeze, load_teacher
+from edgedistill.models.students import build_student
+from edgedistill.models.checkpoints import load_checkpoint, load_state
+from edgedistill.distill.objectives import Augmenter, DistillObjective
+from edgedistill.deploy.pick import CHOICE_FILE, chosen_student
+from edgedistill.recipe.schema import Recipe
+from edgedistill.recipe.deploy import AUTO
+from edgedistill.distill.teacher_cache import LogitCache, digest_split
+from edgedistill.distill.teacher_runtime import build_runtime, choose_runtime
+from edgedistill.distill.train import LoopConfig
+
+TEACHER_ONNX = "teacher.onnx"  # a torch teacher exported for ONNX Runtime, when that runtime is a candidate
+
+
+def loader_workers(spec: int | str, device: torch.device, world: int, in_memory: bool) -> int:
+    """``data.num_workers``: a number as given; ``auto``: on CUDA, this rank's share of the CPU cores (at most 8) so that
+    decoding and augmentation keep up with the GPU; on the CPU none for images held in memory (a worker would take
+    a core from the training step) and up to 4 for image files, whose decoding is the slow part."""
+    if spec != "auto":
+        return int(spec)
+    cores = max(1, (os.cpu_count() or 1) // world)
+    if device.type == "cuda":
+        return min(8, cores)
+    return 0 if in_memory else min(4, max(1, cores // 2))
+
+
+def resolve(value: bool | str, key: str, device: torch.device, measured: dict | None) -> bool:
+    """A ``channels_last`` / ``compile`` setting: as given, or for ``auto`` what was measured, else on for CUDA only."""
+    if value != "auto":
+        return bool(value)
+    if measured is not None and key in measured:
+        return bool(measured[key]["use"])
+    return device.type == "cuda"
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run: RunFolder
+    dist: DistInfo = field(default_factory=DistInfo)
+    resume: bool = False
+
+    @cached_property
+    def device(self) -> torch.device:
+        return select_device(self.recipe.device, self.dist)
+
+    @cached_property
+    def data(self) -> DataBundle:
+        return load_data(self.recipe.data, self.recipe.seed)
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size
+
+    @property
+    def teacher_trained_here(self) -> bool:
+        return TEACHERS.get(self.recipe.teacher.source).trained_here
+
+    def new_teacher(self) -> nn.Module:
+        """The teacher as its source gives it: a loaded file, or an untrained architecture to train here."""
+        return load_teacher(self.recipe.teacher, self.data.num_classes, self.image_size, self.data.mean, self.data.std)
+
+    def eager_teacher(self) -> nn.Module:
+        """The frozen teacher on the device as PyTorch runs it; one trained in the pipeline is read from the
+        teacher stage's file."""
+        if self.teacher_trained_here:
+            return self.trained_teacher(self.run.require("teacher", "teacher.pt"))
+        return self.new_teacher().to(self.device)
+
+    def trained_teacher(self, path: Path) -> nn.Module:
+        """The teacher trained here, read from its file (under DDP every rank reads rank 0's)."""
+        net = self.new_teacher()
+        load_state(net, load_checkpoint(path)["model"], str(path))
+        return freeze(net).to(self.device)
+
+    def choose_teacher_runtime(self, net: nn.Module) -> tuple[nn.Module, dict]:
+        """Measure the runtimes ``teacher.runtime`` allows for ``net`` and return the fastest faithful one with its
+        record. Rank 0 measures; every rank follows its choice."""
+        cfg = self.recipe.teacher
+        if self.dist.is_main:
+            fast, record = choose_runtime(
+                net, wanted=cfg.runtime, device=self.device, batch=self.recipe.data.batch_size, image_size=self.image_size,
+                onnx_path=cfg.path if TEACHERS.get(cfg.source).onnx_only else None, export_to=self.run / TEACHER_ONNX,
+            )
+        record = broadcast_object(self.dist, record if self.dist.is_main else None)
+        return (fast if self.dist.is_main else build_runtime(net, record, self.device)), record
+
+    @cached_property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher in the runtime the teacher stage chose (``teacher.json``). Before that stage ran (a
+        plan on a fresh folder), the choice is made here, on the untrained architecture for a teacher trained here:
+        speed does not depend on the weights."""
+        if self.run.done("teacher"):
+            return build_runtime(self.eager_teacher(), self.read_json("teacher.json")["runtime"], self.device)
+        net = freeze(self.new_teacher()).to(self.device) if self.teacher_trained_here else self.eager_teacher()
+        return self.choose_teacher_runtime(net)[0]
+
+    def build_student(self) -> nn.Module:
+        """The recipe's student; with ``student.arch: auto``, the one the pick stage chose."""
+        s, data = self.recipe.student, self.data
+        arch, width = chosen_student(self.run.require("pick", CHOICE_FILE)) if s.arch == AUTO else (s.arch, s.width)
+        torch.manual_seed(self.recipe.seed)  # the initial weights are part of what the seed fixes
+        return build_student(
+            arch, data.num_classes, image_size=self.image_size, mean=data.mean, std=data.std,
+            width=width, small_input=s.small_input, dropout=s.dropout,
+        )
+
+    def trained_student(self) -> nn.Module:
+        path = self.run.require("distill", "student.pt")
+        student = self.build_student()
+        load_state(student, load_checkpoint(path)["model"], str(path))
+        return student.eval()
+
+    def train_set(self) -> ImageDataset:
+        """The augmented training split, as every training stage sees it."""
+        return ImageDataset(self.data.train, self.image_size, train=True, seed=self.recipe.seed, hflip=self.recipe.data.hflip)
+
+    def test_set(self) -> ImageDataset:
+        return ImageDataset(self.data.test, self.image_size, train=False)
+
+    def energy_index(self) -> EnergyIndex:
+        path = self.run.require("score", "energy.npz")
+        info = self.read_json("energy.json")
+        with np.load(path) as z:
+            return EnergyIndex.from_scores(z["energy"], z["index"], z["group"], info["threshold_low"], info["threshold_high"], self.recipe.energy)
+
+    def objective(self, fraction: float) -> DistillObjective:
+        a, loss = self.recipe.augment, self.recipe.distill.loss
+        augmenter = Augmenter(a.method, a.alpha, a.selection, fraction)
+        return DistillObjective(self.teacher, LOSSES.get(loss.name), loss.params, self.energy_index().to(self.device), augmenter, a.weight,
+                                cache=self.logit_cache())
+
+    def logit_cache(self) -> LogitCache | None:
+        """The ``distill.teacher_cache`` folder's entry for this run's teacher, data, seed and augmentation."""
+        folder = self.recipe.distill.teacher_cache
+        if folder is None:
+            return None
+        cfg, d, data = self.recipe.teacher, self.recipe.data, self.data
+        teacher_file = cfg.path if cfg.path is not None else self.run.require("teacher", "teacher.pt")
+        runtime = self.read_json("teacher.json")["runtime"]  # the key names the runtime whose logits it replays
+        key = {
+            "teacher": fsio.sha256(teacher_file), "normalize": cfg.normalize.model_dump() if cfg.normalize else None,
+            "runtime": [runtime["runtime"], runtime["channels_last"]],
+            "data": digest_split(data.train.images, data.train.paths, data.train.labels),
+            "image_size": self.image_size, "hflip": d.hflip, "seed": self.recipe.seed, "batch_size": d.batch_size,
+            "transforms": fsio.sha256(Path(transforms.__file__)), "torch": torch.__version__, "device": self.device.type,
+            "amp": self.recipe.distill.amp and self.device.type == "cuda",
+        }
+        cache = LogitCache(folder, key, n_train=len(data.train), num_classes=data.num_classes, rank=self.dist.rank, world=self.dist.world)
+        cache.open()
+        return cache
+
+    def timing_objective(self, augmenter: Augmenter | None) -> DistillObjective:
+        """The distillation step as far as its cost goes, before anything is trained or scored: the teacher in its
+        runtime (an in-pipeline one as its untrained architecture), energies evenly spread."""
+        loss = self.recipe.distill.loss
+        energy = EnergyIndex.evenly_spread(len(self.data.train), self.recipe.energy).to(self.device)
+        return DistillObjective(self.teacher, LOSSES.get(loss.name), loss.params, energy, augmenter, self.recipe.augment.weight)
+
+    @property
+    def num_workers(self) -> int:
+        return loader_workers(self.recipe.data.num_workers, self.device, self.dist.world, in_memory=self.data.train.images is not None)
+
+    def loop(self, label: str, checkpoint_dir: Path, metrics: Path, train_cfg, measured: dict | None = None) -> LoopConfig:
+        """The loop's settings; ``channels_last`` and ``compile`` resolve ``auto`` from ``measured`` (the plan's
+        ``speed`` decisions) where given, else to on for CUDA and off for the CPU."""
+        d = self.recipe.data
+        return LoopConfig(
+            checkpoint_dir, metrics, d.batch_size, d.eval_batch_size, self.recipe.seed, self.num_workers, self.resume, self.recipe.to_dict(), label,
+            channels_last=resolve(train_cfg.channels_last, "channels_last", self.device, measured),
+            compile=resolve(train_cfg.compile, "compile", self.device, measured),
+        )
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.run / name).read_text())
+
+    def print(self, *args, **kwargs) -> None:
+        if self.dist.is_main:
+            console.print(*args, **kwargs)

@@ -1,0 +1,114 @@
+"""The recipe's sections about what to deploy: ``student.target`` (the device budget ``student.arch: auto`` fits a
+student to) with the checks of the keys around it, ``export`` and ``validate`` (which files to build and how each
+is checked), and ``report`` (the no-teacher baseline). Torch-free: it is part of loading a recipe."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgedistill.recipe.params import PositiveFloat, Section, given, ignored, known, refuse_given, students
+
+AUTO = "auto"
+
+
+class DeviceTarget(BaseModel):
+    """Limits of one inference call of ``batch`` images with ``threads`` threads at ``precision``; any subset of
+    ``max_latency_ms`` / ``max_size_mb`` (at least one). ``archs`` narrows the search to some student families."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    max_size_mb: Annotated[float, Field(gt=0)] | None = None
+    # a median measured just under the limit lands over it about every other time it is measured again (in
+    # validation, on the device); candidates must leave this share of max_latency_ms to spare
+    headroom: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    precision: Literal["fp32", "int8"] = "fp32"
+    threads: Annotated[int, Field(ge=1)] = 1
+    batch: Annotated[int, Field(ge=1)] = 1
+    archs: Annotated[list[str], Field(min_length=1)] | None = None
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or ():
+            known(students(), name)
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"duplicates in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> "DeviceTarget":
+        if self.max_latency_ms is None and self.max_size_mb is None:
+            raise ValueError("give max_latency_ms or max_size_mb (or both): without a limit every candidate fits")
+        return self
+
+    def candidate_archs(self) -> list[str]:
+        return list(self.archs) if self.archs else students().names()
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    baseline: Literal["ce"] | None = None  # also train the student with CE alone (same schedule) to show what distillation added
+
+
+def check_student(cfg) -> None:
+    """``student.arch: auto`` needs a target and chooses the width; a fixed arch makes a target meaningless."""
+    if cfg.arch == AUTO:
+        if cfg.target is None:
+            raise ValueError("target: student.arch is auto; give student.target (max_latency_ms and/or max_size_mb)")
+        refuse_given(cfg, ("width",), "student.arch is auto, which chooses the width too", "remove student.width")
+    elif cfg.target is not None:
+        raise ignored("target", f"student.arch is fixed ({cfg.arch})", "set student.arch: auto, or remove student.target")
+
+
+def check_precision(recipe) -> None:
+    """An int8 target picks for the int8 file: the export must build it."""
+    target = recipe.student.target
+    if target is not None and given(target, "precision") and target.precision not in recipe.export.formats:
+        raise ignored("student.target.precision", f"export.formats ({', '.join(recipe.export.formats)}) has no {target.precision}",
+                      f"add {target.precision} to export.formats or remove student.target.precision")
+
+
+class CalibrationConfig(Section):
+    samples: Annotated[int, Field(ge=1)] = 512
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class ExportConfig(Section):
+    """``formats``: names of registered export targets (:data:`edgedistill.deploy.targets.TARGETS`)."""
+
+    formats: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["fp32", "int8"])
+    opset: Annotated[int, Field(ge=18)] = 18
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        from edgedistill.deploy.targets import TARGETS, missing_requirements, not_installed
+
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicates in {v}")
+        for name in v:
+            known(TARGETS, name)
+        missing = missing_requirements(v)
+        if missing:
+            raise ValueError(f"{'; '.join(missing)} (add it to export.formats)")
+        if absent := not_installed(v):
+            raise ValueError("; ".join(absent))
+        return v
+
+
+class ValidateConfig(Section):
+    atol: PositiveFloat = 1e-4
+    max_int8_drop: Annotated[float, Field(ge=0)] = 1.0
+    max_fp16_drop: Annotated[float, Field(ge=0)] = 0.5
+    threads: Annotated[int, Field(ge=1)] = 2
+    parity_batches: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 7, 32]
+    latency_runs: Annotated[int, Field(ge=1)] = 50
+    throughput_batch: Annotated[int, Field(ge=1)] = 32
+    rounds: Annotated[int, Field(ge=1)] = 15  # interleaved timing rounds: every latency / throughput is their median and central 95 %
+    # Timed seconds per latency or throughput figure, over all rounds. A machine whose speed drifts (a shared VM)
+    # needs a measurement longer than its slow phases for two validations' medians to agree: at 1 s and 5 rounds
+    # they were up to 70 % apart, at 10 s and 15 rounds within 20 % (docs/deploy.md).
+    seconds: PositiveFloat = 10.0
