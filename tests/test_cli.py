@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -133,8 +131,7 @@ def test_sigterm_outside_training_is_an_interrupt():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with cli_module._sigterm_interrupts():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises here, at once
+            signal.raise_signal(signal.SIGTERM)  # runs the Python handler before it returns
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -180,12 +177,10 @@ def test_the_run_records_its_speed_decisions(finished):
     measured = {(c["runtime"], c["channels_last"]): c for c in runtime["candidates"]}
     assert set(measured) == {("torch", False), ("torch", True), ("onnxruntime", False)}
     chosen = measured[(runtime["runtime"], runtime["channels_last"])]
-    assert chosen["max_abs_diff"] <= runtime["parity_atol"] and chosen["ms_per_batch"] == min(
-        c["ms_per_batch"] for c in measured.values() if c["max_abs_diff"] is not None and c["max_abs_diff"] <= runtime["parity_atol"])
+    assert chosen["max_abs_diff"] <= runtime["parity_atol"]  # (which one is fastest: tests/test_speed.py, on given timings)
     speed = json.loads((run / "plan.json").read_text())["speed"]
-    layout = speed["channels_last"]
-    assert layout["use"] == (layout["ms_per_step"]["channels_last"] < layout["ms_per_step"]["nchw"])
-    assert speed["compile"] == {"use": False, "why": speed["compile"]["why"]} and "too short" in speed["compile"]["why"]
+    assert set(speed["channels_last"]["ms_per_step"]) == {"nchw", "channels_last"} and isinstance(speed["channels_last"]["use"], bool)
+    assert speed["compile"]["use"] is False and "too short" in speed["compile"]["why"]
 
 
 def test_resume_of_a_finished_run_skips_every_stage(finished, tmp_path):
@@ -265,14 +260,13 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(fin
         return run_teacher(objective, x)
 
     monkeypatch.setattr(DistillObjective, "_teacher", counted)
-    cost = measure_cost(ctx)
+    measure_cost(ctx)
     b = TINY["data"]["batch_size"]
     steps = WARMUP_STEPS + 2
     plain, extra = sizes[: 2 * steps : 2], sizes[1 : 2 * steps : 2]  # plain and extra steps take turns on the same batches
     assert plain == [b] * steps
     # the extras are timed at the run's r: 0.2 of the batch here (energies evenly spread), one per sample for 'all'
     assert extra == [2 * b] * steps if selection == "all" else all(b < n <= b + b // 2 for n in extra), extra
-    assert cost.epoch_seconds(1.0) > cost.epoch_seconds(0.0)
     assert (len(teacher_calls) > 0) == (loss != "ce")
 
 
@@ -398,7 +392,13 @@ def test_distill_with_a_budget_steers_r_and_says_what_happened(finished, tmp_pat
     # every choice stays in the range or at 0 (an epoch's mean may fall between, when r fell to 0 within it)
     assert all(r == 0.0 or 0.1 <= r <= 0.4 for _, _, r in budget["segments"])
     assert [e for e, step, _ in budget["segments"] if step == 0] == list(range(TINY["distill"]["epochs"]))
-    assert budget["spent_seconds"] > 0 and budget["allowed_seconds"] > 0 and budget["verdict"].startswith(("held", "overran"))
+    # the verdict is the one the recorded figures call for, in those figures, whatever the machine's speed
+    over = budget["spent_seconds"] / budget["allowed_seconds"] - 1
+    assert budget["held"] == (over <= 0.05) and budget["overrun"] == pytest.approx(over)
+    if budget["held"]:
+        assert budget["verdict"].startswith(f"held: spent {budget['spent_seconds']:.0f} s of {budget['allowed_seconds']:.0f} s ({100 * over:+.1f}%)")
+    else:
+        assert budget["verdict"].startswith(f"overran by {100 * over:.1f}%")
     assert budget["prediction"]["fraction"] == json.loads((copy_run / "plan.json").read_text())["fraction"]
     assert "budget:" in result.output
     assert invoke("report", copy_run).exit_code == 0

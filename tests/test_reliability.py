@@ -290,7 +290,7 @@ BAD_INPUTS = [
     ("recipe/unknown-export-target", {}, ["--set", "export.formats=[fp32, int4]"], ["export.formats", "unknown export target 'int4'", "did you mean 'int8'"]),
     ("recipe/target-needs-another", {}, ["--set", "export.formats=[int8]"], ["export.formats:", "fp32 is required by int8", "!formats.formats"]),
     ("recipe/target-twice", {}, ["--set", "export.formats=[fp32, fp32]"], ["export.formats:", "duplicates", "!formats.formats"]),
-    ("recipe/removed-export-edge", {}, ["--set", "export.edge=true"], ["export.edge", "removed", "export.formats"]),
+    ("recipe/unknown-export-key", {}, ["--set", "export.edge=true"], ["export.edge", "unknown key", "formats"]),
     ("recipe/opset-too-old", {}, ["--set", "export.opset=13"], ["export.opset", "18", "13"]),
     ("recipe/auto-without-budget", {}, ["--set", "augment.fraction=auto"], ["augment.fraction", "'auto' needs a budget"]),
     ("recipe/budget-of-both-kinds", {"augment": {"fraction": "auto", "budget": {"max_overhead": 0.1, "max_minutes": 5}}}, [], ["augment.budget", "exactly one"]),

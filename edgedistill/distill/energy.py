@@ -160,22 +160,42 @@ def group_summary(groups: np.ndarray, energy: np.ndarray, confidence: np.ndarray
 # ---------------------------------------------------------------- plots
 
 
+#: a low-energy tail longer than this share of the whole range is drawn folded into the first bin: confident
+#: images can reach energies far below the rest, and drawn to scale they squeeze the thresholds into a corner
+TAIL_SHARE = 0.25
+TAIL_QUANTILE = 0.01
+
+
+def histogram_range(energy: np.ndarray) -> tuple[float, float]:
+    """The energies the histogram spans: all of them, or from the 1st percentile up when the tail below it is long."""
+    lo, hi, cut = float(energy.min()), float(energy.max()), float(np.quantile(energy, TAIL_QUANTILE))
+    return (cut, hi) if cut - lo > TAIL_SHARE * (hi - lo) else (lo, hi)
+
+
 def plot_histogram(energy: np.ndarray, groups: np.ndarray, low: float, high: float, temperature: float) -> bytes:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    bins = np.histogram_bin_edges(energy, bins=60)
+    lo, hi = histogram_range(energy)
+    shown = np.clip(energy, lo, hi)
+    bins = np.histogram_bin_edges(shown, bins=60)
     for g, colour, label in ((LOW, "tab:blue", "low (confident)"), (MIDDLE, "tab:gray", "middle"), (HIGH, "tab:red", "high (uncertain)")):
         m = groups == g
         if m.any():
-            ax.hist(energy[m], bins=bins, color=colour, alpha=0.75, label=f"{label}: {m.sum()}")
-    for t, name in ((low, "E_low"), (high, "E_high")):
+            ax.hist(shown[m], bins=bins, color=colour, alpha=0.75, label=f"{label}: {m.sum()}")
+    # E_low's label left of its line and E_high's right of it, at two heights: close thresholds stay readable
+    for t, name, side, height in ((low, "E_low", "right", 0.97), (high, "E_high", "left", 0.86)):
         if np.isfinite(t):
             ax.axvline(t, color="black", ls="--", lw=1)
-            ax.text(t, ax.get_ylim()[1] * 0.95, f" {name}={t:.2f}", fontsize=8, va="top")
+            ax.text(t, height, f" {name}={t:.2f} ", transform=ax.get_xaxis_transform(), fontsize=8, va="top", ha=side,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    folded = int((energy < lo).sum())
+    if folded:
+        ax.text(0.01, 0.6, f"{folded} images below {lo:.2f}\n(the long low tail)\nfolded into the first bin",
+                transform=ax.transAxes, fontsize=7, va="top", color="tab:blue")
     ax.set_xlabel(f"teacher energy  −T·logsumexp(z/T),  T={temperature:g}")
     ax.set_ylabel("training images")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return png(fig)
 

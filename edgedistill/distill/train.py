@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,9 +22,10 @@ from edgedistill.base.console import console, progress_bar
 from edgedistill.data.loading import EpochSampler, ImageDataset, make_loader, to_float
 from edgedistill.base.devices import Precision
 from edgedistill.base.distributed import DistInfo, all_sum, broadcast_flag
-from edgedistill.base.errors import InputError, Interrupted, TrainingDiverged
-from edgedistill.models.checkpoints import load_checkpoint, load_state
+from edgedistill.base.errors import Interrupted, TrainingDiverged
+from edgedistill.distill.batchnorm import recalibrate
 from edgedistill.distill.objectives import Objective
+from edgedistill.distill.run_state import Checkpoints, Position, StopFlag, graceful_stop, last_top1, trim_metrics
 
 # ---------------------------------------------------------------- schedule
 
@@ -55,36 +54,6 @@ def build_optimizer(model: nn.Module, cfg, fused: bool = True) -> torch.optim.Op
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
-
-# ---------------------------------------------------------------- graceful stop
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, saves, and raises :class:`Interrupted`."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-
-@contextmanager
-def graceful_stop() -> Iterator[StopFlag]:
-    flag = StopFlag()
-
-    def handler(signum, frame):
-        if flag:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        flag.signal = signum
-        console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint…[/]")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------- randomness
@@ -133,6 +102,8 @@ class LoopConfig:
     compile: bool = False  # torch.compile the model in place
 
 
+
+
 @dataclass
 class FitResult:
     final_top1: float
@@ -140,180 +111,150 @@ class FitResult:
     epochs: list[dict]
 
 
-@dataclass
-class _Position:
-    """Where training stands: the next epoch and step to run, and the best test top-1 so far."""
-
-    epoch: int = 0
-    step: int = 0
-    best: float = -1.0
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "objective", "hook", "epoch", "step", "best_top1")
-
-
-class _Checkpoints:
-    """``last.pt`` (everything needed to continue) and ``best.pt`` (the weights of the best epoch)."""
-
-    def __init__(self, loop: LoopConfig, parts: dict[str, Any], before_save: Callable[[], None]):
-        self.dir, self.recipe, self.parts = loop.checkpoint_dir, loop.recipe, parts  # parts: objects with state_dict()
-        self.before_save = before_save
-        self.last = self.dir / "last.pt"
-
-    def restore(self) -> _Position:
-        ckpt = load_checkpoint(self.last)
-        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-        if missing:
-            raise InputError(f"{self.last}: not a training checkpoint of this tool (missing {', '.join(missing)})")
-        load_state(self.parts["model"], ckpt["model"], str(self.last))
-        for name, part in self.parts.items():
-            if name != "model":
-                part.load_state_dict(ckpt[name])
-        return _Position(ckpt["epoch"], ckpt["step"], ckpt["best_top1"])
-
-    def save(self, at: _Position, top1: float | None = None) -> None:
-        self.before_save()
-        state = {name: part.state_dict() for name, part in self.parts.items()}
-        state.update(epoch=at.epoch, step=at.step, best_top1=at.best, recipe=self.recipe)
-        with fsio.atomic_path(self.last) as tmp:
-            torch.save(state, tmp)
-        if top1 is not None and top1 >= at.best:
-            with fsio.atomic_path(self.dir / "best.pt") as tmp:
-                torch.save({"model": state["model"], "epoch": at.epoch, "test_top1": top1, "recipe": self.recipe}, tmp)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def fit(
-    model: nn.Module,
-    objective: Objective,
-    train_set: ImageDataset,
-    test_set: ImageDataset,
-    cfg,
-    loop: LoopConfig,
-    device: torch.device,
-    dist: DistInfo = DistInfo(),
-    hook: LoopHook = LoopHook(),
-) -> FitResult:
-    """Train ``model`` for ``cfg.epochs`` with ``objective``; checkpoint every epoch; resume if asked.
-
-    ``objective(model, images, labels, indices, epoch) -> (losses, logits)``: ``losses["loss"]``
-    is minimised; the other entries are logged. ``epoch`` is fractional for warm-ups.
-    """
-    precision = Precision.for_device(device, cfg.amp)
-    channels_last = loop.channels_last
+def prepare(model: nn.Module, cfg, loop: LoopConfig, device: torch.device, dist: DistInfo) -> tuple[nn.Module, nn.Module]:
+    """``model`` on the device in the loop's layout (SyncBN, compiled, in place) and the module a step calls:
+    ``model`` itself, or its DDP wrapper."""
     model.to(device)
-    if channels_last:
+    if loop.channels_last:
         model.to(memory_format=torch.channels_last)
     if dist.enabled and cfg.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if loop.compile:
         model.compile()  # in place: the state_dict keeps its keys, so checkpoints do not depend on it
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    if not dist.enabled:
+        return model, model
+    return model, nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = EpochSampler(len(train_set), seed=loop.seed, shuffle=True, rank=dist.rank, world=dist.world)
-    steps_per_epoch = math.ceil(len(sampler.indices()) / loop.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    milestones = [m * steps_per_epoch for m in cfg.schedule.milestones]
-    optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule.name, milestones, cfg.schedule.gamma)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "objective": objective, "hook": hook}
-    checkpoints = _Checkpoints(loop, parts, before_save=hook.before_checkpoint)
 
-    at = checkpoints.restore() if loop.resume and checkpoints.last.exists() else _Position()
+class _Trainer:
+    """One fit's moving parts: the optimiser, schedule and scaler around the model, the step, the epoch's row."""
+
+    def __init__(self, model: nn.Module, objective: Objective, train_set: ImageDataset, cfg, loop: LoopConfig,
+                 device: torch.device, dist: DistInfo, hook: LoopHook):
+        self.objective, self.train_set, self.cfg, self.loop, self.device, self.dist, self.hook = objective, train_set, cfg, loop, device, dist, hook
+        self.precision = Precision.for_device(device, cfg.amp)
+        self.model, self.train_model = prepare(model, cfg, loop, device, dist)
+        self.sampler = EpochSampler(len(train_set), seed=loop.seed, shuffle=True, rank=dist.rank, world=dist.world)
+        self.steps = math.ceil(len(self.sampler.indices()) / loop.batch_size)
+        total, s = self.steps * cfg.epochs, cfg.schedule
+        warmup, milestones = int(round(s.warmup_epochs * self.steps)), [m * self.steps for m in s.milestones]
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(i, total, warmup, s.name, milestones, s.gamma))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                 "objective": objective, "hook": hook}
+        self.checkpoints = Checkpoints(loop, parts, before_save=hook.before_checkpoint)
+        # precise BN reads the training images as evaluation sees images: no crop, no flip
+        self.bn_images = ImageDataset(train_set.split, train_set.size, train=False)
+
+    def step(self, epoch: int, step: int, images, labels, indices, tally: "_Tally") -> dict:
+        """One optimisation step, its randomness seeded by where it is (:func:`step_seed`); the step's losses."""
+        self.hook.begin_step()
+        seed = step_seed(self.loop.seed, epoch, step, self.dist.rank)
+        torch.manual_seed(seed)
+        self.objective.begin_step(seed)
+        x = to_float(images, self.device, self.loop.channels_last)
+        y = labels.to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            losses, logits = self.objective(self.train_model, x, y, indices, epoch + step / self.steps)
+        tally.add(losses, logits, y, step)
+        if tally.due(step, self.steps):
+            self.check(tally, epoch, losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.hook.end_step()
+        return losses
+
+    def check(self, tally: "_Tally", epoch: int, losses: dict) -> None:
+        """Stop on the first non-finite loss, before anything a bad step spoiled is checkpointed."""
+        if (bad := tally.first_bad_step()) is not None:
+            raise _diverged(self.loop.label, epoch, bad, losses, self.checkpoints.last, self.precision)
+
+    def epoch(self, epoch: int, skip: int, at: Position, stop: StopFlag, progress) -> tuple["_Tally", float]:
+        """The epoch's steps from ``skip`` on; a stop between them checkpoints the position and raises Interrupted."""
+        loop = self.loop
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=skip * loop.batch_size)
+        loader = make_loader(self.train_set, loop.batch_size, self.sampler, num_workers=loop.num_workers, pin_memory=self.device.type == "cuda")
+        self.train_model.train()
+        self.hook.begin_epoch(epoch, skip)
+        self.objective.begin_epoch(epoch)
+        task = progress.add_task(f"{loop.label} {epoch + 1}/{self.cfg.epochs}", total=self.steps, completed=skip, info="")
+        tally, t0, losses = _Tally(self.device), time.perf_counter(), {}
+        for step, (images, labels, indices) in enumerate(loader, start=skip):
+            losses = self.step(epoch, step, images, labels, indices, tally)
+            if tally.due(step, self.steps):
+                seen, correct, sums = tally.read()
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, completed=step + 1, info=f"loss {sums['loss'] / seen:.3f} · acc {100 * correct / seen:.1f}% · {rate:.0f} img/s")
+            if broadcast_flag(self.dist, bool(stop)) and step + 1 < self.steps:
+                self.check(tally, epoch, losses)
+                if self.dist.is_main:
+                    self.checkpoints.save(Position(epoch, step + 1, at.best))
+                raise Interrupted(f"{loop.label}: stopped at epoch {epoch + 1} step {step + 1}; checkpoint saved to {self.checkpoints.last}")
+        self.check(tally, epoch, losses)
+        seconds = time.perf_counter() - t0
+        self.objective.end_epoch(epoch, whole=skip == 0)
+        progress.remove_task(task)
+        return tally, seconds
+
+    def row(self, epoch: int, tally: "_Tally", seconds: float, top1: float) -> dict:
+        """The epoch's line in the metrics log (counts summed over ranks)."""
+        seen, correct, sums = tally.read()
+        seen_all, correct_all, *loss_sums = all_sum(self.dist, seen, correct, *sums.values())
+        return {
+            "epoch": epoch + 1,
+            "train_loss": loss_sums[0] / max(seen_all, 1) if loss_sums else float("nan"),
+            "train_top1": 100.0 * correct_all / max(seen_all, 1),
+            "test_top1": top1,
+            "epoch_seconds": seconds,
+            "images_per_second": seen_all / max(seconds, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "parts": {k: s / max(seen_all, 1) for k, s in zip(list(sums)[1:], loss_sums[1:])},
+            "stage": self.loop.label,
+            **self.hook.end_epoch(epoch),
+        }
+
+
+def fit(model: nn.Module, objective: Objective, train_set: ImageDataset, test_set: ImageDataset, cfg, loop: LoopConfig,
+        device: torch.device, dist: DistInfo = DistInfo(), hook: LoopHook = LoopHook()) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` with ``objective``; re-estimate its BN statistics and evaluate it after
+    every epoch, checkpoint, and resume if asked.
+
+    ``objective(model, images, labels, indices, epoch) -> (losses, logits)``: ``losses["loss"]``
+    is minimised; the other entries are logged. ``epoch`` is fractional for warm-ups.
+    """
+    t = _Trainer(model, objective, train_set, cfg, loop, device, dist, hook)
+    at = t.checkpoints.restore() if loop.resume and t.checkpoints.last.exists() else Position()
     if dist.is_main:
         if at.epoch or at.step:
             where = f"epoch {at.epoch + 1}, step {at.step}" if at.step else f"epoch {at.epoch + 1}"
             console.print(f"[cyan]{loop.label}: resuming at {where} of {cfg.epochs}[/]")
-        _trim_metrics(loop.metrics_path, at.epoch)  # a fresh run starts a fresh log; a resumed one drops redone epochs
-
+        trim_metrics(loop.metrics_path, at.epoch)  # a fresh run starts a fresh log; a resumed one drops redone epochs
     history = []
     with graceful_stop() as stop, progress_bar(enabled=dist.is_main) as progress:
         for epoch in range(at.epoch, cfg.epochs):
-            skip = at.step if epoch == at.epoch else 0
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, start=skip * loop.batch_size)
-            loader = make_loader(train_set, loop.batch_size, sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
-            train_model.train()
-            hook.begin_epoch(epoch, skip)
-            objective.begin_epoch(epoch)
-            task = progress.add_task(f"{loop.label} {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=skip, info="")
-            tally = _Tally(device)
-            t0 = time.perf_counter()
-            for step, (images, labels, indices) in enumerate(loader, start=skip):
-                hook.begin_step()
-                seed = step_seed(loop.seed, epoch, step, dist.rank)
-                torch.manual_seed(seed)
-                objective.begin_step(seed)
-                x = to_float(images, device, channels_last)
-                y = labels.to(device, non_blocking=True)
-                with precision.autocast():
-                    losses, logits = objective(train_model, x, y, indices, epoch + step / steps_per_epoch)
-                loss = losses["loss"]
-                tally.add(losses, logits, y, step)
-                if tally.due(step, steps_per_epoch) and (bad := tally.first_bad_step()) is not None:
-                    raise _diverged(loop.label, epoch, bad, losses, checkpoints.last, precision)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                hook.end_step()
-
-                if tally.due(step, steps_per_epoch):
-                    seen, correct, sums = tally.read()
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(task, completed=step + 1,
-                                    info=f"loss {sums['loss'] / seen:.3f} · acc {100 * correct / seen:.1f}% · {rate:.0f} img/s")
-                if broadcast_flag(dist, bool(stop)) and step + 1 < steps_per_epoch:
-                    if (bad := tally.first_bad_step()) is not None:  # never checkpoint weights a bad step spoiled
-                        raise _diverged(loop.label, epoch, bad, losses, checkpoints.last, precision)
-                    if dist.is_main:
-                        checkpoints.save(_Position(epoch, step + 1, at.best))
-                    raise Interrupted(f"{loop.label}: stopped at epoch {epoch + 1} step {step + 1}; checkpoint saved to {checkpoints.last}")
-            if (bad := tally.first_bad_step()) is not None:
-                raise _diverged(loop.label, epoch, bad, losses, checkpoints.last, precision)
-            seen, correct, sums = tally.read()
-            epoch_seconds = time.perf_counter() - t0
-            objective.end_epoch(epoch, whole=skip == 0)
-            progress.remove_task(task)
-
-            top1 = evaluate(model, test_set, loop.eval_batch_size, device, dist, precision, channels_last)
-            seen_all, correct_all, *loss_sums = all_sum(dist, seen, correct, *sums.values())
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sums[0] / max(seen_all, 1) if loss_sums else float("nan"),
-                "train_top1": 100.0 * correct_all / max(seen_all, 1),
-                "test_top1": top1,
-                "epoch_seconds": epoch_seconds,
-                "images_per_second": seen_all / max(epoch_seconds, 1e-9),
-                "lr": optimizer.param_groups[0]["lr"],
-                "parts": {k: s / max(seen_all, 1) for k, s in zip(list(sums)[1:], loss_sums[1:])},
-                "stage": loop.label,
-                **hook.end_epoch(epoch),
-            }
+            tally, seconds = t.epoch(epoch, at.step if epoch == at.epoch else 0, at, stop, progress)
+            recalibrate(t.model, t.bn_images, loop.eval_batch_size, device, loop.channels_last, t.precision)
+            top1 = evaluate(t.model, test_set, loop.eval_batch_size, device, dist, t.precision, loop.channels_last)
+            row = t.row(epoch, tally, seconds, top1)
             history.append(row)
-            at = _Position(epoch + 1, 0, max(at.best, top1))
+            at = Position(epoch + 1, 0, max(at.best, top1))
             if dist.is_main:  # the line first: a kill before the checkpoint means a redone epoch, whose line resume trims
                 fsio.append_line(loop.metrics_path, json.dumps(row))
-                console.print(
-                    f"{loop.label} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} · test top-1 {top1:.2f}% "
-                    f"· {epoch_seconds:.1f}s · {row['images_per_second']:.0f} img/s"
-                )
-                checkpoints.save(at, top1)
+                console.print(f"{loop.label} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} · test top-1 {top1:.2f}% "
+                              f"· {seconds:.1f}s · {row['images_per_second']:.0f} img/s")
+                t.checkpoints.save(at, top1)
             if broadcast_flag(dist, bool(stop)):
-                raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {checkpoints.last}")
+                raise Interrupted(f"{loop.label}: stopped after epoch {epoch + 1}; checkpoint saved to {t.checkpoints.last}")
     hook.end_run()
-    final = history[-1]["test_top1"] if history else _last_top1(loop.metrics_path)
+    final = history[-1]["test_top1"] if history else last_top1(loop.metrics_path)
     return FitResult(final_top1=final, best_top1=at.best, epochs=history)
 
 
@@ -380,18 +321,3 @@ def evaluate(model, test_set: ImageDataset, batch_size: int, device, dist: DistI
     return 100.0 * correct / max(total, 1)
 
 
-def _trim_metrics(path: Path, upto_epoch: int) -> None:
-    """Drop metric lines of epochs a resumed run will redo (written after the last checkpoint)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line)["epoch"] <= upto_epoch]
-    if len(keep) != len(lines):
-        fsio.write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _last_top1(path: Path) -> float:
-    if not path.exists():
-        return float("nan")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines[-1]["test_top1"] if lines else float("nan")
