@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgedistill.deploy.pick import label, pick  # noqa: E402
 from edgedistill.recipe.deploy import DeviceTarget  # noqa: E402
-from edgedistill.base.timing import fmt_spread, within  # noqa: E402
+from edgedistill.base.timing import fmt_spread, spread_of, within  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
 DEPLOY_MD = ROOT / "docs" / "deploy.md"
@@ -143,8 +143,7 @@ def main() -> None:
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for kind, r in results.items():
         rows.append(f"| {kind} | {r['max_latency_ms']:.3g} | {r['student']} | {r['macs'] / 1e6:.1f} M | {r['size_mb']:.2f} MB | {r['test_top1']:.2f}% | "
-                    f"{fmt_spread(r['pick_latency_ms'])} | {r['validated_latency_ms_p50']:.3g} [{r['validated_latency_ms_interval'][0]:.3g}–"
-                    f"{r['validated_latency_ms_interval'][1]:.3g}] | {'yes' if r['under_target'] else '**no**'} |")
+                    f"{fmt_spread(r['pick_latency_ms'])} | {fmt_spread(spread_of(r, 'validated_latency_ms'))} | {'yes' if r['under_target'] else '**no**'} |")
     table_md = "\n".join(rows)
     rep = ["| figure | medians of the 3 validate runs | central 95 % of the rounds | each median inside the others' |", "| --- | --- | --- | --- |"]
     rep += [f"| {k} | {', '.join(f'{m:.4g}' for m in v['medians'])} | {', '.join(f'[{q[0]:.4g}–{q[1]:.4g}]' for q in v['intervals'])} | "

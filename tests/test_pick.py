@@ -147,12 +147,12 @@ def test_on_real_exports_the_student_with_the_most_macs_under_the_target_is_chos
     """Two tiny candidates exported and timed here; a target 3x the slowest median, so both fit and the one with the
     more MACs is chosen. Whether the choice then stays under its target when timed again depends on the machine's
     load, so benchmarks/bench_pick.py measures that; a test must not."""
-    from edgedistill.deploy.candidates import measure
+    from edgedistill.deploy.candidates import time_candidates
 
     monkeypatch.setattr(P, "WIDTH_GRID", (0.35,))
     probe = DeviceTarget(max_size_mb=100, archs=["mobilenet_v3_small", "shufflenet_v2_x0_5"])
     kw = dict(num_classes=5, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
-    table = measure(probe.candidate_archs(), probe, rounds=3, round_seconds=0.01, **kw)
+    table = time_candidates(probe.candidate_archs(), probe, rounds=3, round_seconds=0.01, **kw)
     assert [(r["arch"], r["width"]) for r in table["rows"]] == [("mobilenet_v3_small", 0.35), ("shufflenet_v2_x0_5", 1.0)]
     for r in table["rows"]:
         assert r["macs"] > 0 and r["size_mb"] > 0 and r["latency_ms"]["lo"] <= r["latency_ms"]["median"] <= r["latency_ms"]["hi"]

@@ -61,3 +61,17 @@ def test_the_registered_targets_say_where_they_pay_off():
         t = TARGETS.get(name)
         assert t.deploy_to and set(t.deploy_to) <= {"server", "edge"}, name
     assert "kernels" in TARGETS.get("int8").device_note() and TARGETS.get("fp16").deploy_to == ("edge",)
+
+
+def test_one_formatter_for_a_median_and_its_spread_as_validation_stores_it():
+    from edgedistill.base.timing import fmt_spread, spread_of
+
+    row = {"latency_ms_p50": 0.2153, "latency_ms_interval": [0.2101, 0.2249], "images_per_second": 8123.4,
+           "images_per_second_interval": [8000.2, 8200.9], "torch_images_per_second": 5000.0}
+    assert fmt_spread(spread_of(row, "latency_ms")) == "0.215 [0.21–0.225]"
+    assert fmt_spread(spread_of(row, "images_per_second"), "{:,.0f}") == "8,123 [8,000–8,201]"
+    assert fmt_spread(spread_of(row, "torch_images_per_second"), "{:,.0f}") == "5,000"  # no interval: the median alone
+    assert spread_of(row, "missing") is None and fmt_spread(None) == "–"
+    # a row that also holds a spread dict under the bare key reads the flat ``_p50`` figure
+    assert spread_of({"latency_ms": {"median": 1}, "latency_ms_p50": 2, "latency_ms_interval": [1, 3]}, "latency_ms") == \
+        {"median": 2, "lo": 1, "hi": 3}

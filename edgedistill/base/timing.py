@@ -77,6 +77,22 @@ def within(value: float, s: Mapping) -> bool:
     return s["lo"] <= value <= s["hi"]
 
 
-def fmt_spread(s: Mapping, spec: str = "{:.3g}") -> str:
-    """'0.215 [0.21–0.22]': the median and the central 95 % of the rounds."""
-    return f"{spec.format(s['median'])} [{spec.format(s['lo'])}–{spec.format(s['hi'])}]"
+def fmt_spread(s: Mapping | None, spec: str = "{:.3g}") -> str:
+    """'0.215 [0.21–0.22]': the median and the central 95 % of the rounds; the median alone when no spread is
+    known (``lo`` None), '–' when there is no figure. The one 'median [lo–hi]' formatter of the package."""
+    if s is None or s.get("median") is None:
+        return "–"
+    median = spec.format(s["median"])
+    return median if s.get("lo") is None else f"{median} [{spec.format(s['lo'])}–{spec.format(s['hi'])}]"
+
+
+def spread_of(row: Mapping, key: str) -> dict | None:
+    """The spread of a figure that a result row stores flat, as validation writes it: the median under ``key``
+    (or ``key_p50``) and ``[lo, hi]`` under ``key_interval``. No median: None; no interval: ``lo`` = ``hi`` = None."""
+    median = row.get(key)
+    if median is None or isinstance(median, Mapping):
+        median = row.get(f"{key}_p50")
+    if median is None:
+        return None
+    lo, hi = row.get(f"{key}_interval") or (None, None)
+    return {"median": median, "lo": lo, "hi": hi}

@@ -32,7 +32,7 @@ ROUND_SECONDS = 0.15
 CALIBRATION_IMAGES = 16
 
 
-def measure(archs: Sequence[str], target: Any, *, num_classes: int, image_size, mean, std, small_input="auto",
+def time_candidates(archs: Sequence[str], target: Any, *, num_classes: int, image_size, mean, std, small_input="auto",
             seed: int = 0, rounds: int = ROUNDS, round_seconds: float = ROUND_SECONDS,
             progress: Callable[[str], None] = lambda _: None) -> dict:
     """The timing table of every (arch, width) of ``archs`` for ``target`` (a ``student.target`` section):

@@ -49,7 +49,7 @@ from edgedistill.base.errors import GateFailed, InputError, first_line
 from edgedistill.models.macs import model_stats
 from edgedistill.deploy.recommend import recommend
 from edgedistill.deploy.targets import TARGETS, OnnxTarget, Runner, Target, check_images
-from edgedistill.base.timing import interleaved, per_round_ratio, spread
+from edgedistill.base.timing import fmt_spread, interleaved, per_round_ratio, spread, spread_of
 
 LATENCY_WARMUP = 5
 REFERENCE_BATCH = 64
@@ -157,7 +157,7 @@ def validation_table(results: Mapping):
         table.add_column(col, justify=justify)
     if results.get("torch_top1") is not None:
         table.add_row("pytorch (eager)", "–", _fmt(results["torch_top1"], "{:.2f}%"), "–", "–",
-                      _with_interval(results.get("torch_images_per_second"), results.get("torch_images_per_second_interval"), "{:,.0f}"),
+                      fmt_spread(spread_of(results, "torch_images_per_second"), "{:,.0f}"),
                       "1", "reference")
     for name, r in results.get("variants", {}).items():
         status = "✅" if r.get("passed") else "❌ " + "; ".join(r.get("failures") or [])
@@ -166,8 +166,8 @@ def validation_table(results: Mapping):
             _fmt_size(r.get("size_bytes")),
             _fmt(r.get("test_top1"), "{:.2f}%"),
             _fmt(r.get("delta_top1"), "{:+.2f}"),
-            _with_interval(r.get("latency_ms_p50"), r.get("latency_ms_interval"), "{:.3g}"),
-            _with_interval(r.get("images_per_second"), r.get("images_per_second_interval"), "{:,.0f}"),
+            fmt_spread(spread_of(r, "latency_ms")),
+            fmt_spread(spread_of(r, "images_per_second"), "{:,.0f}"),
             _fmt((r.get("speedup_vs_torch") or {}).get("median"), "{:.2f}×"),
             status,
         )
@@ -359,10 +359,6 @@ def _num(v):
 
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else spec.format(v)
-
-
-def _with_interval(v, interval, spec: str) -> str:
-    return "–" if v is None else spec.format(v) + (f" [{spec.format(interval[0])}–{spec.format(interval[1])}]" if interval else "")
 
 
 def _fmt_size(n) -> str:

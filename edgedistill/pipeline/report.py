@@ -13,7 +13,7 @@ from rich.table import Table
 
 from edgedistill.base import fsio
 from edgedistill.base.plots import png, pyplot
-from edgedistill.base.timing import fmt_spread
+from edgedistill.base.timing import fmt_spread, spread_of
 
 # ---------------------------------------------------------------- terminal tables
 
@@ -207,9 +207,9 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
         speedup = fmt_spread(v["speedup_vs_torch"], "{:.2f}") + "×" if v.get("speedup_vs_torch") else "–"
         status = "✅" if v.get("passed") else "❌ " + "; ".join(v.get("failures", []))
         out.append(f"| {name} | `{v.get('path', '?')}` | {size} | {f('test_top1')}% | {f('delta_top1', '{:+.2f}')} | {f('max_abs_diff', '{:.2e}')} | "
-                   f"{_with_interval(v, 'latency_ms', '{:.3g}')} | {_with_interval(v, 'images_per_second', '{:,.0f}')} | {speedup} | {status} |")
+                   f"{fmt_spread(spread_of(v, 'latency_ms'))} | {fmt_spread(spread_of(v, 'images_per_second'), '{:,.0f}')} | {speedup} | {status} |")
     if torch_ips:
-        out += ["", f"PyTorch eager: {_with_interval(val, 'torch_images_per_second', '{:,.0f}')} img/s at the same batch size and thread count."]
+        out += ["", f"PyTorch eager: {fmt_spread(spread_of(val, 'torch_images_per_second'), '{:,.0f}')} img/s at the same batch size and thread count."]
     if val.get("recommendations"):
         out += ["", "### What to ship", "", *[f"- {rec['line']}" for rec in val["recommendations"]]]
     variants = (export or {}).get("variants", {})
@@ -229,17 +229,9 @@ def _validation_section(val: dict, export: dict | None) -> list[str]:
     return out + [""]
 
 
-def _with_interval(row: dict, key: str, spec: str) -> str:
-    """'median [lo–hi]' of a figure validation stored as ``key`` (or ``key_p50``) and ``key_interval``."""
-    median = row.get(key if key in row and not isinstance(row.get(key), dict) else f"{key}_p50")
-    interval = row.get(f"{key}_interval")
-    if median is None:
-        return "–"
-    return spec.format(median) + (f" [{spec.format(interval[0])}–{spec.format(interval[1])}]" if interval else "")
-
-
 def _choice_section(choice: dict) -> list[str]:
-    from edgedistill.deploy.pick import describe_target_dict, label
+    from edgedistill.deploy.pick import label
+    from edgedistill.deploy.pick_view import describe_target_dict
 
     out = ["## Student choice (student.arch: auto)", "", f"Target: {describe_target_dict(choice['target'])}. Chosen: **{choice['reason']}**.",
            "", "Each candidate was exported untrained and timed in ONNX Runtime on this machine "
@@ -273,8 +265,8 @@ def _compression_section(run: Path, teacher: dict | None, val: dict, baseline: d
            f"| parameters | {num(t.get('parameters'))} | {num(s.get('parameters'))} | {times(t.get('parameters'), s.get('parameters'))} |",
            f"| MACs per image | {num(t.get('macs'))} | {num(s.get('macs'))} | {times(t.get('macs'), s.get('macs'))} |",
            f"| file size | {tsize} | {files or '–'} | |",
-           f"| PyTorch eager img/s (CPU, validation batch) | {_with_interval(t, 'images_per_second', '{:,.0f}')} | "
-           f"{_with_interval(val, 'torch_images_per_second', '{:,.0f}')} | student: {times(val.get('torch_images_per_second'), t.get('images_per_second'))} the teacher's |",
+           f"| PyTorch eager img/s (CPU, validation batch) | {fmt_spread(spread_of(t, 'images_per_second'), '{:,.0f}')} | "
+           f"{fmt_spread(spread_of(val, 'torch_images_per_second'), '{:,.0f}')} | student: {times(val.get('torch_images_per_second'), t.get('images_per_second'))} the teacher's |",
            f"| test top-1 | {'–' if ttop1 is None else f'{ttop1:.2f}%'} | {'–' if stop1 is None else f'{stop1:.2f}%'} | "
            f"{'–' if None in (ttop1, stop1) else f'{round(stop1 - ttop1, 2) + 0.0:+.2f} points'} |"]
     if baseline:

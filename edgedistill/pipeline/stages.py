@@ -22,7 +22,8 @@ from edgedistill.base.errors import InputError
 from edgedistill.pipeline.folder import NOTHING_MADE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
-from edgedistill.deploy.pick import CHOICE_FILE, PLOT_FILE, choice_plot, chosen_student, pick, pick_table
+from edgedistill.deploy.pick import CHOICE_FILE, PLOT_FILE, chosen_student, pick
+from edgedistill.deploy.pick_view import choice_plot, pick_table
 from edgedistill.recipe.deploy import AUTO
 from edgedistill.pipeline.planning import measure
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
@@ -42,10 +43,10 @@ def pick_stage(ctx: RunContext) -> dict:
         return {"arch": s.arch, "width": s.width, "picked": False, NOTHING_MADE: True}
     if not ctx.dist.is_main:
         return {}
-    from edgedistill.deploy.candidates import measure
+    from edgedistill.deploy.candidates import time_candidates
 
-    table = measure(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
-                    std=data.std, small_input=s.small_input, seed=ctx.recipe.seed, progress=lambda m: ctx.print(f"[dim]{m}[/]"))
+    table = time_candidates(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
+                            std=data.std, small_input=s.small_input, seed=ctx.recipe.seed, progress=lambda m: ctx.print(f"[dim]{m}[/]"))
     result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"]}
     ctx.print(pick_table(result))
     path = ctx.run / CHOICE_FILE
