@@ -238,7 +238,7 @@ def measure_costs(protocol: str) -> dict:
         bench = StepBench(ref)
         cl = ref.recipe.distill.channels_last is True
         nets = {m: bench.student(cl) for m in methods}
-        objectives = {m: c.objective(c.read_json("plan.json")["fraction"] or 0.0) for m, c in ctxs.items()}
+        objectives = {m: c.objective(c.read_json("plan.json")["fraction"]) for m, c in ctxs.items()}
         for o in objectives.values():
             o.augmenter.seed(0)
         seconds = bench.timed(*(bench.stepper(nets[m], objectives[m], cl) for m in methods), passes=COST_PASSES)

@@ -230,7 +230,7 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(fin
     'plain' steps mix every sample too, and the planner then predicted a small part of the real overhead.
     The no-teacher baseline is neither run through the teacher nor charged for it."""
     from edgedistill.pipeline.context import RunContext
-    from edgedistill.pipeline.planning import WARMUP_STEPS, measure_cost
+    from edgedistill.pipeline.planning import UNTIMED_BATCHES, measure_cost
     from edgedistill.recipe.schema import load_recipe
     from edgedistill.pipeline.run import open_run
 
@@ -262,9 +262,9 @@ def test_plan_times_plain_steps_without_extras_and_extra_steps_at_the_runs_r(fin
     monkeypatch.setattr(DistillObjective, "_teacher", counted)
     measure_cost(ctx)
     b = TINY["data"]["batch_size"]
-    steps = WARMUP_STEPS + 2
-    plain, extra = sizes[: 2 * steps : 2], sizes[1 : 2 * steps : 2]  # plain and extra steps take turns on the same batches
-    assert plain == [b] * steps
+    steps = UNTIMED_BATCHES + 2
+    plain, extra = [n for n in sizes if n == b], [n for n in sizes if n != b]  # each step saw every profile batch
+    assert len(sizes) == 2 * steps and len(plain) == len(extra) == steps
     # the extras are timed at the run's r: 0.2 of the batch here (energies evenly spread), one per sample for 'all'
     assert extra == [2 * b] * steps if selection == "all" else all(b < n <= b + b // 2 for n in extra), extra
     assert (len(teacher_calls) > 0) == (loss != "ce")

@@ -7,7 +7,8 @@ from dataclasses import astuple
 
 import pytest
 
-from edgedistill.budget.controller import MAX_RISE, WARMUP_STEPS, BudgetHook, CostEstimator, Costs, Goal, choose, prior_costs
+from edgedistill.budget.controller import MAX_RISE, UNOBSERVED_STEPS, BudgetHook, CostEstimator, Goal, choose
+from edgedistill.budget.cost import CostModel, Costs
 
 
 class Machine:
@@ -192,13 +193,16 @@ def test_a_budget_at_the_bottom_of_the_range_does_not_flip_r_under_timing_noise(
 
 def test_the_runs_first_steps_do_not_enter_the_cost_estimate():
     """One-time costs of the first steps (allocations, the teacher runtime's first calls) are not step costs."""
-    cold_start = Machine(a=lambda k: 3.0 if k < WARMUP_STEPS else 0.1)
+    cold_start = Machine(a=lambda k: 3.0 if k < UNOBSERVED_STEPS else 0.1)
     warm, cold = (simulate(None, m, epochs=1, first=0.3, prior=Costs(0.1, 0.002, 1.0)) for m in (Machine(), cold_start))
     assert astuple(cold.estimator.costs()) == pytest.approx(astuple(warm.estimator.costs()))
     assert cold.verdict()["spent_seconds"] > warm.verdict()["spent_seconds"] + 8  # spent, all the same
 
 
-def test_prior_costs_come_from_the_plans_cost_model():
-    cm = {"fixed_per_step": 0.01, "batch_size": 64, "student_step_per_sample": 0.001, "teacher_per_sample": 0.0005,
-          "augment_per_sample": 0.0001, "eval_seconds": 2.0}
-    assert prior_costs(cm) == Costs(0.01 + 64 * 0.0015, 0.0016, 2.0)
+def test_the_controller_starts_from_the_plans_cost_model():
+    cm = CostModel(n_train=6400, batch_size=64, student_step_per_sample=0.001, teacher_per_sample=0.0005,
+                   augment_per_sample=0.0001, fixed_per_step=0.01, eval_seconds=2.0)
+    costs = cm.costs()
+    assert costs == Costs(0.01 + 64 * 0.0015, 0.0016, 2.0)
+    for r in (0.0, 0.3, 1.0):  # the same prediction in both forms: one cost model
+        assert costs.run(5, cm.steps_per_epoch, r * cm.batch_size) == pytest.approx(60 * cm.total_minutes(r, 5))

@@ -130,6 +130,20 @@ def test_min_seconds_keeps_calling_until_it_has_passed():
     assert samples["f"] == pytest.approx([0.1, 0.1])
 
 
+def test_queued_device_work_is_counted_in_the_call_that_queued_it():
+    """A call that only queues work (CUDA) returns at once; ``sync`` waits for it before every reading of the clock,
+    so each round's sample holds its own work and none of the neighbour's."""
+    clock, queued = FakeClock(), []
+    calls = {"a": lambda: queued.append(1.0), "b": lambda: queued.append(3.0)}
+
+    def sync():
+        clock.t += sum(queued)
+        queued.clear()
+
+    assert interleaved(calls, rounds=3, warmup=1, clock=clock, sync=sync) == {"a": [1.0] * 3, "b": [3.0] * 3}
+    assert interleaved(calls, rounds=1, warmup=1, clock=clock)["a"] == [0.0]  # without it the work lands elsewhere
+
+
 def test_spread_is_median_and_central_95_percent():
     # 2.5th percentile of 5 sorted samples: position 4 × 0.025 = 0.1 between the 1st and 2nd; 97.5th: 3.9
     assert spread([5, 1, 3, 2, 4]) == {"median": 3, "lo": 1.1, "hi": 4.9, "n": 5}

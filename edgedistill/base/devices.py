@@ -1,14 +1,17 @@
-"""Where training runs and in what precision: the device a recipe's ``device`` names, and the AMP policy for it."""
+"""Where training runs and in what precision: the device a recipe's ``device`` names, the AMP policy for it, the
+settings that need no measurement there, and how to wait for it before reading a clock."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from edgedistill.base.distributed import DistInfo
 from edgedistill.base.errors import InputError
+
 
 def select_device(spec: str, dist: DistInfo = DistInfo()) -> torch.device:
     """``auto`` → CUDA when present; under torchrun each rank takes its local GPU."""
@@ -23,6 +26,22 @@ def select_device(spec: str, dist: DistInfo = DistInfo()) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What a timing waits on before it reads the clock: the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def preset(value: bool | str, device: torch.device) -> dict | None:
+    """A ``channels_last`` / ``compile`` setting that needs no measurement, as ``{"use", "why"}``: as the recipe fixes
+    it, or on for ``auto`` on CUDA (both pay there for mobile networks); None for ``auto`` on the CPU, which the plan
+    measures. The one place that gives ``auto`` a meaning."""
+    if value != "auto":
+        return {"use": bool(value), "why": "set by the recipe"}
+    return {"use": True, "why": "CUDA"} if device.type == "cuda" else None
 
 
 @dataclass(frozen=True)

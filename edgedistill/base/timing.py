@@ -24,13 +24,14 @@ K = TypeVar("K", bound=Hashable)
 
 def interleaved(calls: Mapping[K, Callable[[], object]], *, rounds: int, min_seconds: float = 0.0,
                 min_calls: int | Mapping[K, int] = 1, warmup: int | Mapping[K, int] = 1,
-                clock: Callable[[], float] = time.perf_counter) -> dict[K, list[float]]:
+                clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None) -> dict[K, list[float]]:
     """Seconds per call of every callable, one sample per round.
 
     Each callable gets ``warmup`` untimed calls first (lazy allocation, kernel selection, caches). In each of the
     ``rounds`` rounds every callable runs at least ``min_calls`` times and for at least ``min_seconds``; round ``i``
     starts at callable ``i mod n`` so that none always runs first. ``warmup`` and ``min_calls`` may be given per
-    callable.
+    callable. ``sync`` is called before every reading of the clock, so that work a device still has queued (CUDA)
+    is counted where it was asked for.
     """
     names = list(calls)
     per = {name: (_of(warmup, name), _of(min_calls, name)) for name in names}
@@ -40,10 +41,12 @@ def interleaved(calls: Mapping[K, Callable[[], object]], *, rounds: int, min_sec
     samples: dict[K, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
+            sync()
             fn, least, n, t0 = calls[name], per[name][1], 0, clock()
             while True:
                 fn()
                 n += 1
+                sync()
                 elapsed = clock() - t0
                 if n >= least and elapsed >= min_seconds:
                     break

@@ -27,17 +27,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from edgedistill.budget.cost import Costs, fits, fitting_fractions
+
 MAX_RISE = 0.05  # per choice
 DEADBAND = 0.02
 CHECKS_PER_EPOCH = 4
 HELD_TOLERANCE = 0.05  # a budget counts as held when the run ends within 5 % above it
-GRID = 0.01
 #: weight a step's observation keeps per later step: an observation half a window old weighs half as much
 HALF_LIFE_STEPS = 25
 #: the run's first steps are not fed to the estimator: they carry one-time costs (allocations, the teacher runtime's
 #: first calls), and a few of them with many extras made the early slope look several times too steep. (By position,
 #: not per process, so that a resumed run makes exactly the choices of an uninterrupted one.)
-WARMUP_STEPS = 3
+UNOBSERVED_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -52,20 +53,6 @@ class Goal:
     def allowed_seconds(self, baseline_total: float) -> float:
         """The whole run's allowance: fixed for minutes; ``(1 + overhead) ×`` the no-extras cost for overhead."""
         return 60.0 * self.max_minutes if self.max_minutes is not None else (1.0 + self.max_overhead) * baseline_total
-
-
-@dataclass(frozen=True)
-class Costs:
-    step: float  # seconds of a step without extras
-    per_extra: float  # seconds one extra mixed sample adds to its step
-    per_epoch: float  # seconds an epoch spends outside its steps (evaluation, checkpoint)
-
-    def run(self, epochs: int, steps_per_epoch: int, extras_per_step: float) -> float:
-        return self.rest(epochs * steps_per_epoch, epochs, extras_per_step)
-
-    def rest(self, steps: int, epochs: int, extras_per_step: float) -> float:
-        """``steps`` steps and the end-of-epoch work of ``epochs`` epochs."""
-        return steps * (self.step + self.per_extra * extras_per_step) + epochs * self.per_epoch
 
 
 @dataclass
@@ -105,13 +92,6 @@ class CostEstimator:
         return Costs(step, slope, per_epoch)
 
 
-def prior_costs(cost_model: dict) -> Costs:
-    """The plan stage's measured cost model (plan.json ``cost_model``) as the controller's starting estimate."""
-    per_sample = cost_model["student_step_per_sample"] + cost_model["teacher_per_sample"]
-    return Costs(step=cost_model["fixed_per_step"] + cost_model["batch_size"] * per_sample,
-                 per_extra=per_sample + cost_model["augment_per_sample"], per_epoch=cost_model["eval_seconds"])
-
-
 @dataclass(frozen=True)
 class Decision:
     fraction: float
@@ -130,22 +110,17 @@ def choose(goal: Goal, costs: Costs, *, spent: float, baseline_spent: float, ste
         return costs.rest(steps_left, epochs_left, r * extras_per_step_at_1)
 
     allowed = goal.allowed_seconds(baseline_spent + rest(0.0))
-    fits = [r for r in _grid(goal.lo, goal.hi) if spent + rest(r) <= allowed]
-    if previous == 0.0 and fits and max(fits) < min(goal.lo + DEADBAND, goal.hi) - 1e-9:
+    ok = fitting_fractions(goal.lo, goal.hi, lambda r: spent + rest(r), allowed)
+    if previous == 0.0 and ok and ok[-1] < min(goal.lo + DEADBAND, goal.hi) - 1e-9:
         # Back from r = 0 into the range only with a deadband's room to spare: a budget that barely fits the range's
         # bottom would otherwise flip r between 0 and the bottom at every check as the timings wobble.
-        fits = []
+        ok = []
     if previous is not None:  # rise slowly; from r = 0 (below the range) straight back to its bottom
-        fits = [r for r in fits if r <= max(previous + max_rise, goal.lo) + 1e-9]
-    target = max(fits) if fits else 0.0
-    if previous is not None and previous in fits and abs(target - previous) < DEADBAND:
+        ok = [r for r in ok if r <= max(previous + max_rise, goal.lo) + 1e-9]
+    target = ok[-1] if ok else 0.0
+    if previous is not None and previous in ok and abs(target - previous) < DEADBAND:
         target = previous
-    return Decision(target, spent + rest(target), allowed, spent + rest(target) <= allowed * (1 + 1e-9))
-
-
-def _grid(lo: float, hi: float) -> list[float]:
-    n = math.floor((hi - lo) / GRID + 1e-9)
-    return sorted({round(lo + k * GRID, 10) for k in range(n + 1)} | {hi})
+    return Decision(target, spent + rest(target), allowed, fits(spent + rest(target), allowed))
 
 
 # ---------------------------------------------------------------- the training-loop side
@@ -247,7 +222,7 @@ class BudgetHook:
         seconds = self.clock() - self._step_start
         began, steps = self._open
         self._open = (began, steps + seconds)
-        if self._at[0] > 0 or self._at[1] >= WARMUP_STEPS:
+        if self._at[0] > 0 or self._at[1] >= UNOBSERVED_STEPS:
             self.estimator.observe_step(seconds, self.objective.last_extras)
         self._at = (self._at[0], self._at[1] + 1)
 

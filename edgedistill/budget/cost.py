@@ -22,19 +22,54 @@ r/2 + r/2); ordinary full-data augmentation (``all``) is r = 1.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 DEFAULT_CURVE_RS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+GRID_STEP = 0.01  # the fractions the plan and the controller choose from: lo, lo + 0.01, …, hi
+_REL_TOL = 1e-9  # a prediction fits its allowance up to rounding: prediction <= allowed · (1 + _REL_TOL)
 
-_REL_TOL = 1e-9  # "fits" tolerance: prediction <= budget · (1 + _REL_TOL) + _ABS_TOL
-_ABS_TOL = 1e-12
+
+def fits(prediction: float, allowed: float) -> bool:
+    """Whether a predicted cost is within what the budget allows (the one tolerance of the package)."""
+    return prediction <= allowed * (1.0 + _REL_TOL) + 1e-12
+
+
+def fraction_grid(lo: float, hi: float, step: float = GRID_STEP) -> list[float]:
+    """``lo, lo + step, …`` up to ``hi`` (inclusive, and ``hi`` itself always last), rounded to 1e-10."""
+    n = math.floor((hi - lo) / step + 1e-9)
+    grid = [round(lo + k * step, 10) for k in range(n + 1)]
+    return [r for r in grid if r < hi - 1e-12] + [hi]
+
+
+def fitting_fractions(lo: float, hi: float, predict: Callable[[float], float], allowed: float) -> list[float]:
+    """Every fraction of :func:`fraction_grid` whose ``predict(r)`` fits ``allowed``, in rising order: the one
+    search of the package (the plan takes the last; the controller filters them further first)."""
+    return [r for r in fraction_grid(lo, hi) if fits(predict(r), allowed)]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The cost model as the controller steers by it: seconds of a step without extras, seconds one extra mixed
+    sample adds to its step, and seconds an epoch spends outside its steps (evaluation, checkpoint)."""
+
+    step: float
+    per_extra: float
+    per_epoch: float
+
+    def run(self, epochs: int, steps_per_epoch: int, extras_per_step: float) -> float:
+        return self.rest(epochs * steps_per_epoch, epochs, extras_per_step)
+
+    def rest(self, steps: int, epochs: int, extras_per_step: float) -> float:
+        """``steps`` steps and the end-of-epoch work of ``epochs`` epochs."""
+        return steps * (self.step + self.per_extra * extras_per_step) + epochs * self.per_epoch
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Measured cost components, in seconds (per rank)."""
+    """Measured cost components, in seconds (per rank). The recipe and the plan's measurement guarantee
+    positive sizes and finite, non-negative costs (the intercept alone may be negative)."""
 
     n_train: int
     batch_size: int
@@ -47,28 +82,20 @@ class CostModel:
     eval_seconds: float = 0.0  # test evaluation per epoch, as measured for this layout (not divided by world_size)
     world_size: int = 1
 
-    def __post_init__(self):
-        for name in ("n_train", "batch_size", "world_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        costs = ("student_step_per_sample", "teacher_per_sample", "augment_per_sample", "eval_seconds")
-        for name in (*costs, "fixed_per_step"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number of seconds, got {v!r}")
-            if v < 0 and name in costs:  # the intercept alone may be negative
-                raise ValueError(f"{name} must be >= 0 seconds, got {v!r}")
-        if self.epoch_seconds(0.0) <= 0:
-            raise ValueError("the cost model predicts a plain epoch of 0 seconds; at least one cost must be > 0")
-
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_train / (self.batch_size * self.world_size))
 
     def extra_samples(self, r: float) -> float:
         """HE-DA extra (mixed) samples per epoch over all ranks: ``r · n_train`` (r = 1 for selection ``all``)."""
-        return _check_r(r) * self.n_train
+        return r * self.n_train
+
+    def costs(self) -> Costs:
+        """The same model per step: what the controller starts from before it has timed a step of its own.
+        (Exact for one rank; under DDP each rank's step is the same batch, so the per-step form holds too.)"""
+        per_sample = self.student_step_per_sample + self.teacher_per_sample
+        return Costs(step=self.fixed_per_step + self.batch_size * per_sample,
+                     per_extra=per_sample + self.augment_per_sample, per_epoch=self.eval_seconds)
 
     def epoch_seconds(self, r: float) -> float:
         """Predicted wall time of one epoch (per rank) with fraction ``r``."""
@@ -88,7 +115,7 @@ class CostModel:
 
     def total_minutes(self, r: float, epochs: int) -> float:
         """Predicted training time in minutes for ``epochs`` epochs."""
-        return _check_epochs(epochs) * self.epoch_seconds(r) / 60.0
+        return epochs * self.epoch_seconds(r) / 60.0
 
 
 @dataclass(frozen=True)
@@ -106,40 +133,19 @@ class Choice:
     predicted_total_minutes: float
 
 
-def choose_fraction(
-    cost: CostModel,
-    *,
-    epochs: int,
-    max_overhead: float | None = None,
-    max_minutes: float | None = None,
-    lo: float = 0.1,
-    hi: float = 0.5,
-    step: float = 0.01,
-) -> Choice:
-    """The largest r on the grid ``lo, lo + step, …, hi`` whose prediction fits the budget.
-
-    Give exactly one budget: ``max_overhead`` (extra time relative to no augmentation, e.g. 0.15 = +15 %) or
-    ``max_minutes`` (total training time). "Fits" is ``prediction <= budget`` up to a relative tolerance of
-    1e-9. ``hi`` is always a candidate even when ``hi − lo`` is not a multiple of ``step``. The choice is the
-    maximum of the set of fitting grid points, and a larger budget only adds points to that set, so the chosen
-    r never decreases when the budget grows.
-    """
-    if (max_overhead is None) == (max_minutes is None):
-        raise ValueError("give exactly one of max_overhead or max_minutes")
-    _check_epochs(epochs)
+def choose_fraction(cost: CostModel, *, epochs: int, max_overhead: float | None = None, max_minutes: float | None = None,
+                    lo: float = 0.1, hi: float = 0.5) -> Choice:
+    """The largest r of :func:`fraction_grid` ``(lo, hi)`` whose prediction fits the budget: ``max_overhead``
+    (extra time relative to no augmentation, e.g. 0.15 = +15 %) or else ``max_minutes`` (total training time;
+    the recipe gives exactly one). A larger budget only adds fractions to those that fit, so the chosen r never
+    decreases when the budget grows."""
     if max_overhead is not None:
-        budget, kind = _check_budget(max_overhead, "max_overhead"), "overhead"
-        predict = cost.overhead
+        budget, kind, predict = max_overhead, "overhead", cost.overhead
     else:
-        budget, kind = _check_budget(max_minutes, "max_minutes"), "minutes"
+        budget, kind = max_minutes, "minutes"
         predict = lambda r: cost.total_minutes(r, epochs)  # noqa: E731
-    grid = fraction_grid(lo, hi, step)
-
-    def fits(r: float) -> bool:
-        return predict(r) <= budget * (1.0 + _REL_TOL) + _ABS_TOL
-
-    fitting = [r for r in grid if fits(r)]
-    chosen = max(fitting) if fitting else None
+    fitting = fitting_fractions(lo, hi, predict, budget)
+    chosen = fitting[-1] if fitting else None
     at = lo if chosen is None else chosen
     shown = _fmt(kind)
     if chosen is None:
@@ -148,10 +154,10 @@ def choose_fraction(
             f"> max_{kind} {shown(budget)}"
         )
     else:
-        nxt = next((r for r in grid if r > chosen), None)
+        nxt = next((r for r in fraction_grid(lo, hi) if r > chosen), None)
         why = "the top of the range" if nxt is None else f"r={nxt:g} would need {shown(predict(nxt))}"
         reason = (
-            f"r={chosen:g}: the largest fraction in [{lo:g}, {hi:g}] (step {step:g}) predicted within "
+            f"r={chosen:g}: the largest fraction in [{lo:g}, {hi:g}] (step {GRID_STEP:g}) predicted within "
             f"max_{kind} {shown(budget)} ({shown(predict(chosen))}; {why})"
         )
     return Choice(
@@ -161,18 +167,6 @@ def choose_fraction(
         predicted_overhead=cost.overhead(at),
         predicted_total_minutes=cost.total_minutes(at, epochs),
     )
-
-
-def fraction_grid(lo: float, hi: float, step: float) -> list[float]:
-    """``lo, lo + step, …`` up to ``hi`` (inclusive, and ``hi`` itself always last), rounded to 1e-10."""
-    if not (0.0 <= lo <= hi <= 1.0):
-        raise ValueError(f"need 0 <= lo <= hi <= 1, got lo={lo!r}, hi={hi!r}")
-    if not (step > 0 and math.isfinite(step)):
-        raise ValueError(f"step must be > 0, got {step!r}")
-    n = math.floor((hi - lo) / step + 1e-9)
-    grid = [round(lo + k * step, 10) for k in range(n + 1)]
-    grid = [r for r in grid if r < hi - 1e-12]
-    return grid + [hi]
 
 
 def curve(cost: CostModel, epochs: int, rs=DEFAULT_CURVE_RS) -> list[dict]:
@@ -215,18 +209,6 @@ def from_step_timings(
     every predicted overhead. Timing noise can push ``s`` below 0; it is then clamped to 0 with a warning
     (the extra step is then no longer exact; time more steps).
     """
-    if isinstance(extras_per_step, bool) or not isinstance(extras_per_step, numbers.Integral) or extras_per_step < 1:
-        raise ValueError(f"extras_per_step must be a positive integer, got {extras_per_step!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for name, v in (
-        ("plain_step_seconds", plain_step_seconds),
-        ("extra_step_seconds", extra_step_seconds),
-        ("augment_seconds_per_sample", augment_seconds_per_sample),
-        ("teacher_seconds_per_sample", teacher_seconds_per_sample),
-    ):
-        if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0 seconds, got {v!r}")
     t, a = float(teacher_seconds_per_sample), float(augment_seconds_per_sample)
     marginal = (extra_step_seconds - plain_step_seconds) / extras_per_step
     student = marginal - t - a
@@ -247,28 +229,6 @@ def from_step_timings(
         eval_seconds=float(eval_seconds),
         world_size=world_size,
     )
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _check_r(r: float) -> float:
-    r = float(r)
-    if not (0.0 <= r <= 1.0):
-        raise ValueError(f"fraction r must be in [0, 1], got {r!r}")
-    return r
-
-
-def _check_epochs(epochs: int) -> int:
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    return epochs
-
-
-def _check_budget(v: float, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
 
 
 def _fmt(kind: str):

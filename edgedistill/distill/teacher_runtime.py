@@ -29,11 +29,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edgedistill.base.devices import synchronizer
 from edgedistill.base.errors import InputError, first_line
+from edgedistill.base.timing import interleaved
 from edgedistill.models.teachers import OnnxTeacher
 
 PARITY_ATOL = 1e-4
-WARMUP, REPEATS = 2, 5
+WARMUP, REPEATS = 1, 5  # untimed calls after the parity call, and timed rounds
 
 
 @dataclass(frozen=True)
@@ -81,21 +83,27 @@ def choose_runtime(net: nn.Module, *, wanted: str, device: torch.device, batch: 
     x = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         reference = net(x).float()
-    measured, modules = [], {}
     t_start = clock()
-    for name, cl in candidates(wanted, device, onnx_only=onnx_path is not None):
+    listed, problems, modules, diffs = candidates(wanted, device, onnx_only=onnx_path is not None), {}, {}, {}
+    for name, cl in listed:
         record = {"runtime": name, "channels_last": cl, "onnx": str(onnx_path or export_to) if name == "onnxruntime" else None,
                   "teacher_file": onnx_path is not None}
         try:
             if name == "onnxruntime" and onnx_path is None:
                 _export_teacher(net, export_to, image_size)
             module = build_runtime(net, record, device)
-            seconds, out = _time(module, x, device, clock)
+            with torch.no_grad():  # the first call compiles what compiles lazily: a failure there rules the runtime out too
+                diffs[(name, cl)] = float((module(x).float() - reference).abs().max())
         except Exception as e:  # noqa: BLE001 - a runtime that cannot run this teacher (export, compile) is not a candidate
-            measured.append(Measured(name, cl, problem=first_line(e, 200)))
+            problems[(name, cl)] = first_line(e, 200)
             continue
-        measured.append(Measured(name, cl, seconds, float((out.float() - reference).abs().max())))
         modules[(name, cl)] = (module, record)
+    with torch.no_grad():  # in turns, so that a stall of the machine does not favour one runtime
+        seconds = interleaved({k: (lambda m=m: m(x)) for k, (m, _) in modules.items()}, rounds=REPEATS, warmup=WARMUP,
+                              clock=clock, sync=synchronizer(device))
+    measured = [Measured(n, cl, problem=problems[(n, cl)]) if (n, cl) in problems else
+                Measured(n, cl, statistics.median(seconds[(n, cl)]), diffs[(n, cl)])
+                for n, cl in listed]
     best = pick(measured)
     module, record = modules[(best.name, best.channels_last)]
     record = {**record, "batch": batch, "device": str(device), "parity_atol": PARITY_ATOL,
@@ -157,22 +165,3 @@ def _export_teacher(net: nn.Module, path: Path, image_size: int) -> None:
         export_onnx(net, path, image_size=image_size, metadata={"edgedistill_role": "teacher"})
     except InputError as e:
         raise InputError(f"the teacher cannot be exported to ONNX Runtime ({first_line(e, 200)})") from None
-
-
-def _time(module: nn.Module, x: torch.Tensor, device: torch.device, clock: Callable[[], float]) -> tuple[float, torch.Tensor]:
-    """Median seconds of one forward over ``REPEATS`` after ``WARMUP`` calls, and the last output."""
-    for _ in range(WARMUP):
-        out = module(x)
-    seconds = []
-    for _ in range(REPEATS):
-        _sync(device)
-        t = clock()
-        out = module(x)
-        _sync(device)
-        seconds.append(clock() - t)
-    return statistics.median(seconds), out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -22,7 +22,7 @@ from edgedistill.base import fsio
 from edgedistill.base.console import console
 from edgedistill.data.sources import DataBundle, load_data
 from edgedistill.data.loading import ImageDataset
-from edgedistill.base.devices import select_device
+from edgedistill.base.devices import preset, select_device
 from edgedistill.base.distributed import DistInfo, broadcast_object
 from edgedistill.distill.energy import EnergyIndex
 from edgedistill.pipeline.folder import RunFolder
@@ -54,12 +54,12 @@ def loader_workers(spec: int | str, device: torch.device, world: int, in_memory:
 
 
 def resolve(value: bool | str, key: str, device: torch.device, measured: dict | None) -> bool:
-    """A ``channels_last`` / ``compile`` setting: as given, or for ``auto`` what was measured, else on for CUDA only."""
-    if value != "auto":
-        return bool(value)
-    if measured is not None and key in measured:
-        return bool(measured[key]["use"])
-    return device.type == "cuda"
+    """A ``channels_last`` / ``compile`` setting: its :func:`~edgedistill.base.devices.preset`, else what the plan
+    measured (``measured``: plan.json ``speed``), else off (a loop the plan did not time: the teacher's)."""
+    fixed = preset(value, device)
+    if fixed is not None:
+        return fixed["use"]
+    return bool(measured is not None and key in measured and measured[key]["use"])
 
 
 @dataclass

@@ -15,12 +15,12 @@ import torch
 from edgedistill.budget.cost import CostModel, from_step_timings
 from edgedistill.pipeline.context import RunContext
 from edgedistill.data.loading import EpochSampler, make_loader, to_float
-from edgedistill.base.errors import InputError
 from edgedistill.distill.objectives import Augmenter, CrossEntropyObjective
-from edgedistill.base.devices import Precision
+from edgedistill.base.devices import Precision, preset, synchronizer
+from edgedistill.base.timing import interleaved
 from edgedistill.distill.train import build_optimizer, evaluate
 
-WARMUP_STEPS = 2
+UNTIMED_BATCHES = 2  # the first batches of every timed function: allocation, kernel selection
 # On the CPU, compilation (about a minute for a mobile student) is only tried for runs at least this long: its
 # measurement then costs the plan a few per cent of the run, and compiling rarely gains more than that here.
 COMPILE_WORTH_TRYING_SECONDS = 60 * 60
@@ -41,7 +41,7 @@ class StepBench:
         train = ctx.train_set()
         sampler = EpochSampler(len(train), seed=ctx.recipe.seed, shuffle=True, rank=ctx.dist.rank, world=ctx.dist.world)
         loader = make_loader(train, ctx.recipe.data.batch_size, sampler, num_workers=ctx.num_workers, pin_memory=ctx.device.type == "cuda")
-        n_batches = WARMUP_STEPS + ctx.recipe.augment.profile_steps
+        n_batches = UNTIMED_BATCHES + ctx.recipe.augment.profile_steps
         t0 = time.perf_counter()
         self.batches = list(itertools.islice(itertools.cycle(loader) if len(loader) < n_batches else loader, n_batches))
         self.load_per_step = (time.perf_counter() - t0) / len(self.batches)
@@ -70,23 +70,19 @@ class StepBench:
         return step
 
     def timed(self, *fns, passes: int = 1) -> list[float]:
-        """Median seconds per step of each function, run in turn on the same batches (``passes`` times over them).
+        """Median seconds per step of each function, interleaved (:func:`~edgedistill.base.timing.interleaved`):
+        one round per profile batch (``passes`` times over them), every function on that round's batch.
 
         Taking turns exposes every function to the same background load, and the median drops the odd step
         that a noisy (shared) machine stalls: the differences between the functions are what the plan rests on.
         """
-        for b in self.batches[:WARMUP_STEPS]:
-            for fn in fns:
-                fn(*b)
-        seconds = [[] for _ in fns]
-        for b in self.batches[WARMUP_STEPS:] * passes:
-            for fn, out in zip(fns, seconds):
-                _sync(self.device)
-                t = time.perf_counter()
-                fn(*b)
-                _sync(self.device)
-                out.append(time.perf_counter() - t)
-        return [statistics.median(s) for s in seconds]
+        def fed(fn):
+            batches = itertools.chain(self.batches[:UNTIMED_BATCHES], itertools.cycle(self.batches[UNTIMED_BATCHES:]))
+            return lambda: fn(*next(batches))
+
+        samples = interleaved({i: fed(fn) for i, fn in enumerate(fns)}, rounds=passes * (len(self.batches) - UNTIMED_BATCHES),
+                              warmup=UNTIMED_BATCHES, sync=synchronizer(self.device))
+        return [statistics.median(samples[i]) for i in range(len(fns))]
 
 
 LAYOUT_ROUNDS = 3  # the layout is decided on the student's own steps, over this many passes of the profile batches
@@ -96,9 +92,9 @@ def decide_layout(ctx: RunContext, bench: StepBench) -> dict:
     """``distill.channels_last``: as the recipe fixes it; ``auto``: on for CUDA, and on the CPU the faster layout of
     the student's own steps (cross-entropy, no teacher: the layout changes only the student, and without the
     teacher's time in every sample the difference stands out of the noise), the same batches, in turns."""
-    cfg = ctx.recipe.distill.channels_last
-    if cfg != "auto" or ctx.device.type == "cuda":
-        return {"use": bool(cfg if cfg != "auto" else True), "why": "set by the recipe" if cfg != "auto" else "CUDA"}
+    fixed = preset(ctx.recipe.distill.channels_last, ctx.device)
+    if fixed is not None:
+        return fixed
     steps = [bench.stepper(bench.student(layout), CrossEntropyObjective(), layout) for layout in (False, True)]
     nchw, cl = bench.timed(*steps, passes=LAYOUT_ROUNDS)
     return {"use": cl < nchw, "ms_per_step": {"nchw": 1e3 * nchw, "channels_last": 1e3 * cl},
@@ -109,9 +105,9 @@ def decide_compile(ctx: RunContext, bench: StepBench, channels_last: bool, plann
     """``distill.compile``: as the recipe fixes it; ``auto``: on for CUDA; on the CPU, when the planned run
     (``planned_seconds``, None before it is known) is long enough to try, compiled against eager steps, and on
     when the gain over the run repays the measured compilation."""
-    cfg = ctx.recipe.distill.compile
-    if cfg != "auto" or ctx.device.type == "cuda":
-        return {"use": bool(cfg if cfg != "auto" else True), "why": "set by the recipe" if cfg != "auto" else "CUDA"}
+    fixed = preset(ctx.recipe.distill.compile, ctx.device)
+    if fixed is not None:
+        return fixed
     if planned_seconds is None or planned_seconds < COMPILE_WORTH_TRYING_SECONDS:
         return {"use": False, "why": f"the run is too short to repay compilation (~{(planned_seconds or 0) / 60:.0f} min planned)"}
     plain, total_steps = ctx.timing_objective(None), bench.steps_per_epoch * ctx.recipe.distill.epochs
@@ -126,13 +122,13 @@ def decide_compile(ctx: RunContext, bench: StepBench, channels_last: bool, plann
             "why": "repays its compilation" if use else "does not repay its compilation"}
 
 
-def measure(ctx: RunContext) -> tuple[dict, CostModel]:
+def measure_plan(ctx: RunContext) -> tuple[dict, CostModel]:
     """The plan's measurements: how the student runs fastest, then what steps cost so. Compilation measured on
     the CPU needs the run's length, so the cost is measured first and again if compiling is chosen."""
     bench = StepBench(ctx)
     speed = {"channels_last": decide_layout(ctx, bench)}
     layout = speed["channels_last"]["use"]
-    if ctx.recipe.distill.compile == "auto" and ctx.device.type != "cuda":
+    if preset(ctx.recipe.distill.compile, ctx.device) is None:
         cost = measure_cost(ctx, {**speed, "compile": {"use": False}}, bench)
         speed["compile"] = decide_compile(ctx, bench, layout, 60 * cost.total_minutes(0.0, ctx.recipe.distill.epochs))
         return speed, (measure_cost(ctx, speed, bench) if speed["compile"]["use"] else cost)
@@ -142,7 +138,7 @@ def measure(ctx: RunContext) -> tuple[dict, CostModel]:
 
 def measure_cost(ctx: RunContext, speed: dict | None = None, bench: StepBench | None = None) -> CostModel:
     """Time ``augment.profile_steps`` real steps without and with one extra mixed sample per sample, in turns, with
-    the student as distillation will run it (``speed``: :func:`decide_speed`'s answer; default: eager, NCHW).
+    the student as distillation will run it (``speed``: the layout and compilation :func:`measure_plan` decided; default: eager, NCHW).
 
     Nothing needs to be trained or scored first: a step costs the same with untrained weights and any energies.
     """
@@ -174,8 +170,6 @@ def measure_cost(ctx: RunContext, speed: dict | None = None, bench: StepBench | 
             lambda images, *_: extra.augmenter(to_float(images, device, channels_last), torch.ones(len(images))),
         )
     eval_seconds = _eval_seconds(ctx, student, bench.precision)
-    if not all(map(_finite, (plain_step, extra_step_seconds, teacher_step, augment_step))):
-        raise InputError("plan: the profiling run produced no usable timings")
     return from_step_timings(
         n_train=len(ctx.data.train), batch_size=bench.batch_size, plain_step_seconds=plain_step, extra_step_seconds=extra_step_seconds,
         extras_per_step=max(1, round(statistics.median(extras))), augment_seconds_per_sample=augment_step / bench.batch_size,
@@ -199,13 +193,3 @@ def _eval_seconds(ctx: RunContext, student, precision) -> float:
     t = time.perf_counter()
     evaluate(student, torch.utils.data.Subset(test, range(n)), ctx.recipe.data.eval_batch_size, ctx.device, precision=precision)
     return (time.perf_counter() - t) * len(test) / max(n, 1) / ctx.dist.world
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _finite(v: float) -> bool:
-    return v == v and v not in (float("inf"), float("-inf"))
-

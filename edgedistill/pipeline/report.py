@@ -170,7 +170,7 @@ def write_report(run: Path, r) -> dict:
             lines.append(f"| {name} | {g['size']} | " + " | ".join(cells) + " |")
         lines += ["", "![energy histogram](energy_hist.png)", "", "![lowest and highest energy images](energy_gallery.png)", ""]
     if plan:
-        lines += ["## Compute plan (HE-DA)", "", f"Chosen r: **{plan['fraction'] if plan['fraction'] is not None else 'none'}** — {plan['reason']}.", ""]
+        lines += ["## Compute plan (HE-DA)", "", f"Chosen r: **{plan['fraction']:g}** — {plan['reason']}.", ""]
         lines += ["| r | predicted epoch s | overhead | total min |", "| ---: | ---: | ---: | ---: |"]
         lines += [f"| {row['r']:.2f} | {row['epoch_seconds']:.2f} | {100 * row['overhead']:+.1f}% | {row['total_minutes']:.2f} |" for row in plan["curve"]]
         lines.append("")

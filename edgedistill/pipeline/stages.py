@@ -4,14 +4,15 @@ into the run folder and writes its own artifacts atomically."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgedistill.base import fsio
-from edgedistill.budget.cost import choose_fraction, curve
-from edgedistill.budget.controller import BudgetHook, Goal, prior_costs
+from edgedistill.budget.cost import DEFAULT_CURVE_RS, CostModel, choose_fraction, curve
+from edgedistill.budget.controller import BudgetHook, Goal
 from edgedistill.base.console import progress_bar
 from edgedistill.pipeline.context import RunContext
 from edgedistill.data.loading import EpochSampler, ImageDataset, eval_arrays, make_loader, to_float
@@ -25,7 +26,7 @@ from edgedistill.distill.objectives import CrossEntropyObjective
 from edgedistill.deploy.pick import CHOICE_FILE, PLOT_FILE, chosen_student, pick
 from edgedistill.deploy.pick_view import choice_plot, pick_table
 from edgedistill.recipe.deploy import AUTO
-from edgedistill.pipeline.planning import measure
+from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
 from edgedistill.deploy.targets import export_all, onnx_metadata
 from edgedistill.distill.train import evaluate, fit
@@ -161,21 +162,20 @@ def _gallery(ctx: RunContext, ds: ImageDataset, cols: dict) -> bytes:
 def plan_stage(ctx: RunContext) -> dict:
     """Measure what a step costs on this device and pick the HE-DA fraction the budget allows."""
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
-    speed, cost = measure(ctx)
+    speed, cost = measure_plan(ctx)
     fraction, reason, budget = _decide(ctx, cost)
-    r = fraction or 0.0
     result = {
         "fraction": fraction,
         "selection": a.selection,
         "method": a.method,
         "reason": reason,
         "budget": budget,
-        "predicted_epoch_seconds": cost.epoch_seconds(r),
-        "predicted_train_seconds": cost.epoch_seconds(r) - cost.eval_seconds,
-        "predicted_overhead": cost.overhead(r),
-        "predicted_total_minutes": cost.total_minutes(r, epochs),
-        "curve": curve(cost, epochs, sorted({0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0} | ({fraction} if fraction else set()))),
-        "cost_model": cost.__dict__,
+        "predicted_epoch_seconds": cost.epoch_seconds(fraction),
+        "predicted_train_seconds": cost.epoch_seconds(fraction) - cost.eval_seconds,
+        "predicted_overhead": cost.overhead(fraction),
+        "predicted_total_minutes": cost.total_minutes(fraction, epochs),
+        "curve": curve(cost, epochs, sorted({*DEFAULT_CURVE_RS, fraction})),
+        "cost_model": asdict(cost),
         "device": str(ctx.device),
         "speed": speed,
     }
@@ -186,7 +186,7 @@ def plan_stage(ctx: RunContext) -> dict:
     if ctx.dist.is_main:
         fsio.write_json(ctx.run / "plan.json", result)
         ctx.print(plan_table(result))
-        ctx.print(f"HE-DA fraction: {fraction if fraction is not None else 'none'} — {reason}")
+        ctx.print(f"HE-DA fraction: {fraction:g} — {reason}")
         ctx.print("student step: " + " · ".join(f"{key} {'on' if v['use'] else 'off'} ({v['why']})" for key, v in speed.items()))
         if "epochs_that_fit" in result:
             ctx.print(f"[yellow]max_minutes {b.max_minutes:g} cannot be met even without HE-DA: "
@@ -194,7 +194,7 @@ def plan_stage(ctx: RunContext) -> dict:
     return {"fraction": fraction, "predicted_epoch_seconds": result["predicted_epoch_seconds"]}
 
 
-def _decide(ctx: RunContext, cost) -> tuple[float | None, str, dict | None]:
+def _decide(ctx: RunContext, cost: CostModel) -> tuple[float, str, dict | None]:
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
     if a.selection == "all":
         return 1.0, "selection 'all': ordinary augmentation of every sample (r = 1)", None
@@ -220,7 +220,7 @@ def distill_stage(ctx: RunContext) -> dict:
     controller re-chooses r before every epoch from what the steps really cost. Writes budget.json."""
     plan = ctx.read_json("plan.json")
     student, data, b = ctx.build_student(), ctx.data, ctx.recipe.augment.budget
-    objective = ctx.objective(plan["fraction"] or 0.0)
+    objective = ctx.objective(plan["fraction"])
     steering = ctx.recipe.augment.fraction == "auto"
     if objective.cache is not None:
         c, epochs = objective.cache, ctx.recipe.distill.epochs
@@ -230,9 +230,9 @@ def distill_stage(ctx: RunContext) -> dict:
     train_set = ctx.train_set()
     steps = math.ceil(math.ceil(len(train_set) / ctx.dist.world) / ctx.recipe.data.batch_size)
     hook = BudgetHook(
-        objective, Goal(b.max_minutes, b.max_overhead, *b.range) if steering else None, prior_costs(plan["cost_model"]),
+        objective, Goal(b.max_minutes, b.max_overhead, *b.range) if steering else None, CostModel(**plan["cost_model"]).costs(),
         epochs=ctx.recipe.distill.epochs, steps_per_epoch=steps, batch_size=ctx.recipe.data.batch_size,
-        first_fraction=plan["fraction"] or 0.0, agree=lambda r: broadcast_value(ctx.dist, r),
+        first_fraction=plan["fraction"], agree=lambda r: broadcast_value(ctx.dist, r),
     )
     result = fit(student, objective, train_set, ctx.test_set(), ctx.recipe.distill,
                  ctx.loop("distill", ctx.run / "checkpoints", ctx.run / "metrics.jsonl", ctx.recipe.distill, plan.get("speed")), ctx.device, ctx.dist, hook)
