@@ -1,15 +1,10 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    # the workers share the cores: more torch threads than a worker's share spin against each other's
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_NPZ = SHARED / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"
