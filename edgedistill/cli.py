@@ -14,13 +14,15 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.markup import escape
 
 from edgedistill import __version__
 from edgedistill.base.console import console, setup_logging, stdout
-from edgedistill.base.errors import BAD_INPUT, INTERRUPTED, EdgeDistillError, GateFailed, InputError, RunStateError
+from edgedistill.base.errors import (BAD_INPUT, GATE_FAILED, INTERRUPTED, OUT_OF_RESOURCES, EdgeDistillError, InputError,
+                                     RunStateError, user_error)
 from edgedistill.pipeline.folder import RunFolder
 from edgedistill.pipeline.stage_table import BY_NAME, STAGE_NAMES, STAGES, StageSpec
 
@@ -50,34 +52,32 @@ def common(trains: str | None = None):
             try:
                 with _sigterm_interrupts():
                     return fn(*args, **kwargs)
-            except EdgeDistillError as e:
-                _fail(e, debug)
-                sys.exit(e.exit_code)
             except KeyboardInterrupt:
                 if debug:
                     raise
                 console.print(f"[red]interrupted[/]\n  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
                 sys.exit(INTERRUPTED)
-            except OSError as e:
-                if debug or not e.filename:
-                    raise
-                # a file the user pointed at (or --out) cannot be read or written: bad input, one line
-                console.print(f"[red]error:[/] {e.filename}: {e.strerror or e}", highlight=False, soft_wrap=True)
-                sys.exit(BAD_INPUT)
+            except Exception as e:
+                _exit_for(e, debug)
 
         return click.option("--resume", is_flag=True, help=RESUME_HELP[trains])(wrapper) if trains else wrapper
 
     return decorate
 
 
-def _fail(e: EdgeDistillError, debug: bool) -> None:
+def _exit_for(e: Exception, debug: bool) -> NoReturn:
+    """Print the one-line message an exception stands for and exit with its code; a bug keeps its traceback."""
+    err = user_error(e)
+    if err is None:
+        raise e
     if debug:
         console.print_exception()
-    label = "failed" if isinstance(e, GateFailed) else "interrupted" if e.exit_code == INTERRUPTED else "error"
+    label = "failed" if err.exit_code == GATE_FAILED else "interrupted" if err.exit_code == INTERRUPTED else "error"
     # the message is text, not markup: "pip install 'edgedistill[litert]'" must keep its brackets
-    console.print(f"[red]{label}:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-    if e.exit_code == INTERRUPTED:
+    console.print(f"[red]{label}:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
+    if err.exit_code in (INTERRUPTED, OUT_OF_RESOURCES) and _resumable():
         console.print(f"  resume with: {_resume_command()}", highlight=False, soft_wrap=True)
+    sys.exit(err.exit_code)
 
 
 def _argv() -> list[str]:
@@ -85,13 +85,19 @@ def _argv() -> list[str]:
     return list(ctx.meta.get(ARGV_KEY, sys.argv[1:])) if ctx else sys.argv[1:]
 
 
+def _resumable() -> bool:
+    """Whether the command running has a run folder to continue (``predict`` has none)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and any(p.name in ("resume", "overrides") for p in ctx.command.params)
+
+
 def _resume_command() -> str:
     """The command line that continues this one, shell-quoted: the same arguments, plus ``--resume`` where the
     command has training to continue (a stage that does not train simply runs again)."""
     ctx = click.get_current_context(silent=True)
     argv = _argv()
-    resumable = ctx is not None and any(p.name == "resume" for p in ctx.command.params)
-    return shlex.join(["edgedistill", *argv, *(["--resume"] if resumable and "--resume" not in argv else [])])
+    trains = ctx is not None and any(p.name == "resume" for p in ctx.command.params)
+    return shlex.join(["edgedistill", *argv, *(["--resume"] if trains and "--resume" not in argv else [])])
 
 
 @contextlib.contextmanager
@@ -297,9 +303,8 @@ def predict(model: Path, images: Path, top_k: int, fmt: str, batch: int, output:
         from edgedistill.deploy import predict as p
 
         p.write(p.render(p.predict(model, images, top_k=top_k, batch=batch), fmt), output)
-    except EdgeDistillError as e:
-        _fail(e, debug)
-        sys.exit(e.exit_code)
+    except Exception as e:
+        _exit_for(e, debug)
 
 
 def main() -> None:

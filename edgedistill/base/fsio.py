@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgedistill.base.errors import disk_full, no_space
+
 
 def file_mode() -> int:
     """The mode ``open()`` would give a new file under the current umask (0666 minus the umask)."""
@@ -41,6 +43,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if disk_full(e):  # the writer (torch.save, onnx, a runtime) may not say which file it was writing
+            raise no_space(path) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
