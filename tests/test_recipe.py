@@ -137,6 +137,24 @@ def test_overrides_reach_nested_keys_and_parse_yaml_values(tmp_path):
         apply_override({}, "novalue")
 
 
+def test_set_null_removes_a_key_or_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("data: {source: digits}\nteacher: {source: train, arch: resnet18, train: {epochs: 9}}\n"
+                 "student: {arch: auto, target: {max_size_mb: 1.0}}\n")
+    (tmp_path / "t.onnx").write_bytes(b"onnx")
+    # a file teacher on top of a recipe that trains one: its train section must go
+    with pytest.raises(RecipeError, match="remove teacher.train"):
+        load_recipe(p, ["teacher.source=onnx", f"teacher.path={tmp_path / 't.onnx'}", "teacher.arch="])
+    r = load_recipe(p, ["teacher.source=onnx", f"teacher.path={tmp_path / 't.onnx'}", "teacher.arch=", "teacher.train=null"])
+    assert r.teacher.source == "onnx" and r.teacher.arch is None
+    assert load_recipe(p, ["student.target=null", "student.arch=mobilenet_v2"]).student.target is None
+    raw = {"seed": 1}
+    apply_override(raw, "export.int8.calibration=null")
+    assert raw == {"seed": 1}, "removing a key below absent sections creates none"
+    with pytest.raises(RecipeError, match="data.source: not set; a recipe must say what it distills"):  # required
+        load_recipe(p, ["data.source=null"])
+
+
 def test_resolved_recipe_round_trips(tmp_path):
     r = validate_recipe({"name": "x", "distill": {"loss": {"name": "energy_dkd", "beta": 6}}})
     p = tmp_path / "x.yaml"

@@ -102,27 +102,37 @@ def yaml_load(text: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``a.b.c=value``: value parsed as YAML (so numbers, booleans and lists work)."""
+    """``a.b.c=value``: value parsed as YAML (so numbers, booleans and lists work).
+
+    ``a.b.c=null`` (or an empty value) removes the key, so an optional section or key takes its default (no
+    recipe key gives null a meaning of its own); a required one is then reported as missing.
+    """
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected key.path=value")
     parts = key.strip().split(".")
     if not all(p.strip() for p in parts):
         raise RecipeError(f"--set {item!r}: '{key.strip()}' has an empty part; expected key.path=value")
+    try:
+        parsed = yaml_load(value) if value.strip() else None
+    except _DuplicateKey as e:
+        raise RecipeError(f"--set {key}: key '{e.key}' is given twice in the value") from None
+    except yaml.YAMLError:
+        parsed = value
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
+            if parsed is None:
+                return  # removing a key below a section that is not there: nothing to remove
             child = node[part] = {}
         if not isinstance(child, dict):
             raise RecipeError(f"--set {key}: '{part}' is a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml_load(value) if value.strip() else None
-    except _DuplicateKey as e:
-        raise RecipeError(f"--set {key}: key '{e.key}' is given twice in the value") from None
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    if parsed is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = parsed
 
 
 # ---------------------------------------------------------------- pydantic errors as one line of plain words
