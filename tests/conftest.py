@@ -10,19 +10,23 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_NPZ = SHARED / "data" / "cifar100-real" / "cifar100_train40k_test10k.npz"
 TEACHER_DIR = SHARED / "teachers" / "cifar100_resnet56"
 
-# The smallest full pipeline: digits at 8 px, tiny subsets, one or two epochs (CLI and reliability tests).
+# The smallest full pipeline: digits at 8 px, tiny subsets, one or two epochs (CLI and reliability tests). Its teacher
+# and student may well be at chance level after so little training, which the allow_weak keys accept
+# (tests/test_sanity.py checks that without them such a run stops).
 TINY = {
     "name": "tiny",
     "seed": 0,
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8, "batch_size": 16, "eval_batch_size": 64, "train_limit": 64, "test_limit": 32},
-    "teacher": {"source": "train", "arch": "shufflenet_v2_x0_5", "train": {"epochs": 1, "optimizer": {"lr": 0.05}}},
+    "teacher": {"source": "train", "arch": "shufflenet_v2_x0_5", "train": {"epochs": 1, "optimizer": {"lr": 0.05}},
+                "allow_weak": True},
     "student": {"arch": "shufflenet_v2_x0_5"},
     "energy": {"fraction": 0.2},
     "distill": {"epochs": 2, "optimizer": {"lr": 0.05}, "loss": {"name": "energy_kd"}},
     "augment": {"fraction": 0.2, "profile_steps": 1},
     "export": {"formats": ["fp32"]},
-    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4, "rounds": 3, "seconds": 0.05},
+    "validate": {"latency_runs": 2, "threads": 1, "parity_batches": [1, 2], "throughput_batch": 4, "rounds": 3, "seconds": 0.05,
+                 "allow_weak": True},
 }
 
 @pytest.fixture

@@ -4,12 +4,13 @@ Pure over validation's rows (``validation.json`` ``variants``): each row says wh
 (``deploy_to``, from its export target) and carries its per-round timing samples. A CPU server is judged on
 throughput at ``throughput_batch``, an edge device on batch-1 latency. When a smaller variant measured slower
 here, the line says so, by how much (a ratio taken round by round), and why it may still be the choice on the
-device: the target's own account of where it pays off.
+device: the target's own account of where it pays off. With a ``student.target``, only files that meet it
+(precision included, :func:`edgedistill.deploy.promises.target_check`) are considered, and a kind none meets says so.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from edgedistill.base.timing import fmt_spread, per_round_ratio, spread
 
@@ -24,18 +25,35 @@ def _note(name: str) -> str:
     return TARGETS.get(name).device_note() if name in TARGETS else ""
 
 
-def recommend(variants: Mapping[str, dict], note: Callable[[str], str] = _note) -> list[dict]:
-    """One recommendation per deployment kind named by any row's ``deploy_to``."""
+def recommend(variants: Mapping[str, dict], note: Callable[[str], str] = _note, target: Any = None) -> list[dict]:
+    """One recommendation per deployment kind named by any row's ``deploy_to``; ``target``: the recipe's
+    ``student.target`` (rows then carry ``target``: how each file stands against it)."""
     kinds = [k for k in KIND_NAMES if any(k in r.get("deploy_to", ()) for r in variants.values())]
     kinds += sorted({k for r in variants.values() for k in r.get("deploy_to", ())} - set(kinds))
-    return [_one(kind, variants, note) for kind in kinds]
+    return [_one(kind, variants, note, target) for kind in kinds]
 
 
-def _one(kind: str, variants: Mapping[str, dict], note: Callable[[str], str]) -> dict:
+def describe_target(target: Any) -> str:
+    """``int8, ≤ 0.6 MB, ≤ 3 ms`` for a ``student.target``."""
+    limits = [target.precision]
+    if target.max_size_mb is not None:
+        limits.append(f"≤ {target.max_size_mb:g} MB")
+    if target.max_latency_ms is not None:
+        limits.append(f"≤ {target.max_latency_ms:g} ms")
+    return ", ".join(limits)
+
+
+def _one(kind: str, variants: Mapping[str, dict], note: Callable[[str], str], target: Any) -> dict:
     key, higher = CRITERIA.get(kind, CRITERIA["edge"])
     kind_name = KIND_NAMES.get(kind, kind)
     meant = {n: r for n, r in variants.items() if kind in r.get("deploy_to", ())}
     ok = {n: r for n, r in meant.items() if r.get("passed") and r.get(key)}
+    if target is not None and ok:
+        ok = {n: r for n, r in ok.items() if r["target"]["meets"]}
+        if not ok:
+            missed = [r["target"]["why"] for r in meant.values() if "target" in r]
+            return {"kind": kind, "variant": None, "line": f"{kind_name}: nothing to ship that meets student.target "
+                                                               f"({describe_target(target)}): {'; '.join(missed)}"}
     if not ok:
         return {"kind": kind, "variant": None, "line": f"{kind_name}: nothing to ship: no variant meant for it "
                                                            f"({', '.join(meant)}) passed its gates"}

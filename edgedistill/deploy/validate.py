@@ -7,13 +7,16 @@
       "torch_top1": float,                 # PyTorch eager test top-1 (percent)
       "torch_images_per_second": float,    # PyTorch eager throughput, same batch and threads
       "settings": {...},                   # the ValidateConfig used, number of test images
+      "chance": {"guess", "bar", ...},     # the test set's chance level (edgedistill.base.chance)
+      "target": {...} | None,              # student.target, which the files of its precision must meet
       "variants": {
         "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
                  "test_top1", "torch_top1", "delta_top1",
                  "latency_ms_p50", "latency_ms_interval": [lo, hi], "latency_ms_samples": [per round],   # batch 1
                  "images_per_second", "images_per_second_interval", "images_per_second_samples",       # throughput_batch
                  "speedup_vs_torch": spread, "latency_vs_fp32": spread,                           # ratios per round
-                 "deploy_to": [kind], "torch_images_per_second", "passed", "failures": [str]},
+                 "deploy_to": [kind], "precision", "target": {"meets", "why", "failures"} (with a student.target),
+                 "torch_images_per_second", "passed", "failures": [str]},
         ...                                # one row per target in export.json
       },
       "torch_images_per_second_interval", "torch_images_per_second_samples",
@@ -39,14 +42,16 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgedistill.base.chance import chance_bar
 from edgedistill.base.errors import GateFailed, InputError, first_line
 from edgedistill.models.macs import model_stats
+from edgedistill.deploy.promises import chance_failures, target_check
 from edgedistill.deploy.recommend import recommend
 from edgedistill.deploy.targets import TARGETS, OnnxTarget, Runner, Target, check_images
 from edgedistill.base.timing import fmt_spread, interleaved, per_round_ratio, spread, spread_of
@@ -61,13 +66,15 @@ TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing roun
 
 
 def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
-                    cfg, *, teacher: nn.Module | None = None) -> dict:
+                    cfg, *, teacher: nn.Module | None = None, device_target: Any = None) -> dict:
     """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
     ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
     ``test_y``: (N,) int64 labels; ``cfg``: a :class:`edgedistill.recipe.schema.ValidateConfig`. A variant that
     cannot be loaded fails on its own; it never stops the others. ``teacher`` (eval mode, on the CPU): counted
-    and timed beside the student in eager PyTorch, for the report's compression table.
+    and timed beside the student in eager PyTorch, for the report's compression table. ``device_target``: the recipe's
+    ``student.target``, which the files of its precision must meet (:mod:`edgedistill.deploy.promises`).
+    Every file must clear the test set's chance level unless ``cfg.allow_weak``.
     """
     test_x, test_y = _check_data(test_x, test_y)
     reference = _reference(model, test_x, test_y, cfg)
@@ -78,26 +85,32 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
         results[name], runner = _validate_one(target, path, test_x, test_y, cfg, reference)
         if runner is not None:
             runners[name] = runner
-        results[name]["deploy_to"] = list(target.deploy_to)
+        results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
     eager = {TORCH: reference["model"]} | ({TEACHER: teacher} if teacher is not None else {})
     timed = _time_all(runners, eager, test_x, cfg)
     _fill_timing(results, timed, cfg.throughput_batch)
+    chance = chance_bar(test_y, reference["classes"])
     for name, r in results.items():
         if name in runners:
-            r["failures"].extend(TARGETS.get(name).gate(r, cfg))
+            r["failures"] += TARGETS.get(name).gate(r, cfg) + chance_failures(r, chance, cfg.allow_weak)
+            if device_target is not None:
+                r["target"] = target_check(r, device_target, cfg.threads)
+                r["failures"] += r["target"]["failures"]
             r["passed"] = not r["failures"]
     out = {
         "passed": all(r["passed"] for r in results.values()),
         "torch_top1": reference["top1"],
         **_throughput_fields("torch_", timed["throughput"][TORCH], cfg.throughput_batch),
         "settings": _settings(cfg, len(test_x)),
+        "chance": chance.to_dict(),
+        "target": device_target.model_dump() if device_target is not None else None,
         "variants": results,
         "models": {"student": model_stats(reference["model"], test_x.shape[2:])},
     }
     if teacher is not None:
         out["models"]["teacher"] = {**model_stats(teacher, test_x.shape[2:]),
                                     **_throughput_fields("", timed["throughput"][TEACHER], cfg.throughput_batch)}
-    out["recommendations"] = recommend(results)
+    out["recommendations"] = recommend(results, target=device_target)
     return out
 
 
@@ -295,9 +308,11 @@ def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg) ->
     ref_model = copy.deepcopy(model).cpu().float().eval()
     with torch_threads(cfg.threads):
         parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
+        logits = _torch_logits(ref_model, test_x)
         return {
             "model": ref_model,
-            "top1": _top1(_torch_logits(ref_model, test_x), test_y),
+            "top1": _top1(logits, test_y),
+            "classes": logits.shape[1],
             "parity_inputs": parity_inputs,
             "parity": {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()},
         }
@@ -348,7 +363,7 @@ def _settings(cfg, n: int) -> dict:
     return {"threads": cfg.threads, "atol": cfg.atol, "max_int8_drop": cfg.max_int8_drop,
             "max_fp16_drop": cfg.max_fp16_drop, "parity_batches": list(cfg.parity_batches),
             "latency_runs": cfg.latency_runs, "throughput_batch": cfg.throughput_batch, "rounds": cfg.rounds,
-            "seconds": cfg.seconds, "test_images": n,
+            "seconds": cfg.seconds, "allow_weak": cfg.allow_weak, "test_images": n,
             "provider": "CPUExecutionProvider"}
 
 

@@ -59,6 +59,20 @@ def assign_groups(energy: np.ndarray, fraction: float) -> tuple[np.ndarray, floa
     return groups, low, high
 
 
+#: the least gap between the median energies of the low and the high group, in units of T, for the groups to mean
+#: something: a teacher that learnt nothing gives every image about −T·log(classes), and groups drawn from ties
+GROUP_GAP = 0.1
+
+
+def groups_apart(energy: np.ndarray, groups: np.ndarray, temperature: float) -> bool:
+    """Whether the low- and the high-energy group differ by at least ``GROUP_GAP·T`` (median against median);
+    with no extreme groups (fraction 0) there is nothing to tell apart."""
+    if not (groups == LOW).any():
+        return True
+    gap = float(np.median(energy[groups == HIGH]) - np.median(energy[groups == LOW]))
+    return gap >= GROUP_GAP * temperature
+
+
 # ---------------------------------------------------------------- per-batch lookup for training
 
 

@@ -151,6 +151,7 @@ def write_report(run: Path, r) -> dict:
         *[f"| {a} | {b} |" for a, b in _headline(run)],
         "",
     ]
+    lines += _checks_section(teacher, energy, val)
     if choice:
         lines += _choice_section(choice)
     if val:
@@ -186,6 +187,31 @@ def write_report(run: Path, r) -> dict:
         lines += _validation_section(val, export)
     fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
     return {"report": str(run / "report.md")}
+
+
+def _checks_section(teacher: dict | None, energy: dict | None, val: dict | None) -> list[str]:
+    """Whether the run learnt from something and produced something: the teacher and every file against the
+    test set's chance level, the energy groups apart, every file against ``student.target``."""
+    rows = []
+    if teacher and teacher.get("chance"):
+        c = teacher["chance"]
+        rows.append(("teacher above chance", f"{teacher['test_top1']:.2f}% (chance {c['guess']:.2f}%, bar {c['bar']:.2f}%)",
+                     "✅" if teacher["test_top1"] >= c["bar"] else "⚠️ allowed (teacher.allow_weak)"))
+    if energy and "groups_apart" in energy:
+        rows.append(("energy groups apart", f"E_low {energy['threshold_low']:.3f} · E_high {energy['threshold_high']:.3f}",
+                     "✅" if energy["groups_apart"] else "⚠️ the teacher is about as unsure of every image"))
+    for name, v in (val or {}).get("variants", {}).items():
+        if val.get("chance") and v.get("test_top1") is not None:
+            ok = v["test_top1"] >= val["chance"]["bar"]
+            rows.append((f"{name} above chance", f"{v['test_top1']:.2f}% (bar {val['chance']['bar']:.2f}%)",
+                         "✅" if ok else "❌" if not val["settings"].get("allow_weak") else "⚠️ allowed (validate.allow_weak)"))
+        if v.get("target"):
+            meets = v["target"]["meets"]
+            rows.append((f"{name} meets student.target", v["target"]["why"],
+                         "✅" if meets else "❌" if v["target"]["failures"] else "– another precision"))
+    if not rows:
+        return []
+    return ["## Checks", "", "| check | measured | status |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows], ""]
 
 
 def _validation_section(val: dict, export: dict | None) -> list[str]:

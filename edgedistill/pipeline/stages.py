@@ -3,6 +3,7 @@ into the run folder and writes its own artifacts atomically."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from edgedistill.base import fsio
+from edgedistill.base.chance import chance_bar
 from edgedistill.budget.cost import DEFAULT_CURVE_RS, CostModel, choose_fraction, curve
 from edgedistill.budget.controller import BudgetHook, Goal
 from edgedistill.base.console import progress_bar
@@ -18,7 +20,7 @@ from edgedistill.pipeline.context import RunContext
 from edgedistill.data.loading import EpochSampler, ImageDataset, eval_arrays, make_loader, to_float
 from edgedistill.data.sources import limit_indices
 from edgedistill.base.distributed import all_gather_array, barrier, broadcast_value
-from edgedistill.distill.energy import assign_groups, group_summary, plot_gallery, plot_histogram, score_loader
+from edgedistill.distill.energy import GROUP_GAP, assign_groups, group_summary, groups_apart, plot_gallery, plot_histogram, score_loader
 from edgedistill.base.errors import InputError
 from edgedistill.pipeline.folder import NOTHING_MADE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
@@ -31,6 +33,8 @@ from edgedistill.pipeline.report import budget_line, energy_table, plan_table, s
 from edgedistill.deploy.targets import export_all, onnx_metadata
 from edgedistill.distill.train import evaluate, fit
 from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file, validation_table
+
+log = logging.getLogger("edgedistill")
 
 # ---------------------------------------------------------------- pick
 
@@ -47,7 +51,9 @@ def pick_stage(ctx: RunContext) -> dict:
     from edgedistill.deploy.candidates import time_candidates
 
     table = time_candidates(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
-                            std=data.std, small_input=s.small_input, seed=ctx.recipe.seed, progress=lambda m: ctx.print(f"[dim]{m}[/]"))
+                            std=data.std, small_input=s.small_input, metadata=_student_metadata(ctx),
+                            calibration_method=ctx.recipe.export.calibration.method, seed=ctx.recipe.seed,
+                            progress=lambda m: ctx.print(f"[dim]{m}[/]"))
     result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"]}
     ctx.print(pick_table(result))
     path = ctx.run / CHOICE_FILE
@@ -87,6 +93,11 @@ def teacher_stage(ctx: RunContext) -> dict:
     fast, runtime = ctx.choose_teacher_runtime(net)
     # measured through the chosen runtime: the teacher that scores and distills is the one whose accuracy is shown
     top1 = evaluate(fast, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
+    chance = chance_bar(ctx.data.test.labels, ctx.data.num_classes)
+    if not chance.clears(top1) and not cfg.allow_weak:
+        # before teacher.json: a stage that stops here has not finished, and a fixed teacher is taken by a new run
+        raise InputError(f"teacher: test {chance.why(top1)}; distilling from it would teach the student nothing. Check the "
+                         "teacher (its file, teacher.normalize, the data's classes) or set teacher.allow_weak: true to go on")
     info = {
         "source": cfg.source,
         "path": str(cfg.path) if cfg.path else str(ctx.run / "teacher.pt"),
@@ -94,6 +105,7 @@ def teacher_stage(ctx: RunContext) -> dict:
         "num_classes": ctx.data.num_classes,
         "parameters": sum(p.numel() for p in net.parameters()) or None,
         "test_top1": top1,
+        "chance": chance.to_dict(),
         "runtime": runtime,
     }
     if ctx.dist.is_main:
@@ -132,8 +144,13 @@ def score_stage(ctx: RunContext) -> dict:
         "threshold_high": high,
         "num_samples": int(len(groups)),
         "teacher_train_accuracy": float(100 * correct.mean()),
+        "groups_apart": groups_apart(cols["energy"], groups, cfg.temperature),
         "groups": summary,
     }
+    if not info["groups_apart"]:
+        log.warning("score: the low- and high-energy groups cannot be told apart (their median energies differ by less "
+                    "than %g·T): the teacher is about as unsure of every image, so Energy KD's two temperatures and HE-DA's "
+                    "selection fall on arbitrary images; check the teacher", GROUP_GAP)
     if ctx.dist.is_main:
         with fsio.atomic_path(ctx.run / "energy.npz") as tmp:
             with open(tmp, "wb") as f:
@@ -261,9 +278,15 @@ def export_stage(ctx: RunContext) -> dict:
         return {}
     data, cfg = ctx.data, ctx.recipe.export
     calib, _ = eval_arrays(data.train, ctx.image_size, indices=limit_indices(data.train.labels, cfg.calibration.samples, ctx.recipe.seed))
-    meta = onnx_metadata(data.class_names, ctx.image_size, data.mean, data.std, ctx.recipe.digest())
-    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib, metadata=meta)
+    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib,
+                         metadata=_student_metadata(ctx))
     return {"targets": sorted(summary["variants"])}
+
+
+def _student_metadata(ctx: RunContext) -> dict[str, str]:
+    """What the student's files say about their input and classes (the picker's candidates carry it too)."""
+    data = ctx.data
+    return onnx_metadata(data.class_names, ctx.image_size, data.mean, data.std, ctx.recipe.digest())
 
 
 def validate_stage(ctx: RunContext) -> dict:
@@ -273,7 +296,7 @@ def validate_stage(ctx: RunContext) -> dict:
     test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
     # the teacher, timed beside the student on the CPU where the files are validated, for the report's compression table
     results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), test_x, test_y, ctx.recipe.validate_,
-                              teacher=ctx.eager_teacher().cpu().eval())
+                              teacher=ctx.eager_teacher().cpu().eval(), device_target=ctx.recipe.student.target)
     fsio.write_json(ctx.run / "validation.json", results)
     ctx.print(validation_table(results))
     for rec in results["recommendations"]:

@@ -125,6 +125,7 @@ class TeacherConfig(Section):
     small_input: bool | Literal["auto"] = "auto"
     train: TrainConfig = Field(default_factory=TrainConfig)
     runtime: Literal["auto", "torch", "onnxruntime", "compile"] = "auto"  # see edgedistill.distill.teacher_runtime
+    allow_weak: bool = False  # distill from a teacher at chance level (edgedistill.base.chance) instead of stopping
 
     @model_validator(mode="after")
     def _source_needs(self) -> "TeacherConfig":

@@ -68,6 +68,8 @@ class Target:
     #: where the file is meant to run: "server" (a CPU server), "edge" (phones, boards, NPUs); validation recommends,
     #: per kind, the fastest variant meant for it (edgedistill.deploy.recommend)
     deploy_to: tuple[str, ...] = ("server", "edge")
+    #: the number format of its weights and arithmetic: what ``student.target.precision`` asks of a file
+    precision: str = "fp32"
 
     def device_note(self) -> str:
         """Where this target pays off even when it measures slower than another here: the first paragraph of the

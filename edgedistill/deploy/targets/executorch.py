@@ -63,6 +63,7 @@ class ExecuTorchInt8(ExecuTorch):
     name = "executorch_int8"
     files = ("student.int8.pte",)
     packages = ("torch", "torchao", "executorch.version")
+    precision = "int8"
     max_drop_key = "max_int8_drop"
     quantizer_name = "XNNPACKQuantizer"
 

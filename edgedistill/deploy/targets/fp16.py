@@ -19,6 +19,7 @@ class Fp16(OnnxTarget):
     name = "fp16"
     files = ("student.fp16.onnx",)
     requires = ("fp32",)
+    precision = "fp16"
     max_drop_key = "max_fp16_drop"
     deploy_to = ("edge",)  # x86 servers have few fp16 kernels; ARM cores, NPUs and mobile GPUs compute in fp16
 

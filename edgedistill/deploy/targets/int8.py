@@ -40,6 +40,7 @@ class Int8(OnnxTarget):
     name = "int8"
     files = ("student.int8.onnx",)
     requires = ("fp32",)
+    precision = "int8"
     max_drop_key = "max_int8_drop"
     deploy_to = ("server", "edge")  # VNNI / AMX servers and ARM dot-product cores, NPUs and DSPs run int8
 

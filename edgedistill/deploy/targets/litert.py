@@ -66,6 +66,7 @@ class LiteRTInt8(LiteRT):
     name = "litert_int8"
     files = ("student.int8.tflite",)
     packages = ("torch", "torchao", "litert_torch", "ai_edge_litert")
+    precision = "int8"
     max_drop_key = "max_int8_drop"
     quantizer_name = "litert_torch PT2EQuantizer"
     fold_quantize = False  # litert-torch's converter reads float weights behind their quantize op
