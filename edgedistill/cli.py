@@ -302,7 +302,7 @@ def predict(model: Path, images: Path, top_k: int, fmt: str, batch: int, output:
     try:
         from edgedistill.deploy import predict as p
 
-        p.write(p.render(p.predict(model, images, top_k=top_k, batch=batch), fmt), output)
+        p.run(model, images, top_k=top_k, batch=batch, fmt=fmt, output=output, say=lambda line: console.print(line, highlight=False))
     except Exception as e:
         _exit_for(e, debug)
 

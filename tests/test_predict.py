@@ -136,3 +136,30 @@ def test_nothing_fits_exits_2_and_leaves_nothing(auto_run, tmp_path):
     assert res.exit_code == 2, res.output
     assert "none of the 1 candidates fits" in res.output and "the fastest, shufflenet_v2_x0_5, measured" in res.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_predict_walks_class_folders_prints_per_class_top1_and_goes_on_past_a_bad_image(auto_run, tmp_path):
+    run, root = auto_run["run"], auto_run["root"]
+    val = json.loads((run / "validation.json").read_text())["variants"]["fp32"]
+    res = CliRunner().invoke(cli, ["predict", str(run / "student.onnx"), str(root / "test"), "-k", "1", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert f"top-1 by class folder: {val['test_top1']:.2f}% (" in res.output and "/18)" in res.output
+    assert all(f"  {name}: " in res.output for name in CLASSES)
+
+    images = tmp_path / "images"
+    (images / "deeper").mkdir(parents=True)
+    good = sorted((root / "test" / "disc").iterdir())[:2]
+    (images / "a.png").write_bytes(good[0].read_bytes())
+    (images / "deeper" / "c.png").write_bytes(good[1].read_bytes())
+    (images / "b.png").write_bytes(good[0].read_bytes()[:40])  # truncated: its header reads, its pixels do not
+    out_file = tmp_path / "p.csv"
+    res = CliRunner().invoke(cli, ["predict", str(run / "student.onnx"), str(images), "-k", "2", "--format", "csv", "-o", str(out_file)])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith(
+        f"error: 1 of 3 images could not be classified (their rows say why): {images / 'b.png'}: not a readable image (")
+    rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
+    assert [(r["image"], r["rank"]) for r in rows] == [(str(images / "a.png"), "1"), (str(images / "a.png"), "2"),
+                                                      (str(images / "b.png"), ""), (str(images / "deeper" / "c.png"), "1"),
+                                                      (str(images / "deeper" / "c.png"), "2")]
+    assert rows[2]["error"].startswith("not a readable image") and rows[0]["error"] == "" and rows[0]["class"] in CLASSES
+    assert "top-1 by class folder" not in res.output, "no class folders here: no per-class figures"

@@ -110,7 +110,8 @@ def test_a_different_model_fails_both_gates(built):
     fp32, int8 = res["variants"][built["fp32"]], res["variants"][built["int8"]]
     assert not fp32["passed"] and fp32["max_abs_diff"] > VCFG.atol and "max_abs_diff" in fp32["failures"][0]
     assert not int8["passed"] and int8["delta_top1"] == -100.0
-    assert int8["failures"] == [f"top-1 drop 100.00 points > max_int8_drop {VCFG.max_int8_drop}"]
+    drop, chance = int8["failures"]  # right on no image: below chance too
+    assert drop == f"top-1 drop 100.00 points > max_int8_drop {VCFG.max_int8_drop}" and "top-1 0.00% is at chance level" in chance
     with pytest.raises(GateFailed) as e:
         check_gates(res)
     assert e.value.exit_code == 1 and f"{built['int8']}: top-1 drop" in str(e.value) and "\n" not in str(e.value)
