@@ -6,9 +6,12 @@ and validation, wherever they land (a step, the precise-BN pass, the evaluation,
 resumes each run, and compares every tensor of the resumed ``student.pt`` with the uninterrupted run's.
 
 1. A reference run of the recipe, uninterrupted, with the times its stages finished (polled from the run folder).
-2. ``--points`` moments, spread evenly from the student's first checkpoint to the end of validation.
-3. For each: the same command in a fresh folder, SIGINT that long after its first student checkpoint, the printed
-   resume command, and the comparison. A table (markdown) on stdout and a JSON record.
+2. Its folder as it stood before distillation (teacher, score and plan done), and a second reference resumed from
+   that copy: it must equal the first (nothing of the earlier stages' process may reach the student).
+3. ``--points`` moments, spread evenly from the student's first checkpoint to the end of validation.
+4. For each: ``run --resume`` on a fresh copy of that folder, SIGINT that long after its first student checkpoint,
+   the printed resume command, and the comparison with the first reference. A table (markdown) on stdout and a
+   JSON record.
 
     python benchmarks/sigint_sweep.py --out /tmp/sweep            # 20 points on the issue's recipe (~40 min on 2 cores)
     python benchmarks/sigint_sweep.py --out /tmp/sweep --points 3  # a smoke run
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,14 +68,27 @@ def reference(out: Path) -> dict:
     return {"first_checkpoint_s": round(first, 2), "done_after_first_checkpoint_s": done}
 
 
+#: what distillation and the stages after it write: removed from the copy the points start from
+AFTER_PLAN = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "student.pt", "student.onnx", "export.json",
+              "validation.json", "budget.json", "report.md", "training.png", "variants.png",
+              *[f"stages/{s}.done" for s in ("distill", "export", "validate", "baseline", "report")])
+
+
+def before_distill(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    for name in AFTER_PLAN:
+        (to / name).unlink(missing_ok=True)
+    return to
+
+
 def differing(a: Path, b: Path) -> tuple[int, int]:
     x, y = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
     return sum(not torch.equal(x[k], y[k]) for k in x), len(x)
 
 
-def one_point(out: Path, delay: float, ref_student: Path) -> dict:
-    run = out / "quickstart"
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def one_point(out: Path, prepared: Path, delay: float, ref_student: Path) -> dict:
+    run = before_distill(prepared, out / "quickstart")
+    proc = subprocess.Popen(command(out, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if wait_for(run / "checkpoints" / "last.pt", proc) is None:
         return {"delay_s": delay, "error": "ended before the first checkpoint"}
     time.sleep(delay)
@@ -97,11 +114,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ref = reference(args.out / "reference")
     ref_student = args.out / "reference" / "quickstart" / "student.pt"
+    prepared = before_distill(args.out / "reference" / "quickstart", args.out / "prepared" / "quickstart")
+    again = before_distill(prepared, args.out / "again" / "quickstart")
+    if subprocess.run(command(again.parent, "--resume"), capture_output=True).returncode != 0:
+        raise SystemExit("the second reference failed")
+    ref["second_reference_differing"] = differing(again / "student.pt", ref_student)[0]
+    print(f"second reference (resumed before distill): {ref['second_reference_differing']} tensors differ", file=sys.stderr)
     span = ref["done_after_first_checkpoint_s"]["validate"]
     delays = [round(span * (i + 0.5) / args.points, 2) for i in range(args.points)]
     rows = []
     for i, delay in enumerate(delays):
-        rows.append(one_point(args.out / f"p{i:02d}", delay, ref_student))
+        rows.append(one_point(args.out / f"p{i:02d}", prepared, delay, ref_student))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     record = {"overrides": OVERRIDES, "reference": ref, "points": rows}
     (args.out / "sigint_sweep.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,14 +1,19 @@
-"""Run the edgedistill CLI and deliver a signal during a chosen training step: interruption tests with no timing.
+"""Run the edgedistill CLI and deliver a signal during a chosen training step or call: interruption tests with no timing.
 
-    python interrupt_at.py SIGNAL LABEL STEP ARGS...
+    python interrupt_at.py SIGNAL WHERE N ARGS...
 
-SIGNAL is INT, TERM or KILL; LABEL the training loop it concerns (``teacher`` or ``distill``); STEP the 1-based
-count of that loop's steps in this process during which the signal is sent; ARGS the ``edgedistill`` arguments.
-SIGINT and SIGTERM land on the loop's handler (it finishes the step and saves); SIGKILL ends the process mid-step.
+SIGNAL is INT, TERM or KILL; ARGS the ``edgedistill`` arguments. WHERE is a training loop (``teacher`` or
+``distill``), and N the 1-based count of that loop's steps in this process during which the signal is sent; or a
+function or method as the module that calls it names it (``edgedistill.distill.train.evaluate``,
+``edgedistill.distill.run_state.Checkpoints.save``), and N the call, at whose start the signal is sent.
+In training, SIGINT and SIGTERM land on the loop's handler (it finishes the step and saves); elsewhere they stop the
+process; SIGKILL ends it where it is.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import signal
 import sys
@@ -55,8 +60,35 @@ def patch(sig: signal.Signals, label: str, step: int) -> None:
     stages.fit = interrupted_fit
 
 
+def patch_call(sig: signal.Signals, dotted: str, call: int) -> None:
+    """Send ``sig`` at the start of the ``call``-th call of ``dotted`` (a module attribute, or a class's method)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:-1]:
+            owner = getattr(owner, name)
+        break
+    inner, calls = getattr(owner, parts[-1]), [0]
+
+    @functools.wraps(inner)
+    def interrupting(*a, **kw):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), sig)
+        return inner(*a, **kw)
+
+    setattr(owner, parts[-1], interrupting)
+
+
 if __name__ == "__main__":
-    name, label, step, *args = sys.argv[1:]
-    patch(signal.Signals[f"SIG{name}"], label, int(step))
+    name, where, n, *args = sys.argv[1:]
+    sig = signal.Signals[f"SIG{name}"]
+    if where in ("teacher", "distill"):
+        patch(sig, where, int(n))
+    else:
+        patch_call(sig, where, int(n))
     sys.argv = ["edgedistill", *args]
     main()

@@ -139,6 +139,35 @@ def test_sigkill_mid_step_loses_at_most_the_epoch_and_resumes_bit_exactly(prepar
     assert metrics_epochs(run / "metrics.jsonl") == [1, 2, 3]
 
 
+# Windows between the steps, where a user's Ctrl-C lands as often as in one: the precise-BN pass and the evaluation
+# after an epoch, the checkpoint write, the start of an epoch (its loader), and, outside training, export and
+# validation. (call, which call in this process, where the resume must start: (epoch, step) of last.pt)
+WINDOWS = [
+    ("edgedistill.distill.train.recalibrate", 2, (2, 0)),
+    ("edgedistill.distill.train.evaluate", 1, (1, 0)),
+    ("edgedistill.distill.run_state.Checkpoints.save", 2, (2, 0)),
+    ("edgedistill.distill.train.make_loader", 3, (1, 1)),  # the 2nd epoch's loader (the 2nd call is the 1st evaluation's)
+    ("edgedistill.pipeline.stages.export_all", 1, (3, 0)),
+    ("edgedistill.pipeline.stages.validate_export", 1, (3, 0)),
+]
+
+
+@pytest.mark.parametrize("call, n, resumes_at", WINDOWS, ids=[w[0].rsplit(".", 1)[-1] for w in WINDOWS])
+def test_sigint_between_steps_resumes_bit_exactly(call, n, resumes_at, prepared, reference, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(prepared, work)
+    run, args = work / "runs" / "tiny", ["run", "tiny.yaml", "--out", "runs", "--resume"]
+    proc = interrupted("INT", call, n, args, cwd=work)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resume with: edgedistill run tiny.yaml --out runs --resume" in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == resumes_at
+    resumed = edgedistill(args, cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(student(run), reference)
+    assert metrics_epochs(run / "metrics.jsonl") == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- the whole pipeline, ten steps, two signals (slow)
 
 # (stage, step counted from the start of that stage's training): teacher mid-epoch and at its very end, the

@@ -45,6 +45,6 @@ def target_check(row: dict, target: Any, threads: int) -> dict:
         elif latency > target.max_latency_ms:
             failures.append(f"{name} takes {latency:.3g} ms per image at batch 1 (median), over student.target.max_latency_ms "
                             f"{target.max_latency_ms:g}")
-    why = "; ".join(failures) or f"{name} meets student.target ({size_mb:.3f} MB" + (
-        f", {latency:.3g} ms)" if latency is not None and not notes else ")")
+    checked = [f"{size_mb:.3f} MB"] + ([f"{latency:.3g} ms"] if target.max_latency_ms is not None and latency is not None and not notes else [])
+    why = "; ".join(failures) or f"{name} meets student.target ({', '.join(checked)})"
     return {"meets": not failures, "why": "; ".join([why, *notes]), "failures": failures}
