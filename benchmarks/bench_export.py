@@ -45,6 +45,7 @@ from edgedistill.models.checkpoints import load_checkpoint
 from edgedistill.recipe.schema import ExportConfig, ValidateConfig  # noqa: E402
 from edgedistill.deploy.targets import TARGETS, export_all, onnx_metadata, register  # noqa: E402
 from edgedistill.deploy.targets.int8 import INT8_ACTIVATION_TYPE, Int8, quantize_int8  # noqa: E402
+from edgedistill.data.loading import ArrayImages
 from edgedistill.deploy.validate import validate_export, validate_onnx_file  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -156,11 +157,11 @@ def main(argv=None) -> int:
         notes += [f"{n} export: {i['seconds']:.1f} s" for n, i in summary["variants"].items() if n not in ("fp32", "int8")]
 
     if model is not None:
-        res = validate_export(model, out, summary, x_test, y_test, cfg)
+        res = validate_export(model, out, summary, ArrayImages(x_test, y_test), cfg)
     else:
         res = {"torch_top1": None, "torch_images_per_second": None, "variants": {}}
         for name, info in summary["variants"].items():
-            res["variants"][name] = validate_onnx_file(out / info["path"], x_test, y_test, cfg, name=name)["variants"][name]
+            res["variants"][name] = validate_onnx_file(out / info["path"], ArrayImages(x_test, y_test), cfg, name=name)["variants"][name]
 
     eager = res.get("torch_images_per_second")
     v = res["variants"]

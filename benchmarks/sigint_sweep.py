@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # the recipe: a dropout student, HE-DA at a fixed r, fp32 export
-OVERRIDES = ["student.arch=mobilenet_v2", "student.width=0.35", "student.dropout=0.2", "augment.fraction=0.3",
+OVERRIDES = ["student.arch=mobilenet_v2", "student.width=0.35", "student.dropout=0.2", "augment.fraction=0.3", "augment.budget=null",
              "export.formats=[fp32]"]
 POLL = 0.02
 MARKS = ("distill", "export", "validate")

@@ -35,6 +35,7 @@ from edgedistill.deploy.targets import TARGETS, OrtRunner, Target, build_order, 
 from edgedistill.models import onnx_export
 from edgedistill.deploy.targets.edge import make_batch_fixed
 from edgedistill.deploy.targets.int8 import quantize_int8
+from edgedistill.data.loading import ArrayImages
 from edgedistill.deploy.validate import check_gates, validate_export, validate_onnx_file, validation_table
 
 SIZE = 32
@@ -204,7 +205,7 @@ def test_every_registered_target_builds_runs_and_passes_its_gate(name, tmp_path)
     assert got.shape == (len(x), 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, torch_out(model, x), atol=tol, rtol=0)
 
-    res = validate_export(model, tmp_path, summary, x, y, VCFG)
+    res = validate_export(model, tmp_path, summary, ArrayImages(x, y), VCFG)
     row = res["variants"][name]
     assert row["passed"], row["failures"]
     assert row["path"] == target.files[0] and row["max_abs_diff"] <= tol and target.gate(row, VCFG) == []
@@ -266,7 +267,7 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
 
     x, y = confident_test_set(model, margin=0.01)
     Pt2Runner.calls = 0
-    res = validate_export(model, tmp_path, summary, x, y, VCFG)
+    res = validate_export(model, tmp_path, summary, ArrayImages(x, y), VCFG)
     row = res["variants"][Pt2.name]
     assert res["passed"] and row["passed"] and Pt2Runner.calls > 0  # run by its own runner
     assert row["max_abs_diff"] <= VCFG.atol and row["top1_agreement"] == 1.0 and row["test_top1"] == 100.0
@@ -276,7 +277,7 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
     assert f"| {Pt2.name} | `student.test.pt2` |" in md and "| fp32 | `student.onnx` |" in md
 
     (tmp_path / "student.test.pt2").write_bytes(b"garbage")
-    res = validate_export(model, tmp_path, summary, x, y, VCFG)
+    res = validate_export(model, tmp_path, summary, ArrayImages(x, y), VCFG)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     assert res["variants"][Pt2.name]["failures"][0].startswith("not a loadable torch.export program: student.test.pt2")
 
@@ -511,7 +512,7 @@ def test_validation_passes_on_a_healthy_model(main_run):
     x, y = _test_set(model)
     # int8 of an untrained net on noise images is not a fair accuracy test: its gate is checked separately.
     cfg = VCFG.model_copy(update={"max_int8_drop": 100.0, "max_fp16_drop": 5.0})
-    res = validate_export(model, d, summary, x, y, cfg)
+    res = validate_export(model, d, summary, ArrayImages(x, y), cfg)
     assert res["passed"], res
     assert list(res["variants"]) == ["fp32", "int8", "fp16", "edge"]
     assert res["torch_top1"] == 100.0
@@ -550,7 +551,7 @@ def test_corrupted_or_missing_files_fail_their_variant_only(main_run, tmp_path):
     truncated.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])
     summary = summary_of(fp32="student.onnx", int8=garbage.name, fp16=truncated.name, edge="student.b1.ort")
     x, y = _test_set(model, n=16)
-    res = validate_export(model, tmp_path, summary, x, y, VCFG)
+    res = validate_export(model, tmp_path, summary, ArrayImages(x, y), VCFG)
     assert res["variants"]["fp32"]["passed"] and not res["passed"]
     for name, file in (("int8", garbage), ("fp16", truncated)):
         r = res["variants"][name]
@@ -571,7 +572,7 @@ def test_perturbed_weights_fail_the_parity_gates(main_run):
     with torch.no_grad():
         conv.weight.add_(0.5 * torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)))
     x, y = _test_set(main_run["model"], n=16)
-    res = validate_export(model, main_run["dir"], summary_of(fp32="student.onnx", edge="student.b1.ort"), x, y, VCFG)
+    res = validate_export(model, main_run["dir"], summary_of(fp32="student.onnx", edge="student.b1.ort"), ArrayImages(x, y), VCFG)
     for name in ("fp32", "edge"):
         r = res["variants"][name]
         assert not r["passed"] and r["max_abs_diff"] > VCFG.atol
@@ -608,7 +609,7 @@ def test_timed_sessions_stop_spinning_between_calls(main_run):
 
 def test_validate_onnx_file_without_torch_model(main_run):
     x, y = _test_set(main_run["model"], n=16)
-    res = validate_onnx_file(main_run["paths"]["int8"], x, y, VCFG)
+    res = validate_onnx_file(main_run["paths"]["int8"], ArrayImages(x, y), VCFG)
     r = res["variants"]["student.int8.onnx"]
     assert res["passed"] and r["passed"] and r["max_abs_diff"] is None and r["delta_top1"] is None
     predicted = OrtRunner.load(main_run["paths"]["int8"], threads=VCFG.threads).run(x, batch=VCFG.throughput_batch).argmax(1)
@@ -616,7 +617,7 @@ def test_validate_onnx_file_without_torch_model(main_run):
     assert_timing_matches_samples(r)
     assert_file_row(r, main_run["paths"]["int8"], main_run["summary"]["variants"]["int8"])
     for fixed_batch_1 in ("student.b1.onnx", "student.b1.ort"):  # run image by image
-        res = validate_onnx_file(main_run["dir"] / fixed_batch_1, x, y, VCFG)
+        res = validate_onnx_file(main_run["dir"] / fixed_batch_1, ArrayImages(x, y), VCFG)
         assert res["variants"][fixed_batch_1]["test_top1"] == 100.0
 
 
@@ -629,16 +630,16 @@ def test_validate_seconds_and_rounds_set_the_timing(main_run, monkeypatch):
     monkeypatch.setattr(validate_module, "interleaved", lambda calls, **kw: seen.append(kw) or real(calls, **kw))
     x, y = _test_set(main_run["model"], n=8)
     cfg = VCFG.model_copy(update={"seconds": 0.06, "rounds": 3})
-    res = validate_onnx_file(main_run["paths"]["fp32"], x, y, cfg)
+    res = validate_onnx_file(main_run["paths"]["fp32"], ArrayImages(x, y), cfg)
     assert [(kw["rounds"], kw["min_seconds"]) for kw in seen] == [(3, pytest.approx(0.02))]
     assert res["settings"]["seconds"] == 0.06 and len(res["variants"]["student.onnx"]["latency_ms_samples"]) == 3
 
 
 def test_validation_refuses_bad_test_data(main_run):
     with pytest.raises(InputError, match="test labels"):
-        validate_export(main_run["model"], main_run["dir"], {}, images(4), np.zeros(3, dtype=np.int64), VCFG)
+        validate_export(main_run["model"], main_run["dir"], {}, ArrayImages(images(4), np.zeros(3, dtype=np.int64)), VCFG)
     with pytest.raises(InputError, match="test images"):
-        validate_export(main_run["model"], main_run["dir"], {}, images(4)[:, :1], np.zeros(4, dtype=np.int64), VCFG)
+        validate_export(main_run["model"], main_run["dir"], {}, ArrayImages(images(4)[:, :1], np.zeros(4, dtype=np.int64)), VCFG)
 
 
 def _render(table) -> str:
@@ -649,3 +650,36 @@ def _render(table) -> str:
     console = Console(width=160, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text()
+
+
+class Watched(ArrayImages):
+    """Test images that remember the largest array they handed out: validation must never ask for the whole set."""
+
+    def __init__(self, x, labels, chunk):
+        super().__init__(x, labels, chunk)
+        self.largest = 0
+
+    def head(self, n):
+        self.largest = max(self.largest, n)
+        return super().head(n)
+
+    def chunks(self):
+        for x, y in super().chunks():
+            self.largest = max(self.largest, len(x))
+            yield x, y
+
+
+def test_validation_streams_the_test_images_chunk_by_chunk(main_run):
+    """Peak memory cannot depend on the number of test images: no array larger than a chunk (or a parity / timing
+    batch) is ever made, and the figures are those of the whole set at once."""
+    x, y = _test_set(main_run["model"], n=40)
+    y = y.copy()
+    y[::3] = (y[::3] + 1) % 5  # some wrong answers, so that the counts add up across chunks for real
+    watched = Watched(x, y, chunk=6)
+    res = validate_export(main_run["model"], main_run["dir"], summary_of(fp32="student.onnx", int8="student.int8.onnx"), watched, VCFG)
+    assert watched.largest == max(6, *VCFG.parity_batches, VCFG.throughput_batch) < len(x)
+    whole = ArrayImages(x, y, chunk=len(x))
+    at_once = validate_export(main_run["model"], main_run["dir"], summary_of(fp32="student.onnx", int8="student.int8.onnx"), whole, VCFG)
+    assert res["torch_top1"] == at_once["torch_top1"] == round(100.0 * float((torch_out(main_run["model"], x).argmax(1) == y).mean()), 4)
+    for name in ("fp32", "int8"):
+        assert res["variants"][name]["test_top1"] == at_once["variants"][name]["test_top1"]

@@ -17,6 +17,7 @@ from edgedistill.base.chance import GAP_SHARE, SIGMAS, chance_bar
 from edgedistill.deploy.promises import target_check
 from edgedistill.deploy.recommend import recommend
 from edgedistill.deploy.targets import export_all
+from edgedistill.data.loading import ArrayImages
 from edgedistill.deploy.validate import validate_export
 from edgedistill.distill.energy import GROUP_GAP, assign_groups, groups_apart
 from edgedistill.recipe.deploy import DeviceTarget, ExportConfig
@@ -121,14 +122,14 @@ def exported(tmp_path_factory):
 def test_a_file_at_chance_fails_its_gate_unless_weak_models_are_allowed(exported):
     model, out, summary, x, pred = exported
     wrong = (pred + 1) % 5  # labels the model never gets right: 0 % top-1
-    res = validate_export(model, out, summary_of(fp32="student.onnx"), x, wrong, VCFG)
+    res = validate_export(model, out, summary_of(fp32="student.onnx"), ArrayImages(x, wrong), VCFG)
     row = res["variants"]["fp32"]
     assert not row["passed"] and any("is at chance level" in f and "validate.allow_weak" in f for f in row["failures"])
     assert res["chance"] == chance_bar(wrong, 5).to_dict()
     assert res["recommendations"][0]["variant"] is None, "a file that failed a gate is never recommended"
-    weak = validate_export(model, out, summary_of(fp32="student.onnx"), x, wrong, VCFG.model_copy(update={"allow_weak": True}))
+    weak = validate_export(model, out, summary_of(fp32="student.onnx"), ArrayImages(x, wrong), VCFG.model_copy(update={"allow_weak": True}))
     assert weak["variants"]["fp32"]["passed"]
-    right = validate_export(model, out, summary_of(fp32="student.onnx"), x, pred, VCFG)
+    right = validate_export(model, out, summary_of(fp32="student.onnx"), ArrayImages(x, pred), VCFG)
     assert right["variants"]["fp32"]["passed"], right["variants"]["fp32"]["failures"]
 
 
@@ -136,7 +137,7 @@ def test_files_of_the_targets_precision_meet_it_or_fail_naming_the_file_and_the_
     model, out, summary, x, pred = exported
     int8_mb = summary["variants"]["int8"]["size_bytes"] / 1e6
     over = DeviceTarget(max_size_mb=round(int8_mb * 0.9, 4), precision="int8")
-    res = validate_export(model, out, summary, x, pred, VCFG, device_target=over)
+    res = validate_export(model, out, summary, ArrayImages(x, pred), VCFG, device_target=over)
     int8, fp32 = res["variants"]["int8"], res["variants"]["fp32"]
     assert not int8["passed"] and f"student.int8.onnx is {int8_mb:.3f} MB, over student.target.max_size_mb {over.max_size_mb:g}" in int8["failures"]
     assert fp32["passed"] and fp32["target"] == {"meets": False, "failures": [],
@@ -147,7 +148,7 @@ def test_files_of_the_targets_precision_meet_it_or_fail_naming_the_file_and_the_
         assert "student.onnx is fp32" in rec["line"]
 
     fits = DeviceTarget(max_size_mb=round(int8_mb * 1.1, 4), precision="int8")
-    res = validate_export(model, out, summary, x, pred, VCFG, device_target=fits)
+    res = validate_export(model, out, summary, ArrayImages(x, pred), VCFG, device_target=fits)
     assert res["variants"]["int8"]["passed"] and res["variants"]["int8"]["target"]["meets"]
     assert {rec["variant"] for rec in res["recommendations"]} == {"int8"}
 

@@ -26,6 +26,7 @@ from edgedistill.base.errors import GateFailed, InputError, RecipeError
 from edgedistill.recipe.schema import ExportConfig, validate_recipe
 from edgedistill.pipeline.report import _validation_section
 from edgedistill.deploy.targets import TARGETS, export_all, not_installed
+from edgedistill.data.loading import ArrayImages
 from edgedistill.deploy.validate import check_gates, validate_export, validation_table
 
 # extra → (module that proves it is installed, its fp32 target, its int8 target, module with read_metadata)
@@ -84,7 +85,7 @@ def test_runners_match_pytorch_and_validation_reports_them(built):
         np.testing.assert_allclose(got, torch_out(model, x), atol=target.tolerance(VCFG), rtol=0)
         assert (got.argmax(1) == y).all()
 
-    res = validate_export(model, out, summary, x, y, VCFG)
+    res = validate_export(model, out, summary, ArrayImages(x, y), VCFG)
     assert res["passed"], res
     for name in (built["fp32"], built["int8"]):
         r = res["variants"][name]
@@ -106,7 +107,7 @@ def test_a_different_model_fails_both_gates(built):
         last.bias.copy_(torch.roll(last.bias, 1, dims=0))
     x, _ = confident_test_set(model, margin=0.1)
     y = torch_out(other, x).argmax(1)  # PyTorch (the other model) is right on every image, the files on none
-    res = validate_export(other, out, summary, x, y, VCFG)
+    res = validate_export(other, out, summary, ArrayImages(x, y), VCFG)
     fp32, int8 = res["variants"][built["fp32"]], res["variants"][built["int8"]]
     assert not fp32["passed"] and fp32["max_abs_diff"] > VCFG.atol and "max_abs_diff" in fp32["failures"][0]
     assert not int8["passed"] and int8["delta_top1"] == -100.0
@@ -121,7 +122,7 @@ def test_a_broken_file_fails_to_load_and_fails_its_variant_only(built, tmp_path)
     model, target = built["model"], TARGETS.get(built["fp32"])
     (tmp_path / target.files[0]).write_bytes(b"\x00not a model\xff" * 64)
     x, y = confident_test_set(model, margin=0.1)
-    res = validate_export(model, tmp_path, {"variants": {target.name: {"path": target.files[0]}}}, x, y, VCFG)
+    res = validate_export(model, tmp_path, {"variants": {target.name: {"path": target.files[0]}}}, ArrayImages(x, y), VCFG)
     r = res["variants"][target.name]
     assert not res["passed"] and r["failures"][0].startswith(f"not a loadable {target.format_name}: {target.files[0]}")
 

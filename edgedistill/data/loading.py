@@ -8,7 +8,7 @@ worker count, not a resume, not the rank under DDP.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -115,3 +115,60 @@ def eval_arrays(split: Split, size: int, limit: int | None = None, indices: Sequ
     idx = list(indices) if indices is not None else list(range(len(ds) if limit is None else min(limit, len(ds))))
     x = np.stack([ds[i][0].numpy() for i in idx]).astype(np.float32) / 255.0 if idx else np.zeros((0, 3, size, size), np.float32)
     return x, split.labels[idx]
+
+
+# ---------------------------------------------------------------- evaluation images for the runtimes, chunk by chunk
+
+
+class TestImages(Protocol):
+    """Evaluation images as float32 (N, 3, H, W) RGB in [0, 1] with their labels, read a chunk at a time, so that
+    what runs them (validation in every runtime) holds one chunk, not the split: at 224 px a float image is 0.6 MB."""
+
+    labels: np.ndarray  # int64 (N,): small, held whole
+
+    def __len__(self) -> int: ...
+
+    def head(self, n: int) -> np.ndarray:
+        """The first ``n`` images (cycling when there are fewer): parity and timing inputs."""
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every image once, in order, as (images, labels) chunks."""
+
+
+class SplitImages:
+    """A split's evaluation-transformed images, decoded chunk by chunk (the :class:`TestImages` of a run)."""
+
+    def __init__(self, split: Split, size: int, chunk: int = 256):
+        self.dataset, self.chunk = ImageDataset(split, size, train=False), chunk
+        self.labels = split.labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _images(self, idx) -> np.ndarray:
+        return np.stack([self.dataset[int(i)][0].numpy() for i in idx]).astype(np.float32) / 255.0
+
+    def head(self, n: int) -> np.ndarray:
+        return self._images(np.arange(n) % len(self))
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(0, len(self), self.chunk):
+            idx = np.arange(i, min(i + self.chunk, len(self)))
+            yield self._images(idx), self.labels[idx]
+
+
+class ArrayImages:
+    """Images already in memory as a float32 (N, 3, H, W) array (tests, benchmarks), as :class:`TestImages`."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, chunk: int = 256):
+        self.x, self.labels, self.chunk = x, np.asarray(labels), chunk
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def head(self, n: int) -> np.ndarray:
+        return np.ascontiguousarray(self.x[np.arange(n) % len(self.x)])
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(0, len(self.x), self.chunk):
+            yield self.x[i:i + self.chunk], self.labels[i:i + self.chunk]

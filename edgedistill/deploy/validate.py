@@ -55,6 +55,7 @@ from edgedistill.deploy.promises import chance_failures, target_check
 from edgedistill.deploy.recommend import recommend
 from edgedistill.deploy.targets import TARGETS, OnnxTarget, Runner, Target, check_images
 from edgedistill.base.timing import fmt_spread, interleaved, per_round_ratio, spread, spread_of
+from edgedistill.data.loading import TestImages
 
 LATENCY_WARMUP = 5
 REFERENCE_BATCH = 64
@@ -65,31 +66,38 @@ TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing roun
 # ---------------------------------------------------------------- public API
 
 
-def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test_x: np.ndarray, test_y: np.ndarray,
-                    cfg, *, teacher: nn.Module | None = None, device_target: Any = None) -> dict:
+def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test: TestImages, cfg, *,
+                    teacher: nn.Module | None = None, device_target: Any = None) -> dict:
     """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
-    ``out_dir``: the folder holding the exported files; ``test_x``: (N, 3, H, W) float32 RGB in [0, 1];
-    ``test_y``: (N,) int64 labels; ``cfg``: a :class:`edgedistill.recipe.schema.ValidateConfig`. A variant that
-    cannot be loaded fails on its own; it never stops the others. ``teacher`` (eval mode, on the CPU): counted
-    and timed beside the student in eager PyTorch, for the report's compression table. ``device_target``: the recipe's
-    ``student.target``, which the files of its precision must meet (:mod:`edgedistill.deploy.promises`).
-    Every file must clear the test set's chance level unless ``cfg.allow_weak``.
+    ``out_dir``: the folder holding the exported files; ``test``: the test images and labels, read a chunk at a time
+    (:class:`edgedistill.data.loading.TestImages`: peak memory does not grow with their number); ``cfg``: a
+    :class:`edgedistill.recipe.schema.ValidateConfig`. A variant that cannot be loaded fails on its own; it never
+    stops the others. ``teacher`` (eval mode, on the CPU): counted and timed beside the student in eager PyTorch,
+    for the report's compression table. ``device_target``: the recipe's ``student.target``, which the files of its
+    precision must meet (:mod:`edgedistill.deploy.promises`). Every file must clear the test set's chance level
+    unless ``cfg.allow_weak``.
     """
-    test_x, test_y = _check_data(test_x, test_y)
-    reference = _reference(model, test_x, test_y, cfg)
+    _check_data(test)
+    reference = _reference(model, test, cfg)
     results, runners = {}, {}
     for name, info in export_summary.get("variants", {}).items():
         path = Path(out_dir) / info["path"]
         target = TARGETS.get(name)
-        results[name], runner = _validate_one(target, path, test_x, test_y, cfg, reference)
+        results[name], runner = _open_one(target, path, test, cfg, reference)
         if runner is not None:
-            runners[name] = runner
+            runners[name] = (target, runner)
         results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
+    reference["top1"] = _accuracy_pass(test, reference["model"], runners, results, cfg)
+    runners = {name: runner for name, (_, runner) in runners.items()}
+    for r in results.values():
+        r["torch_top1"] = reference["top1"]
+        if r["test_top1"] is not None:
+            r["delta_top1"] = round(r["test_top1"] - reference["top1"], 4)
     eager = {TORCH: reference["model"]} | ({TEACHER: teacher} if teacher is not None else {})
-    timed = _time_all(runners, eager, test_x, cfg)
+    timed = _time_all(runners, eager, test, cfg)
     _fill_timing(results, timed, cfg.throughput_batch)
-    chance = chance_bar(test_y, reference["classes"])
+    chance = chance_bar(test.labels, reference["classes"])
     for name, r in results.items():
         if name in runners:
             r["failures"] += TARGETS.get(name).gate(r, cfg) + chance_failures(r, chance, cfg.allow_weak)
@@ -101,37 +109,40 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
         "passed": all(r["passed"] for r in results.values()),
         "torch_top1": reference["top1"],
         **_throughput_fields("torch_", timed["throughput"][TORCH], cfg.throughput_batch),
-        "settings": _settings(cfg, len(test_x)),
+        "settings": _settings(cfg, len(test)),
         "chance": chance.to_dict(),
         "target": device_target.model_dump() if device_target is not None else None,
         "variants": results,
-        "models": {"student": model_stats(reference["model"], test_x.shape[2:])},
+        "models": {"student": model_stats(reference["model"], reference["chw"][1:])},
     }
     if teacher is not None:
-        out["models"]["teacher"] = {**model_stats(teacher, test_x.shape[2:]),
+        out["models"]["teacher"] = {**model_stats(teacher, reference["chw"][1:]),
                                     **_throughput_fields("", timed["throughput"][TEACHER], cfg.throughput_batch)}
     out["recommendations"] = recommend(results, target=device_target)
     return out
 
 
-def validate_onnx_file(path, test_x: np.ndarray, test_y: np.ndarray, cfg, *, name: str | None = None) -> dict:
+def validate_onnx_file(path, test: TestImages, cfg, *, name: str | None = None) -> dict:
     """Accuracy, latency and size of one ONNX (or ORT-format) file, with no PyTorch model (no parity, no gates).
 
     Same result shape as :func:`validate_export`; ``torch_*`` fields are ``None``. The only gate is
     that the file loads and runs on the test images in ONNX Runtime.
     """
-    test_x, test_y = _check_data(test_x, test_y)
+    _check_data(test)
     path = Path(path)
     name = name or path.name
-    r, runner = _validate_one(OnnxTarget(), path, test_x, test_y, cfg, None)  # ORT runner; no gate without a reference
-    if runner is not None:
-        _fill_timing({name: r}, _time_all({name: runner}, {}, test_x, cfg), cfg.throughput_batch)
+    target = OnnxTarget()  # ORT runner; no gate without a reference
+    r, runner = _open_one(target, path, test, cfg, None)
+    runners = {name: (target, runner)} if runner is not None else {}
+    _accuracy_pass(test, None, runners, {name: r}, cfg)
+    if runners:
+        _fill_timing({name: r}, _time_all({name: runner}, {}, test, cfg), cfg.throughput_batch)
     r["passed"] = not r["failures"]
     return {
         "passed": r["passed"],
         "torch_top1": None,
         "torch_images_per_second": None,
-        "settings": _settings(cfg, len(test_x)),
+        "settings": _settings(cfg, len(test)),
         "variants": {name: r},
     }
 
@@ -190,7 +201,7 @@ def validation_table(results: Mapping):
 # ---------------------------------------------------------------- one variant
 
 
-def _row(path: Path, reference: dict | None) -> dict:
+def _row(path: Path) -> dict:
     return {
         "path": path.name,
         "size_bytes": path.stat().st_size if path.is_file() else None,
@@ -198,7 +209,7 @@ def _row(path: Path, reference: dict | None) -> dict:
         "top1_agreement": None,
         "parity": {},
         "test_top1": None,
-        "torch_top1": reference["top1"] if reference else None,
+        "torch_top1": None,
         "delta_top1": None,
         "latency_ms_p50": None,
         "latency_ms_interval": None,
@@ -209,10 +220,11 @@ def _row(path: Path, reference: dict | None) -> dict:
     }
 
 
-def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: dict | None) -> tuple[dict, Runner | None]:
-    """The row of one variant (parity and accuracy; timing comes later, with the others) and its runner when it ran;
-    the gates are applied once the row is complete."""
-    r = _row(path, reference)
+def _open_one(target: Target, path: Path, test: TestImages, cfg, reference: dict | None) -> tuple[dict, Runner | None]:
+    """The row of one variant with its parity, and its runner when the file loads, takes the images and runs them;
+    accuracy comes from the one pass over the test images, timing later, with the others, and the gates once the
+    row is complete."""
+    r = _row(path)
     if not path.is_file():
         r["failures"].append(f"file not found: {path}")
         return r, None
@@ -221,22 +233,38 @@ def _validate_one(target: Target, path: Path, test_x, test_y, cfg, reference: di
     except Exception as e:  # noqa: BLE001 - any load error is this variant's failure
         r["failures"].append(f"not a loadable {target.format_name}: {path.name} ({first_line(e)})")
         return r, None
-    problem = runner.incompatible(test_x.shape[1:])
+    problem = runner.incompatible(test.head(1).shape[1:])
     if problem:
         r["failures"].append(f"{path.name}: {problem}")
         return r, None
     try:
         if reference is not None:
             _parity(r, runner, reference)
-        logits = runner.run(test_x, batch=cfg.throughput_batch)
-        r["test_top1"] = _top1(logits, test_y)
-        if reference is not None:
-            r["delta_top1"] = round(r["test_top1"] - reference["top1"], 4)
-        runner.run(test_x[:1], batch=1)  # the timed calls cannot fail later, in the middle of the others' rounds
+        runner.run(test.head(1), batch=1)  # the timed calls cannot fail later, in the middle of the others' rounds
     except Exception as e:  # noqa: BLE001
         r["failures"].append(f"{path.name} fails in {target.runtime_name}: {first_line(e)}")
         return r, None
     return r, runner
+
+
+def _accuracy_pass(test: TestImages, model: nn.Module | None, runners: dict[str, tuple[Target, Runner]],
+                   rows: dict[str, dict], cfg) -> float | None:
+    """One pass over the test images, a chunk at a time: every runner's top-1 into its row, and PyTorch's
+    (returned; None without ``model``). A runner that fails on a chunk fails its variant and leaves the pass."""
+    correct, reference_correct = dict.fromkeys(runners, 0), 0
+    with torch_threads(cfg.threads):
+        for x, y in test.chunks():
+            if model is not None:
+                reference_correct += int((_torch_logits(model, x).argmax(1) == y).sum())
+            for name, (target, runner) in list(runners.items()):
+                try:
+                    correct[name] += int((runner.run(x, batch=cfg.throughput_batch).argmax(1) == y).sum())
+                except Exception as e:  # noqa: BLE001
+                    rows[name]["failures"].append(f"{rows[name]['path']} fails in {target.runtime_name}: {first_line(e)}")
+                    del runners[name]
+    for name in runners:
+        rows[name]["test_top1"] = _percent(correct[name], len(test))
+    return _percent(reference_correct, len(test)) if model is not None else None
 
 
 def _parity(r: dict, runner: Runner, reference: dict) -> None:
@@ -255,14 +283,14 @@ def _parity(r: dict, runner: Runner, reference: dict) -> None:
 # ---------------------------------------------------------------- timing, interleaved
 
 
-def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test_x, cfg) -> dict:
+def _time_all(runners: Mapping[str, Runner], eager: Mapping[str, nn.Module], test: TestImages, cfg) -> dict:
     """Seconds per call, per round: ``{"latency": {variant: [...]}, "throughput": {variant or eager name: [...]}}``.
 
     Batch-1 latency of every variant and throughput at ``throughput_batch`` of every variant and eager model, all
     in the same ``cfg.rounds`` interleaved rounds (:func:`edgedistill.base.timing.interleaved`), each figure for at least
     ``cfg.seconds`` over the rounds. Sharing the rounds spreads every figure's samples over the whole measurement: a
     slow phase of the machine that lasts seconds then shows in each figure's spread instead of moving its median."""
-    x1, xb = np.ascontiguousarray(test_x[:1]), _take(test_x, cfg.throughput_batch)
+    x1, xb = test.head(1), test.head(cfg.throughput_batch)
     tb = torch.from_numpy(xb)
     calls = {("latency", n): (lambda r=r: r.run(x1, batch=1)) for n, r in runners.items()}
     calls |= {("throughput", n): (lambda r=r: r.run(xb, batch=len(xb))) for n, r in runners.items()}
@@ -303,19 +331,16 @@ def _throughput_fields(prefix: str, seconds: list[float], batch: int) -> dict:
 # ---------------------------------------------------------------- PyTorch reference
 
 
-def _reference(model: nn.Module, test_x: np.ndarray, test_y: np.ndarray, cfg) -> dict:
-    """PyTorch's test top-1 and its logits on the parity batches (CPU, float32, eval copy, which is timed later)."""
+def _reference(model: nn.Module, test: TestImages, cfg) -> dict:
+    """The eval copy of the model PyTorch runs (CPU, float32; timed later) and its logits on the parity batches.
+    Its test top-1 comes from the one pass over the test images (:func:`_accuracy_pass`)."""
     ref_model = copy.deepcopy(model).cpu().float().eval()
     with torch_threads(cfg.threads):
-        parity_inputs = {b: _take(test_x, b) for b in cfg.parity_batches}
-        logits = _torch_logits(ref_model, test_x)
-        return {
-            "model": ref_model,
-            "top1": _top1(logits, test_y),
-            "classes": logits.shape[1],
-            "parity_inputs": parity_inputs,
-            "parity": {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()},
-        }
+        parity_inputs = {b: test.head(b) for b in cfg.parity_batches}
+        parity = {b: _torch_logits(ref_model, x, batch=b) for b, x in parity_inputs.items()}
+    first = next(iter(parity.values()))
+    return {"model": ref_model, "parity_inputs": parity_inputs, "parity": parity, "classes": first.shape[1],
+            "chw": tuple(next(iter(parity_inputs.values())).shape[1:])}
 
 
 @contextlib.contextmanager
@@ -340,23 +365,17 @@ def _torch_logits(model: nn.Module, x: np.ndarray, batch: int = REFERENCE_BATCH)
 # ---------------------------------------------------------------- helpers
 
 
-def _check_data(test_x, test_y) -> tuple[np.ndarray, np.ndarray]:
-    test_x = check_images(test_x, "test images")
-    test_y = np.asarray(test_y)
-    if test_y.ndim != 1 or len(test_y) != len(test_x) or not np.issubdtype(test_y.dtype, np.integer):
-        raise InputError(f"test labels: expected ({len(test_x)},) integers, got {test_y.dtype} {test_y.shape}")
-    return test_x, test_y.astype(np.int64)
+def _check_data(test: TestImages) -> None:
+    """The first test image is what every model takes (checked once, as the chunks come from the same transform)
+    and the labels are one integer per image."""
+    check_images(test.head(1), "test images")
+    labels = np.asarray(test.labels)
+    if labels.ndim != 1 or len(labels) != len(test) or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"test labels: expected ({len(test)},) integers, got {labels.dtype} {labels.shape}")
 
 
-def _take(x: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` images, cycling when there are fewer."""
-    if n <= len(x):
-        return np.ascontiguousarray(x[:n])
-    return np.ascontiguousarray(x[np.arange(n) % len(x)])
-
-
-def _top1(logits: np.ndarray, y: np.ndarray) -> float:
-    return round(float((logits.argmax(1) == y).mean() * 100.0), 4)
+def _percent(correct: int, n: int) -> float:
+    return round(100.0 * correct / n, 4)
 
 
 def _settings(cfg, n: int) -> dict:

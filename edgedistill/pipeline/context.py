@@ -21,7 +21,7 @@ from edgedistill.data import transforms
 from edgedistill.base import fsio
 from edgedistill.base.console import console
 from edgedistill.data.sources import DataBundle, load_data
-from edgedistill.data.loading import ImageDataset
+from edgedistill.data.loading import ImageDataset, SplitImages
 from edgedistill.base.devices import preset, select_device
 from edgedistill.base.distributed import DistInfo, broadcast_object
 from edgedistill.distill.energy import EnergyIndex
@@ -146,6 +146,10 @@ class RunContext:
 
     def test_set(self) -> ImageDataset:
         return ImageDataset(self.data.test, self.image_size, train=False)
+
+    def test_images(self) -> SplitImages:
+        """The test split as the exported files' runtimes read it: float32 chunks of ``data.eval_batch_size``."""
+        return SplitImages(self.data.test, self.image_size, chunk=self.recipe.data.eval_batch_size)
 
     def energy_index(self) -> EnergyIndex:
         path = self.run.require("score", "energy.npz")

@@ -293,9 +293,8 @@ def validate_stage(ctx: RunContext) -> dict:
     if not ctx.dist.is_main:
         return {}
     ctx.run.require("export")
-    test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
     # the teacher, timed beside the student on the CPU where the files are validated, for the report's compression table
-    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), test_x, test_y, ctx.recipe.validate_,
+    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), ctx.test_images(), ctx.recipe.validate_,
                               teacher=ctx.eager_teacher().cpu().eval(), device_target=ctx.recipe.student.target)
     fsio.write_json(ctx.run / "validation.json", results)
     ctx.print(validation_table(results))
@@ -314,8 +313,7 @@ def validate_files(ctx: RunContext, files: list[Path]) -> None:
         problem = onnx_file_problem(f, ctx.image_size)
         if problem:
             raise InputError(f"--onnx: {f}: {problem}")
-    test_x, test_y = eval_arrays(ctx.data.test, ctx.image_size)
-    results = [validate_onnx_file(f, test_x, test_y, ctx.recipe.validate_) for f in files]
+    results = [validate_onnx_file(f, ctx.test_images(), ctx.recipe.validate_) for f in files]
     merged = {"passed": all(r["passed"] for r in results), "settings": results[0]["settings"],
               "variants": {k: v for r in results for k, v in r["variants"].items()}}
     fsio.write_json(ctx.run / "validation.files.json", merged)
