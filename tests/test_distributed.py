@@ -22,10 +22,12 @@ teacher:
   source: train
   arch: shufflenet_v2_x0_5
   train: {epochs: 4, optimizer: {lr: 0.05}, schedule: {name: cosine, warmup_epochs: 1}}
+  runtime: torch  # fixed, not timed: no decision of this run depends on the machine's load
 student: {arch: shufflenet_v2_x0_5}
 energy: {fraction: 0.25}
 distill:
-  epochs: 3
+  epochs: 6  # the student must leave chance level, or the validation gate fails the run (3 epochs ended at 16 %)
+  channels_last: false
   optimizer: {lr: 0.05}
   schedule: {name: cosine, warmup_epochs: 0.5}
   loss: {name: energy_kd}
@@ -59,7 +61,7 @@ def test_torchrun_pipeline_finishes_and_writes_once(ddp_run):
     for name in ("energy.npz", "plan.json", "student.pt", "student.onnx", "validation.json", "report.md"):
         assert (run / name).exists(), name
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]  # one line per epoch: only rank 0 writes
+    assert epochs == [1, 2, 3, 4, 5, 6]  # one line per epoch: only rank 0 writes
     assert not (run / ".lock").exists()
 
 
@@ -79,18 +81,18 @@ def test_accuracy_close_to_single_process(ddp_run):
     edgedistill("run", "ddp.yaml", "--out", "single", cwd=ddp_run)
     two = json.loads((ddp_run / "two" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
     one = json.loads((ddp_run / "single" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
-    # 3 epochs on 512 tiny images: the runs differ in batch statistics, so only a loose band is meaningful
+    # 6 epochs on 512 tiny images: the runs differ in batch statistics, so only a loose band is meaningful
     assert abs(two - one) <= 25, (one, two)
 
 
 @pytest.mark.slow
 def test_interrupted_ddp_run_resumes(tmp_path):
     (tmp_path / "ddp.yaml").write_text(TINY)
-    # a finished run, rewound to "killed after epoch 2 of 3": distill and later stages not done
+    # a finished run, rewound to "killed after epoch 2 of 6": distill and later stages not done
     edgedistill("run", "ddp.yaml", "--out", "r", nproc=2, cwd=tmp_path)
     run = tmp_path / "r" / "ddp"
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    ckpt["epoch"], ckpt["step"] = 2, 0  # as if killed after epoch 2
+    ckpt["epoch"], ckpt["step"] = 2, 0  # as if killed after epoch 2 of 6
     torch.save(ckpt, run / "checkpoints" / "last.pt")
     for stage in ("distill", "export", "validate", "report"):
         (run / "stages" / f"{stage}.done").unlink()

@@ -36,7 +36,8 @@ from edgedistill.models import onnx_export
 from edgedistill.deploy.targets.edge import make_batch_fixed
 from edgedistill.deploy.targets.int8 import quantize_int8
 from edgedistill.data.loading import ArrayImages
-from edgedistill.deploy.validate import check_gates, validate_export, validate_onnx_file, validation_table
+from edgedistill.deploy.validate import check_gates, validate_export, validate_onnx_file
+from edgedistill.deploy.validate_view import validation_table
 
 SIZE = 32
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
@@ -285,7 +286,7 @@ def test_a_new_target_is_built_validated_and_reported_with_no_other_change(pt2_t
 def test_the_validation_table_counts_sizes_as_the_size_limit_does():
     """In decimal units, as student.target.max_size_mb and the ship line count them: an 837,120-byte int8 file is
     0.84 MB there, so the table must not call it 817.5 KB."""
-    from edgedistill.deploy.validate import _fmt_size
+    from edgedistill.deploy.validate_view import _fmt_size
 
     assert [_fmt_size(n) for n in (512, 837_120, 999_940, 999_950, 3_490_000, 2.5e9, None)] == [
         "512 B", "837.1 kB", "999.9 kB", "1.0 MB", "3.5 MB", "2.5 GB", "–"]

@@ -27,7 +27,8 @@ from edgedistill.recipe.schema import ExportConfig, validate_recipe
 from edgedistill.pipeline.report import _validation_section
 from edgedistill.deploy.targets import TARGETS, export_all, not_installed
 from edgedistill.data.loading import ArrayImages
-from edgedistill.deploy.validate import check_gates, validate_export, validation_table
+from edgedistill.deploy.validate import check_gates, validate_export
+from edgedistill.deploy.validate_view import validation_table
 
 # extra → (module that proves it is installed, its fp32 target, its int8 target, module with read_metadata)
 RUNTIMES = {

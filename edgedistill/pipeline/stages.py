@@ -32,7 +32,8 @@ from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
 from edgedistill.deploy.targets import export_all, onnx_metadata
 from edgedistill.distill.train import evaluate, fit
-from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file, validation_table
+from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file
+from edgedistill.deploy.validate_view import validation_table
 
 log = logging.getLogger("edgedistill")
 
