@@ -11,9 +11,11 @@ again. The work comes in three parts, because accuracy does not depend on the ma
     python benchmarks/bench_methods.py costs     # alone on the machine: step costs of every method, plan vs measured
     python benchmarks/bench_methods.py deploy    # alone: export + validate the best student of each architecture
     python benchmarks/bench_methods.py report    # docs/benchmarks.md and docs/benchmarks/results.json from the cache
+    python benchmarks/bench_methods.py verify ID # re-run one recorded configuration and name the first thing that differs
 
 ``--protocol cpu`` (default) is the full CIFAR-100-real train half (40k) and test half (10k), 12 epochs;
-``--protocol gpu`` the paper's 240-epoch schedule; ``--protocol smoke`` checks this script in minutes.
+``--protocol gpu`` the paper's 240-epoch schedule; ``--protocol lt`` the long-tailed split (CIFAR-LT profile, imbalance
+100) with a teacher trained on it alone; ``--protocol smoke`` checks this script in minutes.
 
 Within a protocol, the runs of one seed see the same data order and the same augmented views (a function of seed,
 epoch and index), so a method's difference to KD at the same seed is a paired comparison. Their teacher logits on
@@ -54,7 +56,7 @@ from edgedistill.models.students import build_student
 from edgedistill.pipeline.planning import StepBench, measure_cost  # noqa: E402
 from edgedistill.base.plots import png, pyplot  # noqa: E402
 from edgedistill.recipe.schema import Recipe, load_recipe  # noqa: E402
-from edgedistill.pipeline.run import open_run, run_stage  # noqa: E402
+from edgedistill.pipeline.run import LIBRARIES, open_run, run_stage  # noqa: E402
 from edgedistill.distill.train import evaluate  # noqa: E402
 
 BASE_RECIPE = ROOT / "recipes" / "cifar100-energy-kd.yaml"
@@ -96,6 +98,7 @@ METHODS = {
     "kd_cutmix_all": Method("KD + CutMix on all data", (f"distill.loss={KD}", "augment.selection=all")),
     "dkd": Method("DKD", dkd="dkd"),
     "energy_dkd": Method("Energy DKD", dkd="energy_dkd"),
+    "energy_kd_heda_0.5": Method("Energy KD + HE-DA, r = 0.5", (f"distill.loss={ENERGY_KD}", "augment.selection=high", "augment.fraction=0.5")),
 }
 REFERENCE = "kd"  # every method is compared with KD at the same seed
 # Two questions the grid asks besides "does it beat KD" (ShuffleNetV2 ×0.5, same seeds): which way the
@@ -117,6 +120,15 @@ GRID = (
     ("shufflenet_v2_x0_5", "kd_heda_0.5", 3), ("shufflenet_v2_x0_5", "kd_cutmix_all", 3),
     ("shufflenet_v2_x0_5", "dkd", 1), ("shufflenet_v2_x0_5", "energy_dkd", 1),
 )
+
+
+# The long-tail grid (ShuffleNetV2 ×0.5, three seeds): the balanced grid's questions asked again where the paper
+# claims the most, plus HE-DA under Energy KD.
+GRID_LT = tuple(("shufflenet_v2_x0_5", m, 3) for m in ("kd", "energy_kd", "energy_kd_reversed", "ce", "kd_heda_0.5", "energy_kd_heda_0.5"))
+# A teacher that saw only the long-tailed split (the paper's setting: one trained on the balanced set would know the
+# tail the students' data lacks), trained by the pipeline's own teacher stage once per protocol.
+LT_TEACHER = ("teacher={source: train, arch: resnet56, train: {epochs: 60, "
+              "optimizer: {name: sgd, lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}, schedule: {name: cosine, warmup_epochs: 2}}}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,16 @@ PROTOCOLS = {
         12, GRID, "the full train half (40,000 images) and test half (10,000), 12 epochs, batch 64, SGD 0.05 with "
                   "Nesterov momentum 0.9 and weight decay 5e-4, cosine schedule after 1.8 warm-up epochs"),
     "gpu": Protocol((), 240, GRID, "the recipe as is: the paper's 240 epochs, SGD 0.01, steps at 150/180/210, batch 64"),
+    # CIFAR-100-real's train half cut to the CIFAR-LT profile (imbalance 100: 400 down to 4 images a class, 8,547 in
+    # all), the balanced test half; 40 epochs, so that the students are past their fast-learning phase on 8.5k images
+    "lt": Protocol(
+        (LT_TEACHER, *FIXED, "data.long_tail.imbalance=100", "data.batch_size=64", "distill.epochs=40",
+         "distill.schedule={name: cosine, warmup_epochs: 2}",
+         "distill.optimizer={name: sgd, lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"),
+        40, GRID_LT, "the train half cut to the CIFAR-LT profile with imbalance 100 (8,547 images, 400 down to 4 a class) "
+                     "and the balanced test half (10,000), a ResNet-56 teacher trained on the long-tailed split only (60 "
+                     "epochs), students 40 epochs, batch 64, SGD 0.05 with Nesterov momentum 0.9 and weight decay 5e-4, "
+                     "cosine schedule after 2 warm-up epochs"),
     # checks this script end to end in minutes; its numbers mean nothing
     "smoke": Protocol(
         FIXED + ("data.train_limit=512", "data.test_limit=500", "data.batch_size=64", "distill.epochs=1", "distill.schedule={name: constant}",
@@ -202,14 +224,15 @@ def shared_scores(protocol: str) -> Path:
     return base
 
 
-def train(cfg: Config, protocol: str, base: Path, stages: tuple[str, ...] = TRAIN_STAGES) -> None:
-    root = folder(cfg, protocol)
+def train(cfg: Config, protocol: str, base: Path, stages: tuple[str, ...] = TRAIN_STAGES, root: Path | None = None, *extra: str) -> None:
+    """Train one configuration in its run folder (``root``: elsewhere, with ``extra`` overrides, as ``verify`` does)."""
+    root = root or folder(cfg, protocol)
     if not root.exists():  # copied whole, then renamed: a folder is there complete or not at all
         tmp = root.with_name(f".{root.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("recipe.yaml", "env.json"))
         tmp.rename(root)
-    ctx = open_run(recipe_for(cfg, protocol), root, resume=True)
+    ctx = open_run(recipe_for(cfg, protocol, *extra), root, resume=True)
     for stage in stages:
         if not ctx.run.done(stage):
             run_stage(ctx, stage)
@@ -294,9 +317,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def collect(cfg: Config, protocol: str) -> dict | None:
-    """One configuration's numbers from its run folder, or None while its training is unfinished."""
-    run = RunFolder(folder(cfg, protocol))
+def collect(cfg: Config, protocol: str, root: Path | None = None) -> dict | None:
+    """One configuration's numbers from its run folder, or None while its training is unfinished; with what made
+    them: the library versions and code commit of the command that finished training, and the teacher's digests."""
+    run = RunFolder(root or folder(cfg, protocol))
     if not run.done("distill"):
         return None
     epochs = _jsonl(run / "metrics.jsonl")
@@ -305,6 +329,7 @@ def collect(cfg: Config, protocol: str) -> dict | None:
     finished = datetime.fromtimestamp((run.root / "stages" / "distill.done").stat().st_mtime, timezone.utc)
     # the command that finished training: a run resumed with another thread count lists it in env.json's history
     trained_by = [c for c in (env, *env["history"]) if datetime.fromisoformat(c["started_at"]) <= finished][-1]
+    teacher = json.loads((run / "teacher.json").read_text())
     row = {
         "id": cfg.id, "student": cfg.student, "method": cfg.method, "seed": cfg.seed, "run": str(run.root.relative_to(ROOT)),
         "teacher_top1": run.summary("teacher").get("test_top1"), "test_top1": epochs[-1]["test_top1"],
@@ -314,7 +339,12 @@ def collect(cfg: Config, protocol: str) -> dict | None:
         "cpu_threads": trained_by["cpu_threads"],  # the reduction order, so a re-run to compare must use as many (benchmarks/README.md)
         "started_at": env["started_at"],
         "finished_at": finished.isoformat(timespec="seconds"),
+        "environment": {k: trained_by.get(k) for k in ("code", *LIBRARIES)},
+        "teacher": {k: v for k, v in teacher.items() if k in ("file_sha256", "probe")},
     }
+    if epochs[-1].get("shot_top1"):
+        row["shot_top1"], row["shot_top1_by_epoch"] = epochs[-1]["shot_top1"], [e["shot_top1"] for e in epochs]
+        row["teacher_shot_top1"] = teacher.get("shot_top1")
     if run.done("validate"):
         row["validation"] = json.loads((run / "validation.json").read_text())
     return row
@@ -343,6 +373,44 @@ def finished(cfg: Config, protocol: str) -> dict | None:
 
 def finished_rows(protocol: str) -> list[dict]:
     return [r for c in grid(protocol) if (r := finished(c, protocol))]
+
+
+# ---------------------------------------------------------------- verify (a stranger's re-run of one record)
+
+
+def verify(record_id: str, protocol: str) -> int:
+    """Train the recorded configuration again in a folder of its own, with the record's thread count and a teacher
+    logit cache of its own (the teacher runs live), and compare: the environment first (code commit, library
+    versions), then the teacher's file and logit digests, then top-1 epoch by epoch. Prints the first item that
+    differs; 0 when the re-run retraces the record to the last digit, 1 otherwise."""
+    path = RECORDS / protocol / f"{record_id}.json"
+    if not path.exists():
+        print(f"no record {path}", file=sys.stderr)
+        return 2
+    record = json.loads(path.read_text())
+    cfg = Config(record["student"], record["method"], record["seed"])
+    torch.set_num_threads(record["cpu_threads"])
+    work = CACHE / protocol / "verify"
+    root = work / folder(cfg, protocol).name
+    train(cfg, protocol, shared_scores(protocol), TRAIN_STAGES, root, f"distill.teacher_cache={work / 'teacher-logits'}")
+    now = collect(cfg, protocol, root)
+    items = [(f"environment.{k}", v, now["environment"].get(k)) for k, v in record.get("environment", {}).items()]
+    items += [(f"teacher.{k}", v, now["teacher"].get(k)) for k, v in record.get("teacher", {}).items()]
+    differing = [(name, a, b) for name, a, b in items if a != b]
+    epochs = list(enumerate(zip(record["top1_by_epoch"], now["top1_by_epoch"]), 1))
+    print("| epoch | recorded top-1 | re-run top-1 | difference |\n| ---: | ---: | ---: | ---: |")
+    for e, (a, b) in epochs:
+        print(f"| {e} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    differing += [(f"epoch {e} test top-1", a, b) for e, (a, b) in epochs if a != b][:1]
+    if "environment" not in record:
+        print("the record holds no environment (made before records carried one): only the epochs can be compared")
+    if not differing:
+        print(f"{record_id}: the re-run retraces the record to the last digit ({len(record['top1_by_epoch'])} epochs)")
+        return 0
+    name, a, b = differing[0]
+    print(f"{record_id}: first difference: {name}: recorded {a}, now {b}"
+          + (f" (and {len(differing) - 1} more: {', '.join(n for n, *_ in differing[1:])})" if len(differing) > 1 else ""))
+    return 1
 
 
 # ---------------------------------------------------------------- statistics
@@ -741,12 +809,15 @@ def span(rows: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("train", "costs", "deploy", "report"))
+    ap.add_argument("part", choices=("train", "costs", "deploy", "report", "verify"))
+    ap.add_argument("id", nargs="?", help="verify: the id of the record to re-run (e.g. shufflenet_v2_x0_5-energy_kd-s0)")
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
     ap.add_argument("--seed", type=int, action="append", default=[], help="train: only these seeds (repeatable)")
     ap.add_argument("--only", action="append", default=[], help="train: only configurations whose id contains this (repeatable)")
     args = ap.parse_args()
     costs_path = RECORDS / args.protocol / "costs.json"
+    if args.part == "verify":
+        return verify(args.id, args.protocol) if args.id else ap.error("verify needs a record id")
     if args.part == "train":
         configs = [c for c in grid(args.protocol) if (not args.seed or c.seed in args.seed) and (not args.only or any(o in c.id for o in args.only))]
         todo = [c for c in configs if not finished(c, args.protocol)]

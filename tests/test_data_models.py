@@ -30,7 +30,7 @@ from torch import nn
 from edgedistill.data.sources import DATA_SOURCES, Split, limit_indices, load_data, long_tail_indices
 from edgedistill.data.loading import ImageDataset
 from edgedistill.base.errors import InputError
-from edgedistill.models.students import STUDENTS, build_student, build_torchvision
+from edgedistill.models.students import STUDENTS, build_student, build_classifier
 from edgedistill.models.teachers import TEACHERS, load_teacher
 from edgedistill.recipe.schema import DataConfig, TeacherConfig
 
@@ -260,8 +260,12 @@ def test_long_tail_profile(imbalance, tmp_path):
     np.testing.assert_array_equal(lt.test.labels, full.test.labels)  # the test split is untouched
     np.testing.assert_array_equal(lt.test.images, full.test.images)
     assert any("long-tail" in n for n in lt.notes)
-    again = load_data(DataConfig(source="npz", root=p, long_tail={"imbalance": imbalance}), seed=3)
-    np.testing.assert_array_equal(again.train.images, lt.train.images)  # seeded
+    # the split is data: the same images for every run seed, another cut with long_tail.seed
+    other_run = load_data(DataConfig(source="npz", root=p, long_tail={"imbalance": imbalance}), seed=4)
+    np.testing.assert_array_equal(other_run.train.images, lt.train.images)
+    other_cut = load_data(DataConfig(source="npz", root=p, long_tail={"imbalance": imbalance, "seed": 1}), seed=3)
+    assert np.bincount(other_cut.train.labels, minlength=10).tolist() == expected
+    assert not np.array_equal(other_cut.train.images, lt.train.images)
 
 
 def test_long_tail_keeps_images_of_their_class():
@@ -373,7 +377,7 @@ def teacher_files(tmp_path_factory) -> dict:
     x = torch.rand(2, 3, SIZE, SIZE)
     out: dict = {}
 
-    tv = lively(build_torchvision("resnet18", K, image_size=SIZE))
+    tv = lively(build_classifier("resnet18", K, image_size=SIZE))
     torch.save(tv.state_dict(), d / "resnet18.pt")
     out["torchvision"] = ({"arch": "resnet18", "path": d / "resnet18.pt"}, tv)
 

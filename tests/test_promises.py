@@ -63,11 +63,11 @@ def test_energy_groups_apart_only_when_their_medians_differ_by_a_tenth_of_t():
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
     """A randomly initialised torchvision teacher file: the one a user gets by saving the wrong state_dict."""
-    from edgedistill.models.students import build_torchvision
+    from edgedistill.models.students import build_classifier
 
     path = tmp_path_factory.mktemp("teacher") / "random_resnet18.pt"
     torch.manual_seed(0)
-    torch.save(build_torchvision("resnet18", 10, image_size=8).state_dict(), path)
+    torch.save(build_classifier("resnet18", 10, image_size=8).state_dict(), path)
     return path
 
 

@@ -149,7 +149,7 @@ def fx(tmp_path_factory) -> Path:
     import torchvision
     import warnings
 
-    from edgedistill.models.students import build_torchvision
+    from edgedistill.models.students import build_classifier
 
     d = tmp_path_factory.mktemp("fx")
     # teachers
@@ -157,7 +157,7 @@ def fx(tmp_path_factory) -> Path:
     (d / "garbage.pt2").write_bytes(b"this is not a zip archive")
     (d / "garbage.ts").write_bytes(b"this is not TorchScript")
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "resnet18.pt")
-    torch.save(build_torchvision("resnet18", 5, image_size=8).state_dict(), d / "resnet18_5cls.pt")
+    torch.save(build_classifier("resnet18", 5, image_size=8).state_dict(), d / "resnet18_5cls.pt")
     shutil.copy(d / "resnet18.pt", d / "trunc.pt")
     _truncate(d / "trunc.pt")
     (d / "empty.pt").write_bytes(b"")

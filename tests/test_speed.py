@@ -12,7 +12,7 @@ from test_train import dropout_student, heda_objective, same_weights, tiny_data,
 
 from edgedistill.pipeline.context import loader_workers, resolve
 from edgedistill.base.errors import InputError
-from edgedistill.models.students import Normalized, build_torchvision
+from edgedistill.models.students import Normalized, build_classifier
 from edgedistill.models.teachers import freeze
 from edgedistill.pipeline.planning import compile_pays
 from edgedistill.distill.teacher_cache import LogitCache
@@ -49,7 +49,7 @@ def test_candidates_per_device_and_recipe():
 
 def small_teacher():
     torch.manual_seed(0)
-    net = Normalized(build_torchvision("resnet18", 10, image_size=16, small_input=True), (0.5,) * 3, (0.25,) * 3)
+    net = Normalized(build_classifier("resnet18", 10, image_size=16, small_input=True), (0.5,) * 3, (0.25,) * 3)
     for m in net.modules():  # BN statistics away from 0/1, so that folding them has something to get right
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

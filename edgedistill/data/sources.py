@@ -274,7 +274,7 @@ def load_data(cfg, seed: int = 0) -> DataBundle:
     if cfg.image_size:
         bundle.image_size = cfg.image_size
     if cfg.long_tail.imbalance > 1:
-        bundle.train = bundle.train.subset(long_tail_indices(bundle.train.labels, cfg.long_tail.imbalance, bundle.num_classes, seed))
+        bundle.train = bundle.train.subset(long_tail_indices(bundle.train.labels, cfg.long_tail.imbalance, bundle.num_classes, cfg.long_tail.seed))
         bundle.notes.append(f"long-tail training split, imbalance {cfg.long_tail.imbalance:g}: {len(bundle.train)} images")
     if cfg.train_limit:
         bundle.train = bundle.train.subset(limit_indices(bundle.train.labels, cfg.train_limit, seed))

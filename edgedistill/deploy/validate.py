@@ -5,13 +5,15 @@
     {
       "passed": bool,                      # every variant passed its gates
       "torch_top1": float,                 # PyTorch eager test top-1 (percent)
+      "torch_shot_top1": {"many", "medium", "few"},   # only for a long-tailed training split (base.shots),
+      "shot_classes": {"many", "medium", "few"},      # with the number of classes in each group
       "torch_images_per_second": float,    # PyTorch eager throughput, same batch and threads
       "settings": {...},                   # the ValidateConfig used, number of test images
       "chance": {"guess", "bar", ...},     # the test set's chance level (edgedistill.base.chance)
       "target": {...} | None,              # student.target, which the files of its precision must meet
       "variants": {
         "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
-                 "test_top1", "torch_top1", "delta_top1",
+                 "test_top1", "torch_top1", "delta_top1", "shot_top1" (a long-tailed training split),
                  "latency_ms_p50", "latency_ms_interval": [lo, hi], "latency_ms_samples": [per round],   # batch 1
                  "images_per_second", "images_per_second_interval", "images_per_second_samples",       # throughput_batch
                  "speedup_vs_torch": spread, "latency_vs_fp32": spread,                           # ratios per round
@@ -50,6 +52,7 @@ from torch import nn
 
 from edgedistill.base.chance import chance_bar
 from edgedistill.base.errors import GateFailed, InputError, first_line
+from edgedistill.base.shots import class_counts, shot_top1
 from edgedistill.models.macs import model_stats
 from edgedistill.deploy.promises import chance_failures, target_check
 from edgedistill.deploy.recommend import recommend
@@ -67,7 +70,7 @@ TORCH, TEACHER = "pytorch", "teacher"  # the eager references in the timing roun
 
 
 def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, test: TestImages, cfg, *,
-                    teacher: nn.Module | None = None, device_target: Any = None) -> dict:
+                    teacher: nn.Module | None = None, device_target: Any = None, shot_groups: dict | None = None) -> dict:
     """Validate every target listed in ``export_summary`` (the content of ``export.json``) against ``model``.
 
     ``out_dir``: the folder holding the exported files; ``test``: the test images and labels, read a chunk at a time
@@ -76,7 +79,8 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
     stops the others. ``teacher`` (eval mode, on the CPU): counted and timed beside the student in eager PyTorch,
     for the report's compression table. ``device_target``: the recipe's ``student.target``, which the files of its
     precision must meet (:mod:`edgedistill.deploy.promises`). Every file must clear the test set's chance level
-    unless ``cfg.allow_weak``.
+    unless ``cfg.allow_weak``. ``shot_groups``: a long-tailed training split's classes by group, for many-, medium-
+    and few-shot top-1 beside the overall one.
     """
     _check_data(test)
     reference = _reference(model, test, cfg)
@@ -88,7 +92,8 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
         if runner is not None:
             runners[name] = (target, runner)
         results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
-    reference["top1"] = _accuracy_pass(test, reference["model"], runners, results, cfg)
+    reference_scores = _accuracy_pass(test, reference["model"], runners, results, cfg, shot_groups)
+    reference["top1"] = reference_scores["test_top1"]
     runners = {name: runner for name, (_, runner) in runners.items()}
     for r in results.values():
         r["torch_top1"] = reference["top1"]
@@ -108,6 +113,8 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
     out = {
         "passed": all(r["passed"] for r in results.values()),
         "torch_top1": reference["top1"],
+        **({"torch_shot_top1": reference_scores["shot_top1"], "shot_classes": {g: len(c) for g, c in shot_groups.items()}}
+           if shot_groups else {}),
         **_throughput_fields("torch_", timed["throughput"][TORCH], cfg.throughput_batch),
         "settings": _settings(cfg, len(test)),
         "chance": chance.to_dict(),
@@ -215,23 +222,35 @@ def _open_one(target: Target, path: Path, test: TestImages, cfg, reference: dict
 
 
 def _accuracy_pass(test: TestImages, model: nn.Module | None, runners: dict[str, tuple[Target, Runner]],
-                   rows: dict[str, dict], cfg) -> float | None:
+                   rows: dict[str, dict], cfg, shot_groups: dict | None = None) -> dict | None:
     """One pass over the test images, a chunk at a time: every runner's top-1 into its row, and PyTorch's
-    (returned; None without ``model``). A runner that fails on a chunk fails its variant and leaves the pass."""
-    correct, reference_correct = dict.fromkeys(runners, 0), 0
+    (returned with ``test_top1``; None without ``model``); with ``shot_groups``, each one's ``shot_top1`` too
+    (:mod:`edgedistill.base.shots`). A runner that fails on a chunk fails its variant and leaves the pass."""
+    tallies: dict[str, list] = {}
+
+    def add(name: str, logits: np.ndarray, y: np.ndarray) -> None:
+        c, s = class_counts(logits.argmax(1), y, logits.shape[1])
+        tallies[name] = [c, s] if name not in tallies else [tallies[name][0] + c, tallies[name][1] + s]
+
     with torch_threads(cfg.threads):
         for x, y in test.chunks():
             if model is not None:
-                reference_correct += int((_torch_logits(model, x).argmax(1) == y).sum())
+                add(TORCH, _torch_logits(model, x), y)
             for name, (target, runner) in list(runners.items()):
                 try:
-                    correct[name] += int((runner.run(x, batch=cfg.throughput_batch).argmax(1) == y).sum())
+                    add(name, runner.run(x, batch=cfg.throughput_batch), y)
                 except Exception as e:  # noqa: BLE001
                     rows[name]["failures"].append(f"{rows[name]['path']} fails in {target.runtime_name}: {first_line(e)}")
                     del runners[name]
+    scores = {name: _scores(*tallies[name], shot_groups) for name in (*runners, TORCH) if name in tallies}
     for name in runners:
-        rows[name]["test_top1"] = _percent(correct[name], len(test))
-    return _percent(reference_correct, len(test)) if model is not None else None
+        rows[name].update(scores[name])
+    return scores.get(TORCH)
+
+
+def _scores(correct: np.ndarray, seen: np.ndarray, shot_groups: dict | None) -> dict:
+    out = {"test_top1": _percent(int(correct.sum()), int(seen.sum()))}
+    return out | ({"shot_top1": shot_top1(correct, seen, shot_groups)} if shot_groups else {})
 
 
 def _parity(r: dict, runner: Runner, reference: dict) -> None:
@@ -278,9 +297,9 @@ def _fill_timing(results: dict, timed: dict, batch: int) -> None:
     for name, r in results.items():
         if name not in lat:
             continue
-        ms = [1000.0 * t for t in lat[name]]
+        ms = [round(1000.0 * t, 5) for t in lat[name]]  # figures from the samples as stored: a reader recomputes them exactly
         s = spread(ms)
-        r.update(latency_ms_p50=s["median"], latency_ms_interval=[s["lo"], s["hi"]], latency_ms_samples=[round(t, 5) for t in ms])
+        r.update(latency_ms_p50=s["median"], latency_ms_interval=[s["lo"], s["hi"]], latency_ms_samples=ms)
         r.update(_throughput_fields("", thr[name], batch))
         if TORCH in thr:
             r["speedup_vs_torch"] = spread(per_round_ratio(thr[TORCH], thr[name]))
@@ -289,10 +308,10 @@ def _fill_timing(results: dict, timed: dict, batch: int) -> None:
 
 
 def _throughput_fields(prefix: str, seconds: list[float], batch: int) -> dict:
-    ips = [batch / t for t in seconds]
+    ips = [round(batch / t, 2) for t in seconds]
     s = spread(ips, digits=2)
     return {f"{prefix}images_per_second": s["median"], f"{prefix}images_per_second_interval": [s["lo"], s["hi"]],
-            f"{prefix}images_per_second_samples": [round(v, 2) for v in ips]}
+            f"{prefix}images_per_second_samples": ips}
 
 
 # ---------------------------------------------------------------- PyTorch reference

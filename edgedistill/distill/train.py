@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,7 @@ from edgedistill.data.loading import EpochSampler, ImageDataset, make_loader, to
 from edgedistill.base.devices import Precision
 from edgedistill.base.distributed import DistInfo, all_sum, broadcast_flag
 from edgedistill.base.errors import Interrupted, TrainingDiverged
+from edgedistill.base.shots import class_counts, shot_top1
 from edgedistill.distill.batchnorm import recalibrate
 from edgedistill.distill.objectives import Objective
 from edgedistill.distill.run_state import Checkpoints, Position, StopFlag, graceful_stop, last_top1, trim_metrics
@@ -100,6 +102,7 @@ class LoopConfig:
     label: str = "train"  # shown in the progress bar and stored in the metrics
     channels_last: bool = False  # the student's memory layout (decided by the caller: see context.RunContext.loop)
     compile: bool = False  # torch.compile the model in place
+    shot_groups: dict[str, list[int]] | None = None  # a long-tailed training split's classes by group (base.shots)
 
 
 
@@ -204,15 +207,18 @@ class _Trainer:
         progress.remove_task(task)
         return tally, seconds
 
-    def row(self, epoch: int, tally: "_Tally", seconds: float, top1: float) -> dict:
-        """The epoch's line in the metrics log (counts summed over ranks)."""
+    def row(self, epoch: int, tally: "_Tally", seconds: float, test: tuple[np.ndarray, np.ndarray]) -> dict:
+        """The epoch's line in the metrics log (counts summed over ranks); ``test``: the evaluation's per-class
+        (correct, seen), broken down by shot group for a long-tailed training split."""
         seen, correct, sums = tally.read()
         seen_all, correct_all, *loss_sums = all_sum(self.dist, seen, correct, *sums.values())
+        groups = self.loop.shot_groups
         return {
             "epoch": epoch + 1,
             "train_loss": loss_sums[0] / max(seen_all, 1) if loss_sums else float("nan"),
             "train_top1": 100.0 * correct_all / max(seen_all, 1),
-            "test_top1": top1,
+            "test_top1": top1_percent(*test),
+            **({"shot_top1": shot_top1(*test, groups)} if groups else {}),
             "epoch_seconds": seconds,
             "images_per_second": seen_all / max(seconds, 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -242,8 +248,8 @@ def fit(model: nn.Module, objective: Objective, train_set: ImageDataset, test_se
         for epoch in range(at.epoch, cfg.epochs):
             tally, seconds = t.epoch(epoch, at.step if epoch == at.epoch else 0, at, stop, progress)
             recalibrate(t.model, t.bn_images, loop.eval_batch_size, device, loop.channels_last, t.precision)
-            top1 = evaluate(t.model, test_set, loop.eval_batch_size, device, dist, t.precision, loop.channels_last)
-            row = t.row(epoch, tally, seconds, top1)
+            row = t.row(epoch, tally, seconds, class_tally(t.model, test_set, loop.eval_batch_size, device, dist, t.precision, loop.channels_last))
+            top1 = row["test_top1"]
             history.append(row)
             at = Position(epoch + 1, 0, max(at.best, top1))
             if dist.is_main:  # the line first: a kill before the checkpoint means a redone epoch, whose line resume trims
@@ -306,18 +312,29 @@ def _diverged(label: str, epoch: int, step: int, losses: dict, last: Path, preci
 @torch.no_grad()
 def evaluate(model, test_set: ImageDataset, batch_size: int, device, dist: DistInfo = DistInfo(), precision: Precision | None = None, channels_last=False) -> float:
     """Top-1 (percent) on the test set; under DDP each rank scores a shard and counts are summed."""
+    return top1_percent(*class_tally(model, test_set, batch_size, device, dist, precision, channels_last))
+
+
+def top1_percent(correct: np.ndarray, seen: np.ndarray) -> float:
+    return 100.0 * float(correct.sum()) / max(float(seen.sum()), 1.0)
+
+
+def class_tally(model, test_set: ImageDataset, batch_size: int, device, dist: DistInfo = DistInfo(), precision: Precision | None = None,
+                channels_last=False) -> tuple[np.ndarray, np.ndarray]:
+    """Correct and seen test images per class (:func:`edgedistill.base.shots.class_counts`), summed over ranks."""
     was_training = model.training
     model.eval()
     sampler = EpochSampler(len(test_set), seed=0, shuffle=False, rank=dist.rank, world=dist.world, pad=False)
     loader = make_loader(test_set, batch_size, sampler)
-    correct = total = 0
+    correct = seen = None
     with (precision.autocast() if precision else nullcontext()):
         for images, labels, _ in loader:
             logits = model(to_float(images, device, channels_last))
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-            total += len(labels)
+            c, s = class_counts(logits.argmax(1).cpu().numpy(), labels.numpy(), logits.shape[1])
+            correct, seen = (c, s) if correct is None else (correct + c, seen + s)
     model.train(was_training)
-    correct, total = all_sum(dist, correct, total)
-    return 100.0 * correct / max(total, 1)
+    k = len(correct)
+    summed = all_sum(dist, *correct.tolist(), *seen.tolist())
+    return np.asarray(summed[:k], dtype=np.int64), np.asarray(summed[k:], dtype=np.int64)
 
 

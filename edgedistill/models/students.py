@@ -1,5 +1,5 @@
-"""Students: the registry of compact networks a run may distill into, and the torchvision builders a teacher
-trained here shares with them.
+"""Students: the registry of compact networks a run may distill into, and the builder of a teacher's architecture
+(a student's, a CIFAR ResNet or a torchvision classifier).
 
 Every model takes float32 RGB pixels in [0, 1], NCHW, and returns logits: the input normalisation lives inside
 the model (:class:`Normalized`), so a checkpoint, an ONNX file and the data loaders can never disagree about it.
@@ -15,6 +15,7 @@ from torch import nn
 
 from edgedistill.base.errors import InputError
 from edgedistill.base.registry import Registry
+from edgedistill.models.cifar_resnet import DEPTHS, build_cifar_resnet
 
 
 class Normalized(nn.Module):
@@ -108,15 +109,15 @@ def _default_bn_momentum(net: nn.Module) -> None:
             m.momentum = 0.1
 
 
-def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_input: bool | str = "auto") -> nn.Module:
-    """Any torchvision classifier by name (a student name works too), with a small-input stem when asked."""
+def build_classifier(arch: str, num_classes: int, *, image_size: int, small_input: bool | str = "auto") -> nn.Module:
+    """A teacher architecture by name: a student's, a CIFAR ResNet (:mod:`edgedistill.models.cifar_resnet`) or any
+    torchvision classifier, with a small-input stem when asked (a CIFAR ResNet has one by design)."""
     if arch in STUDENTS:
         return STUDENTS.get(arch)(num_classes, 1.0, small_input_wanted(small_input, image_size), 0.2)
-    known = torchvision.models.list_models(module=torchvision.models)
-    if arch not in known:
-        from edgedistill.base.registry import did_you_mean
-
-        raise InputError(f"teacher.arch: '{arch}' is not a torchvision classifier{did_you_mean(arch, known)}")
+    if arch in DEPTHS:
+        return build_cifar_resnet(arch, num_classes)
+    if problem := teacher_arch_problem(arch):
+        raise InputError(f"teacher.arch: {problem}")
     net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if small_input_wanted(small_input, image_size) and isinstance(getattr(net, "conv1", None), nn.Conv2d):
         # ResNet-style stem: 3x3 stride-1 conv, no max-pool (the usual CIFAR adaptation).
@@ -126,12 +127,13 @@ def build_torchvision(arch: str, num_classes: int, *, image_size: int, small_inp
 
 
 def teacher_arch_problem(arch: str) -> str | None:
-    """Why ``teacher.arch`` names no architecture :func:`build_torchvision` can build (one line), or None."""
-    if arch in STUDENTS:
+    """Why ``teacher.arch`` names no architecture :func:`build_classifier` can build (one line), or None."""
+    if arch in STUDENTS or arch in DEPTHS:
         return None
     known = torchvision.models.list_models(module=torchvision.models)
     if arch in known:
         return None
     from edgedistill.base.registry import did_you_mean
 
-    return f"'{arch}' is not a torchvision classifier{did_you_mean(arch, known)}; see torchvision.models.list_models()"
+    return (f"'{arch}' is not a student, a CIFAR ResNet ({', '.join(DEPTHS)}) or a torchvision classifier"
+            f"{did_you_mean(arch, [*DEPTHS, *known])}; see torchvision.models.list_models()")

@@ -22,7 +22,7 @@ from torch import nn
 from edgedistill.base.errors import InputError, first_line
 from edgedistill.base.registry import Registry
 from edgedistill.models.checkpoints import load_checkpoint, state_dict_mismatch
-from edgedistill.models.students import DEFAULT_TEACHER_ARCH, Normalized, build_torchvision
+from edgedistill.models.students import DEFAULT_TEACHER_ARCH, Normalized, build_classifier
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ TEACHERS: Registry[TeacherSource] = Registry("teacher source")
 
 
 def _load_state_dict_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
-    net = build_torchvision(cfg.arch, num_classes, image_size=image_size, small_input=cfg.small_input)
+    net = build_classifier(cfg.arch, num_classes, image_size=image_size, small_input=cfg.small_input)
     state = load_checkpoint(cfg.path)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
@@ -136,7 +136,7 @@ def _load_onnx(cfg, num_classes: int, image_size: int) -> nn.Module:
 
 def _untrained(cfg, num_classes: int, image_size: int) -> nn.Module:
     """The architecture the teacher stage trains inside the pipeline."""
-    return build_torchvision(cfg.arch or DEFAULT_TEACHER_ARCH, num_classes, image_size=image_size, small_input=cfg.small_input)
+    return build_classifier(cfg.arch or DEFAULT_TEACHER_ARCH, num_classes, image_size=image_size, small_input=cfg.small_input)
 
 
 TEACHERS.register("torchvision")(TeacherSource(_load_state_dict_teacher, needs_path=True, needs_arch=True, takes_arch=True,

@@ -20,6 +20,7 @@ from torch import nn
 from edgedistill.data import transforms
 from edgedistill.base import fsio
 from edgedistill.base.console import console
+from edgedistill.base.shots import shot_groups
 from edgedistill.data.sources import DataBundle, load_data
 from edgedistill.data.loading import ImageDataset, SplitImages
 from edgedistill.base.devices import preset, select_device
@@ -202,7 +203,13 @@ class RunContext:
             checkpoint_dir, metrics, d.batch_size, d.eval_batch_size, self.recipe.seed, self.num_workers, self.resume, self.recipe.to_dict(), label,
             channels_last=resolve(train_cfg.channels_last, "channels_last", self.device, measured),
             compile=resolve(train_cfg.compile, "compile", self.device, measured),
+            shot_groups=self.shot_groups,
         )
+
+    @cached_property
+    def shot_groups(self) -> dict[str, list[int]] | None:
+        """The classes of each shot group when the training split is long-tailed (:mod:`edgedistill.base.shots`)."""
+        return shot_groups(self.data.train.labels, self.data.num_classes)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.run / name).read_text())

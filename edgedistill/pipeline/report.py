@@ -183,10 +183,31 @@ def write_report(run: Path, r) -> dict:
         lines += ["## Distillation", "", "![training curves](training.png)", "", "| epoch | train loss | test top-1 | epoch s | img/s | lr |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {m['epoch']} | {m['train_loss']:.4f} | {m['test_top1']:.2f}% | {m['epoch_seconds']:.1f} | {m['images_per_second']:.0f} | {m['lr']:.4g} |" for m in metrics]
         lines.append("")
+    lines += _long_tail_section(teacher, metrics, val)
     if val:
         lines += _validation_section(val, export)
     fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
     return {"report": str(run / "report.md")}
+
+
+def _long_tail_section(teacher: dict | None, metrics: list[dict] | None, val: dict | None) -> list[str]:
+    """Many-, medium- and few-shot top-1 (:mod:`edgedistill.base.shots`), for a long-tailed training split only."""
+    rows = [("teacher", teacher), ("student (PyTorch, last epoch)", metrics[-1] if metrics else None)]
+    rows += [(f"`{v['path']}`", v) for v in (val or {}).get("variants", {}).values()]
+    rows = [(name, r) for name, r in rows if r and r.get("shot_top1")]
+    if not rows:
+        return []
+    groups = list(rows[0][1]["shot_top1"])
+    sizes = (val or {}).get("shot_classes")
+    head = [f"{g} ({sizes[g]} classes)" if sizes else g for g in groups]
+    out = ["## Long tail: top-1 by shot group", "",
+           "The training split is long-tailed: a class is many-shot with more than 100 training images, medium-shot "
+           "with 20 to 100, few-shot with fewer than 20 (the test split is balanced).", "",
+           "| model | overall | " + " | ".join(head) + " |", "| --- | ---: |" + " ---: |" * len(groups)]
+    for name, r in rows:
+        cells = ["–" if r["shot_top1"][g] is None else f"{r['shot_top1'][g]:.2f}%" for g in groups]
+        out.append(f"| {name} | {r['test_top1']:.2f}% | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _checks_section(teacher: dict | None, energy: dict | None, val: dict | None) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import subprocess
 import sys
+from importlib import metadata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -80,7 +82,7 @@ def _with_history(path: Path, now: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return {**now, "history": []}
     env = json.loads(path.read_text())
-    env.setdefault("history", []).append({k: now[k] for k in ("command", "started_at", "edgedistill", "torch", "device", "cpu_threads", "world_size")})
+    env.setdefault("history", []).append({k: now[k] for k in ("command", "started_at", "edgedistill", "code", *LIBRARIES, "device", "cpu_threads", "world_size")})
     return env
 
 
@@ -97,20 +99,18 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
         yield prefix.rstrip(".")
 
 
-def environment(ctx: RunContext, command: str) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-    import torchvision
+#: the libraries whose versions can change a run's numbers (floating-point kernels, image decoding, export)
+LIBRARIES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy", "pillow")
 
+
+def environment(ctx: RunContext, command: str) -> dict[str, Any]:
     dev = ctx.device
     return {
         "edgedistill": __version__,
+        "code": code_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **{name: metadata.version(name) for name in LIBRARIES},
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -118,6 +118,21 @@ def environment(ctx: RunContext, command: str) -> dict[str, Any]:
         "command": command,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def code_commit() -> str | None:
+    """The git commit of the package's source when it runs from a checkout (``+dirty`` with uncommitted changes to
+    tracked files), else None: with the versions, what tells a re-run's drift in a dependency from a change in the code."""
+    src = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git on the machine
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------- the pipeline

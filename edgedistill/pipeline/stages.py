@@ -3,6 +3,7 @@ into the run folder and writes its own artifacts atomically."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import asdict
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgedistill.base import fsio
 from edgedistill.base.chance import chance_bar
@@ -22,6 +24,7 @@ from edgedistill.data.sources import limit_indices
 from edgedistill.base.distributed import all_gather_array, barrier, broadcast_value
 from edgedistill.distill.energy import GROUP_GAP, assign_groups, group_summary, groups_apart, plot_gallery, plot_histogram, score_loader
 from edgedistill.base.errors import InputError
+from edgedistill.base.shots import shot_top1
 from edgedistill.pipeline.folder import NOTHING_MADE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
@@ -31,7 +34,7 @@ from edgedistill.recipe.deploy import AUTO
 from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
 from edgedistill.deploy.targets import export_all, onnx_metadata
-from edgedistill.distill.train import evaluate, fit
+from edgedistill.distill.train import class_tally, fit, top1_percent
 from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file
 from edgedistill.deploy.validate_view import validation_table
 
@@ -70,6 +73,17 @@ def pick_stage(ctx: RunContext) -> dict:
 
 # ---------------------------------------------------------------- teacher
 
+PROBE_IMAGES = 256
+
+
+def _fingerprint(path: Path, fast: nn.Module, probe: np.ndarray, device: torch.device) -> dict:
+    """The teacher file's SHA-256 and that of its float32 logits on the first test images through its runtime:
+    what tells a re-run whose numbers drift whether the teacher (or the library running it) changed."""
+    with torch.inference_mode():
+        logits = fast(torch.from_numpy(probe).to(device)).float().cpu().numpy()
+    return {"file_sha256": fsio.sha256(path), "probe": {"images": len(probe), "logits_sha256": hashlib.sha256(logits.tobytes()).hexdigest()}}
+
+
 
 def teacher_stage(ctx: RunContext) -> dict:
     """Load the teacher (or train it, for a source trained in the pipeline) and measure its test top-1."""
@@ -93,19 +107,23 @@ def teacher_stage(ctx: RunContext) -> dict:
         net = ctx.eager_teacher()
     fast, runtime = ctx.choose_teacher_runtime(net)
     # measured through the chosen runtime: the teacher that scores and distills is the one whose accuracy is shown
-    top1 = evaluate(fast, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
+    correct, seen = class_tally(fast, ctx.test_set(), ctx.recipe.data.eval_batch_size, ctx.device, ctx.dist)
+    top1 = top1_percent(correct, seen)
     chance = chance_bar(ctx.data.test.labels, ctx.data.num_classes)
     if not chance.clears(top1) and not cfg.allow_weak:
         # before teacher.json: a stage that stops here has not finished, and a fixed teacher is taken by a new run
         raise InputError(f"teacher: test {chance.why(top1)}; distilling from it would teach the student nothing. Check the "
                          "teacher (its file, teacher.normalize, the data's classes) or set teacher.allow_weak: true to go on")
+    path = Path(cfg.path) if cfg.path else ctx.run / "teacher.pt"
     info = {
         "source": cfg.source,
-        "path": str(cfg.path) if cfg.path else str(ctx.run / "teacher.pt"),
+        "path": str(path),
+        **_fingerprint(path, fast, ctx.test_images().head(PROBE_IMAGES), ctx.device),
         "arch": cfg.arch,
         "num_classes": ctx.data.num_classes,
         "parameters": sum(p.numel() for p in net.parameters()) or None,
         "test_top1": top1,
+        **({"shot_top1": shot_top1(correct, seen, ctx.shot_groups)} if ctx.shot_groups else {}),
         "chance": chance.to_dict(),
         "runtime": runtime,
     }
@@ -296,7 +314,8 @@ def validate_stage(ctx: RunContext) -> dict:
     ctx.run.require("export")
     # the teacher, timed beside the student on the CPU where the files are validated, for the report's compression table
     results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), ctx.test_images(), ctx.recipe.validate_,
-                              teacher=ctx.eager_teacher().cpu().eval(), device_target=ctx.recipe.student.target)
+                              teacher=ctx.eager_teacher().cpu().eval(), device_target=ctx.recipe.student.target,
+                              shot_groups=ctx.shot_groups)
     fsio.write_json(ctx.run / "validation.json", results)
     ctx.print(validation_table(results))
     for rec in results["recommendations"]:

@@ -35,6 +35,9 @@ class LongTail(Section):
     """CIFAR-LT style imbalance: class c keeps n_max · imbalance^(-c/(C-1)) training images."""
 
     imbalance: Annotated[float, Field(ge=1)] = 1.0
+    # Which images of each class the cut keeps. Not the run's seed: the split is data, so runs of every seed are paired
+    # on the same images, and a teacher trained on it has seen no tail image that a student's split lacks.
+    seed: int = 0
 
 
 class DataConfig(Section):
