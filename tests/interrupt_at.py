@@ -4,7 +4,7 @@
 
 SIGNAL is INT, TERM or KILL; ARGS the ``edgedistill`` arguments. WHERE is a training loop (``teacher`` or
 ``distill``), and N the 1-based count of that loop's steps in this process during which the signal is sent; or a
-function or method as the module that calls it names it (``edgedistill.distill.train.evaluate``,
+function or method as the module that calls it names it (``edgedistill.distill.train.class_tally``,
 ``edgedistill.distill.run_state.Checkpoints.save``), and N the call, at whose start the signal is sent.
 In training, SIGINT and SIGTERM land on the loop's handler (it finishes the step and saves); elsewhere they stop the
 process; SIGKILL ends it where it is.

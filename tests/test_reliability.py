@@ -359,7 +359,7 @@ BAD_INPUTS = [
     ("teacher/static-batch-export", {"teacher": teacher("export", "{fx}/static_batch.pt2")}, [], ["teacher.path", "static_batch.pt2", "batch of 3", "dynamic batch axis"]),
     ("teacher/input-size", {"teacher": teacher("torchscript", "{fx}/flat32.ts")}, [], ["teacher.path", "flat32.ts", "3x8x8", "cannot be multiplied"]),
     ("teacher/unknown-torchvision-arch", {"teacher": teacher("torchvision", "{fx}/resnet18.pt", "resnet1000")}, [], ["teacher.arch", "'resnet1000'", "did you mean"]),
-    ("teacher/unknown-arch-to-train", {}, ["--set", "teacher.arch=resnet1000"], ["teacher.arch", "'resnet1000'", "not a torchvision classifier"]),
+    ("teacher/unknown-arch-to-train", {}, ["--set", "teacher.arch=resnet1000"], ["teacher.arch", "'resnet1000'", "or a torchvision classifier"]),
     ("teacher/file-source-without-path", {"teacher": {"_replace": True, "source": "onnx"}}, [], ["teacher.path", "'onnx' needs a file path", "ONNX model file"]),
     ("teacher/torchvision-without-arch", {"teacher": teacher("torchvision", "{fx}/resnet18.pt")}, [], ["teacher.arch", "needs an architecture name"]),
     # ---- data

@@ -144,7 +144,7 @@ def test_sigkill_mid_step_loses_at_most_the_epoch_and_resumes_bit_exactly(prepar
 # validation. (call, which call in this process, where the resume must start: (epoch, step) of last.pt)
 WINDOWS = [
     ("edgedistill.distill.train.recalibrate", 2, (2, 0)),
-    ("edgedistill.distill.train.evaluate", 1, (1, 0)),
+    ("edgedistill.distill.train.class_tally", 1, (1, 0)),
     ("edgedistill.distill.run_state.Checkpoints.save", 2, (2, 0)),
     ("edgedistill.distill.train.make_loader", 3, (1, 1)),  # the 2nd epoch's loader (the 2nd call is the 1st evaluation's)
     ("edgedistill.pipeline.stages.export_all", 1, (3, 0)),
