@@ -210,7 +210,7 @@ def test_imagefolder_reads_converts_and_resizes(tmp_path):
         for i in range(len(ds)):
             img, label, index = ds[i]
             assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and index == i
-    gray = ImageDataset(b.train, 16, train=False)[[p.name for p in b.train.paths].index("gray.png")][0]
+    gray = ImageDataset(b.train, 16, train=False)[[Path(p).name for p in b.train.paths].index("gray.png")][0]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
@@ -230,6 +230,57 @@ def test_hflip_off_never_mirrors_and_keeps_the_crops(size):
         assert torch.equal(a, b.flip(-1))
         mirrored += 1
     assert 16 < mirrored < 48
+
+
+def _folder_with_bad_files(root: Path) -> None:
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    (root / "train" / "b" / "1.png").write_text("not an image")
+    (root / "test" / "a" / "2.png").write_bytes(b"")
+
+
+def test_an_unreadable_image_stops_the_load_naming_it_and_counting_the_rest(tmp_path):
+    _folder_with_bad_files(tmp_path)
+    with pytest.raises(InputError, match=r"train/b/1\.png is not a readable image .*data\.on_bad_image: skip") as e:
+        load_data(DataConfig(source="imagefolder", root=tmp_path, image_size=8))
+    assert "and 1 more" not in str(e.value)  # the test split's file belongs to the test split's scan
+    (tmp_path / "train" / "a" / "0.png").write_text("not an image either")
+    with pytest.raises(InputError, match=r"train/a/0\.png is not a readable image .*\(and 1 more in .*train\)"):
+        load_data(DataConfig(source="imagefolder", root=tmp_path, image_size=8))
+
+
+def test_on_bad_image_skip_leaves_the_files_out_and_lists_them(tmp_path):
+    _folder_with_bad_files(tmp_path)
+    b = load_data(DataConfig(source="imagefolder", root=tmp_path, image_size=8, on_bad_image="skip"))
+    assert [s["path"] for s in b.skipped] == [str(tmp_path / "train" / "b" / "1.png"), str(tmp_path / "test" / "a" / "2.png")]
+    assert all("not a readable image" in s["why"] for s in b.skipped)
+    assert list(b.train.labels) == [0, 0, 0, 1, 1] and list(b.test.labels) == [0, 0, 1, 1, 1]
+    assert str(tmp_path / "train" / "b" / "1.png") not in b.train.paths
+    for i in range(len(b.train)):  # what is left reads
+        assert ImageDataset(b.train, 8, train=False)[i][0].shape == (3, 8, 8)
+
+
+def test_on_bad_image_is_refused_for_a_source_without_image_files():
+    with pytest.raises(ValueError, match="on_bad_image: would be ignored: data source 'digits' reads no image files"):
+        DataConfig(source="digits", on_bad_image="skip")
+
+
+def test_the_parallel_header_check_finds_what_the_sequential_one_does(tmp_path, monkeypatch):
+    from edgedistill.data import folder_scan
+
+    _folder_with_bad_files(tmp_path)
+    (tmp_path / "train" / "a" / "gray.png").unlink(missing_ok=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "a" / "gray.png")
+    paths, _ = folder_scan.list_split(tmp_path / "train", ["a", "b"])
+    one = folder_scan.check_headers(paths, workers=1)
+    monkeypatch.setattr(folder_scan, "CHUNK", 2)
+    monkeypatch.setattr(folder_scan, "PARALLEL_FROM", 0)
+    bad = paths.index(str(tmp_path / "train" / "b" / "1.png"))
+    assert list(one[0]) == [bad] and one[1] == 1  # the text file; the grayscale image
+    assert folder_scan.check_headers(paths, workers=2) == one
 
 
 def test_imagefolder_default_image_size_is_224(tmp_path):

@@ -16,10 +16,10 @@ import numpy as np
 from edgedistill.base.errors import InputError
 from edgedistill.base.fsio import path_problem
 from edgedistill.base.registry import Registry
+from edgedistill.data.folder_scan import check_headers, list_split
 
 log = logging.getLogger("edgedistill")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,7 +30,7 @@ class Split:
 
     labels: np.ndarray  # int64 (N,)
     images: np.ndarray | None = None
-    paths: list[Path] | None = None
+    paths: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,6 +53,7 @@ class DataBundle:
     std: tuple[float, float, float] = IMAGENET_STD
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "why"} of the files left out (data.on_bad_image: skip)
 
     @property
     def num_classes(self) -> int:
@@ -61,11 +62,13 @@ class DataBundle:
 
 @dataclass(frozen=True)
 class DataSource:
-    """``load(cfg)``; ``root``: what data.root must be ("file", "folder", None: no files are read), ``what``: in words."""
+    """``load(cfg)``; ``root``: what data.root must be ("file", "folder", None: no files are read), ``what``: in words;
+    ``image_files``: it reads one image file per sample (``data.on_bad_image`` means something to it)."""
 
     load: Callable[..., DataBundle]
     root: Literal["file", "folder"] | None = None
     what: str = ""
+    image_files: bool = False
 
 
 DATA_SOURCES: Registry[DataSource] = Registry("data source")
@@ -194,42 +197,33 @@ def _cifar(cls_name: str):
 
 
 def _imagefolder(cfg) -> DataBundle:
-    """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg``; classes from the train folder."""
+    """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg``; classes from the train folder. Every file's
+    header is checked now (:mod:`edgedistill.data.folder_scan`): one Pillow cannot open stops the run, or with
+    ``data.on_bad_image: skip`` leaves its split and is listed in ``DataBundle.skipped``."""
     root = _need_root(cfg)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
     if not classes:
         raise InputError(f"data.root: {root / 'train'} has no class folders")
-    train, test = (_scan_folder(root / s, classes) for s in ("train", "test"))
-    return DataBundle(train, test, classes, cfg.image_size or 224, IMAGENET_MEAN, IMAGENET_STD, "imagefolder")
+    bundle = DataBundle(Split(np.zeros(0, np.int64)), Split(np.zeros(0, np.int64)), classes, cfg.image_size or 224,
+                        IMAGENET_MEAN, IMAGENET_STD, "imagefolder")
+    bundle.train, bundle.test = (_checked_split(root / s, classes, cfg.on_bad_image, bundle.skipped) for s in ("train", "test"))
+    return bundle
 
 
-def _scan_folder(split_dir: Path, classes: list[str]) -> Split:
-    from PIL import Image, UnidentifiedImageError
-
-    if not split_dir.is_dir():
-        raise InputError(f"data.root: {split_dir} is missing (expected class folders inside)")
-    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
-    if extra:
-        raise InputError(f"data.root: {split_dir} has class folders not in train/: {', '.join(extra[:5])}")
-    paths, labels, converted = [], [], 0
-    for label, name in enumerate(classes):
-        folder = split_dir / name
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
-        if not files:
-            raise InputError(f"data.root: {folder} has no images")
-        for p in files:
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise InputError(f"data.root: {p} is not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-            try:
-                with Image.open(p) as im:  # reads the header only
-                    converted += im.mode != "RGB"
-            except (UnidentifiedImageError, OSError) as e:
-                raise InputError(f"data.root: {p} is not a readable image ({e})") from None
-            paths.append(p)
-            labels.append(label)
-    if converted:
-        log.warning("%s: %d images are not RGB (grayscale, RGBA, palette) and are converted to RGB", split_dir, converted)
-    return Split(np.array(labels, dtype=np.int64), paths=paths)
+def _checked_split(split_dir: Path, classes: list[str], on_bad_image: str, skipped: list[dict]) -> Split:
+    paths, labels = list_split(split_dir, classes)
+    bad, not_rgb = check_headers(paths)
+    if bad and on_bad_image == "error":
+        i = min(bad)
+        more = f" (and {len(bad) - 1} more in {split_dir})" if len(bad) > 1 else ""
+        raise InputError(f"data.root: {paths[i]} is {bad[i]}{more}; remove it, or set data.on_bad_image: skip to leave such files out")
+    if not_rgb:
+        log.warning("%s: %d images are not RGB (grayscale, RGBA, palette) and are converted to RGB", split_dir, not_rgb)
+    skipped += [{"path": paths[i], "why": why} for i, why in sorted(bad.items())]
+    keep = np.array([i for i in range(len(paths)) if i not in bad], dtype=np.int64)
+    if not len(keep):
+        raise InputError(f"data.root: {split_dir} has no readable image")
+    return Split(labels[keep], paths=[paths[i] for i in keep])
 
 
 def _need_root(cfg) -> Path:
@@ -244,7 +238,7 @@ DATA_SOURCES.register("digits")(DataSource(_digits))
 DATA_SOURCES.register("npz")(DataSource(_npz, "file", "a .npz file"))
 DATA_SOURCES.register("cifar10")(DataSource(_cifar("CIFAR10"), "folder", "a folder holding torchvision's CIFAR-10 files (cifar-10-batches-py/)"))
 DATA_SOURCES.register("cifar100")(DataSource(_cifar("CIFAR100"), "folder", "a folder holding torchvision's CIFAR-100 files (cifar-100-python/)"))
-DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, "folder", "a folder with train/ and test/ class folders"))
+DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, "folder", "a folder with train/ and test/ class folders", image_files=True))
 
 
 def long_tail_indices(labels: np.ndarray, imbalance: float, num_classes: int, seed: int) -> np.ndarray:

@@ -151,7 +151,7 @@ def write_report(run: Path, r) -> dict:
         *[f"| {a} | {b} |" for a, b in _headline(run)],
         "",
     ]
-    lines += _checks_section(teacher, energy, val)
+    lines += _checks_section(teacher, energy, val, _load(run, "skipped_images.json"))
     if choice:
         lines += _choice_section(choice)
     if val:
@@ -210,10 +210,13 @@ def _long_tail_section(teacher: dict | None, metrics: list[dict] | None, val: di
     return out + [""]
 
 
-def _checks_section(teacher: dict | None, energy: dict | None, val: dict | None) -> list[str]:
-    """Whether the run learnt from something and produced something: the teacher and every file against the
-    test set's chance level, the energy groups apart, every file against ``student.target``."""
+def _checks_section(teacher: dict | None, energy: dict | None, val: dict | None, skipped: list[dict] | None) -> list[str]:
+    """Whether the run learnt from something and produced something: the images it left out, the teacher and every
+    file against the test set's chance level, the energy groups apart, every file against ``student.target``."""
     rows = []
+    if skipped:
+        shown = "; ".join(f"`{Path(s['path']).name}`" for s in skipped[:3]) + (" …" if len(skipped) > 3 else "")
+        rows.append(("unreadable images left out", f"{len(skipped)} ({shown}; all in skipped_images.json)", "⚠️ data.on_bad_image: skip"))
     if teacher and teacher.get("chance"):
         c = teacher["chance"]
         rows.append(("teacher above chance", f"{teacher['test_top1']:.2f}% (chance {c['guess']:.2f}%, bar {c['bar']:.2f}%)",

@@ -74,6 +74,7 @@ def pick_stage(ctx: RunContext) -> dict:
 # ---------------------------------------------------------------- teacher
 
 PROBE_IMAGES = 256
+SKIPPED_FILE = "skipped_images.json"
 
 
 def _fingerprint(path: Path, fast: nn.Module, probe: np.ndarray, device: torch.device) -> dict:
@@ -86,8 +87,14 @@ def _fingerprint(path: Path, fast: nn.Module, probe: np.ndarray, device: torch.d
 
 
 def teacher_stage(ctx: RunContext) -> dict:
-    """Load the teacher (or train it, for a source trained in the pipeline) and measure its test top-1."""
+    """Load the teacher (or train it, for a source trained in the pipeline) and measure its test top-1. The first stage
+    to read the data: it records the image files ``data.on_bad_image: skip`` left out."""
     cfg = ctx.recipe.teacher
+    if ctx.data.skipped:
+        if ctx.dist.is_main:
+            fsio.write_json(ctx.run / SKIPPED_FILE, ctx.data.skipped)
+        ctx.print(f"[yellow]{len(ctx.data.skipped)} unreadable image files left out (data.on_bad_image: skip), listed in {SKIPPED_FILE}; "
+                  f"the first: {ctx.data.skipped[0]['path']}: {ctx.data.skipped[0]['why']}[/]")
     if ctx.teacher_trained_here:
         torch.manual_seed(ctx.recipe.seed)
         net = ctx.new_teacher()

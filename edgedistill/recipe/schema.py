@@ -53,6 +53,8 @@ class DataConfig(Section):
     train_limit: Annotated[int, Field(ge=1)] | None = None
     test_limit: Annotated[int, Field(ge=1)] | None = None
     long_tail: LongTail = Field(default_factory=LongTail)
+    # an image file that cannot be opened: stop before anything starts (error), or leave it out and list it (skip)
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
     def _root_fits_source(self) -> "DataConfig":
@@ -60,6 +62,8 @@ class DataConfig(Section):
         spec, readers = sources.get(self.source), ", ".join(n for n in sources.names() if sources.get(n).root)
         if self.root is not None and "source" not in self.model_fields_set:
             raise ValueError(f"source: not set, but data.root is; name the source that reads it ({readers})")
+        if given(self, "on_bad_image") and not spec.image_files:
+            raise ignored("on_bad_image", f"data source '{self.source}' reads no image files", "remove data.on_bad_image")
         if self.root is not None and spec.root is None:
             raise ignored("root", f"data source '{self.source}' reads no files", f"remove data.root, or pick a source that reads it ({readers})")
         if self.root is None and spec.root is not None:
