@@ -197,7 +197,8 @@ def _cifar(cls_name: str):
 
 
 def _imagefolder(cfg) -> DataBundle:
-    """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg``; classes from the train folder. Every file's
+    """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg`` (or ``root/val/``, as ImageNet is laid out);
+    classes from the train folder, sorted. Every file's
     header is checked now (:mod:`edgedistill.data.folder_scan`): one Pillow cannot open stops the run, or with
     ``data.on_bad_image: skip`` leaves its split and is listed in ``DataBundle.skipped``."""
     root = _need_root(cfg)
@@ -206,7 +207,8 @@ def _imagefolder(cfg) -> DataBundle:
         raise InputError(f"data.root: {root / 'train'} has no class folders")
     bundle = DataBundle(Split(np.zeros(0, np.int64)), Split(np.zeros(0, np.int64)), classes, cfg.image_size or 224,
                         IMAGENET_MEAN, IMAGENET_STD, "imagefolder")
-    bundle.train, bundle.test = (_checked_split(root / s, classes, cfg.on_bad_image, bundle.skipped) for s in ("train", "test"))
+    test = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"  # val/: ImageNet's layout
+    bundle.train, bundle.test = (_checked_split(d, classes, cfg.on_bad_image, bundle.skipped) for d in (root / "train", test))
     return bundle
 
 
@@ -238,7 +240,7 @@ DATA_SOURCES.register("digits")(DataSource(_digits))
 DATA_SOURCES.register("npz")(DataSource(_npz, "file", "a .npz file"))
 DATA_SOURCES.register("cifar10")(DataSource(_cifar("CIFAR10"), "folder", "a folder holding torchvision's CIFAR-10 files (cifar-10-batches-py/)"))
 DATA_SOURCES.register("cifar100")(DataSource(_cifar("CIFAR100"), "folder", "a folder holding torchvision's CIFAR-100 files (cifar-100-python/)"))
-DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, "folder", "a folder with train/ and test/ class folders", image_files=True))
+DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, "folder", "a folder with train/ and test/ (or val/) class folders", image_files=True))
 
 
 def long_tail_indices(labels: np.ndarray, imbalance: float, num_classes: int, seed: int) -> np.ndarray:
