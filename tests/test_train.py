@@ -48,10 +48,10 @@ def tiny_model(seed=0):
 CFG = TrainConfig(epochs=3, optimizer={"lr": 0.02}, schedule={"name": "cosine", "warmup_epochs": 1})
 
 
-def train(tmp, epochs=3, resume=False, objective=None, model=None):
+def train(tmp, epochs=3, resume=False, objective=None, model=None, num_workers=0):
     cfg = CFG.model_copy(update={"epochs": epochs})
     split = tiny_data()
-    loop = LoopConfig(tmp / "ckpt", tmp / "metrics.jsonl", batch_size=16, eval_batch_size=32, seed=3, resume=resume)
+    loop = LoopConfig(tmp / "ckpt", tmp / "metrics.jsonl", batch_size=16, eval_batch_size=32, seed=3, resume=resume, num_workers=num_workers)
     model = model or tiny_model()
     result = fit(model, objective or CrossEntropyObjective(), ImageDataset(split, 16, True, seed=3), ImageDataset(split, 16, False), cfg, loop, torch.device("cpu"))
     return model, result
@@ -84,6 +84,14 @@ def test_training_learns_and_writes_metrics(tmp_path):
 def test_same_seed_same_weights(tmp_path):
     a, _ = train(tmp_path / "a")
     b, _ = train(tmp_path / "b")
+    assert same_weights(a, b)
+
+
+def test_loader_workers_that_live_across_epochs_change_nothing(tmp_path):
+    """The epoch travels with each index (EpochSampler), so persistent workers draw every epoch's crops and flips
+    as the main process does: the weights after 3 epochs are the same with 0 or 2 workers."""
+    a, _ = train(tmp_path / "a")
+    b, _ = train(tmp_path / "b", num_workers=2)
     assert same_weights(a, b)
 
 

@@ -24,23 +24,23 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 class ImageDataset(Dataset):
     """Images of one split at ``size`` pixels; random crop (and horizontal flip, unless ``hflip`` is off:
-    digits, text and signs are not mirror-symmetric) when ``train``."""
+    digits, text and signs are not mirror-symmetric) when ``train``.
+
+    An item is an index, or ``(epoch, index)`` as :class:`EpochSampler` yields them: the epoch travels with the
+    index, so loader workers hold no epoch of their own and can live across epochs (``persistent_workers``)."""
 
     def __init__(self, split: Split, size: int, train: bool, seed: int = 0, hflip: bool = True):
         self.split, self.size, self.train, self.seed, self.hflip = split, size, train, seed, hflip
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         img = self._read(i)  # uint8 (3, H, W)
         if self.train:
             small = max(img.shape[1:]) <= SMALL_IMAGE and self.size <= SMALL_IMAGE
-            img = train_transform(img, self.size, small, sample_generator(self.seed, self.epoch, i), self.hflip)
+            img = train_transform(img, self.size, small, sample_generator(self.seed, epoch, i), self.hflip)
         else:  # decided by the model input size alone: what the ONNX metadata records (transforms.eval_preprocessing)
             img = eval_transform(img, self.size)
         return img, int(self.split.labels[i]), i
@@ -59,8 +59,9 @@ class ImageDataset(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation of the dataset fixed by ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A permutation of the dataset fixed by ``(seed, epoch)``, sharded over ranks, resumable mid-epoch; it yields
+    ``(epoch, index)``, the key :class:`ImageDataset` draws a sample's augmentation from.
 
     Every rank sees ``ceil(N / world)`` indices (the permutation is padded by wrapping, as
     DistributedSampler does), so all ranks run the same number of steps. ``start`` skips the
@@ -85,7 +86,7 @@ class EpochSampler(Sampler[int]):
         return order[self.rank :: self.world]
 
     def __iter__(self):
-        return iter(self.indices()[self.start :])
+        return ((self.epoch, i) for i in self.indices()[self.start :])
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start)
@@ -99,7 +100,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, sampler: Sampler, *, num
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=False,  # workers re-read dataset.epoch at every epoch
+        persistent_workers=num_workers > 0,  # the epoch comes with each index (EpochSampler), not from the workers' dataset
     )
 
 

@@ -138,6 +138,8 @@ class _Trainer:
         self.precision = Precision.for_device(device, cfg.amp)
         self.model, self.train_model = prepare(model, cfg, loop, device, dist)
         self.sampler = EpochSampler(len(train_set), seed=loop.seed, shuffle=True, rank=dist.rank, world=dist.world)
+        # one loader for the whole fit: its workers stay up from epoch to epoch, the sampler says which epoch it is
+        self.loader = make_loader(train_set, loop.batch_size, self.sampler, num_workers=loop.num_workers, pin_memory=device.type == "cuda")
         self.steps = math.ceil(len(self.sampler.indices()) / loop.batch_size)
         total, s = self.steps * cfg.epochs, cfg.schedule
         warmup, milestones = int(round(s.warmup_epochs * self.steps)), [m * self.steps for m in s.milestones]
@@ -182,15 +184,13 @@ class _Trainer:
     def epoch(self, epoch: int, skip: int, at: Position, stop: StopFlag, progress) -> tuple["_Tally", float]:
         """The epoch's steps from ``skip`` on; a stop between them checkpoints the position and raises Interrupted."""
         loop = self.loop
-        self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start=skip * loop.batch_size)
-        loader = make_loader(self.train_set, loop.batch_size, self.sampler, num_workers=loop.num_workers, pin_memory=self.device.type == "cuda")
         self.train_model.train()
         self.hook.begin_epoch(epoch, skip)
         self.objective.begin_epoch(epoch)
         task = progress.add_task(f"{loop.label} {epoch + 1}/{self.cfg.epochs}", total=self.steps, completed=skip, info="")
         tally, t0, losses = _Tally(self.device), time.perf_counter(), {}
-        for step, (images, labels, indices) in enumerate(loader, start=skip):
+        for step, (images, labels, indices) in enumerate(self.loader, start=skip):
             losses = self.step(epoch, step, images, labels, indices, tally)
             if tally.due(step, self.steps):
                 seen, correct, sums = tally.read()
