@@ -25,7 +25,7 @@ from edgedistill.distill.objectives import (
     Objective,
 )
 from edgedistill.recipe.schema import EnergyConfig, TrainConfig
-from edgedistill.distill.train import LoopConfig, fit, lr_factor
+from edgedistill.distill.train import LoopConfig, class_tally, fit, lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,6 +85,25 @@ def test_same_seed_same_weights(tmp_path):
     a, _ = train(tmp_path / "a")
     b, _ = train(tmp_path / "b")
     assert same_weights(a, b)
+
+
+def test_evaluation_counts_per_class_without_building_a_graph():
+    """Every epoch's evaluation goes through class_tally: no autograd graph (memory, time), and counts per class."""
+    seen_grad = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            seen_grad.append(torch.is_grad_enabled())
+            return self.net(x)
+
+    split = tiny_data()
+    correct, seen = class_tally(Spy(tiny_model()), ImageDataset(split, 16, False), 32, torch.device("cpu"))
+    assert seen_grad and not any(seen_grad)
+    assert seen.tolist() == np.bincount(split.labels, minlength=3).tolist() and (correct <= seen).all()
 
 
 def test_loader_workers_that_live_across_epochs_change_nothing(tmp_path):

@@ -309,7 +309,6 @@ def _diverged(label: str, epoch: int, step: int, losses: dict, last: Path, preci
     )
 
 
-@torch.no_grad()
 def evaluate(model, test_set: ImageDataset, batch_size: int, device, dist: DistInfo = DistInfo(), precision: Precision | None = None, channels_last=False) -> float:
     """Top-1 (percent) on the test set; under DDP each rank scores a shard and counts are summed."""
     return top1_percent(*class_tally(model, test_set, batch_size, device, dist, precision, channels_last))
@@ -319,6 +318,7 @@ def top1_percent(correct: np.ndarray, seen: np.ndarray) -> float:
     return 100.0 * float(correct.sum()) / max(float(seen.sum()), 1.0)
 
 
+@torch.no_grad()
 def class_tally(model, test_set: ImageDataset, batch_size: int, device, dist: DistInfo = DistInfo(), precision: Precision | None = None,
                 channels_last=False) -> tuple[np.ndarray, np.ndarray]:
     """Correct and seen test images per class (:func:`edgedistill.base.shots.class_counts`), summed over ranks."""
