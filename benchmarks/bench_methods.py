@@ -123,8 +123,9 @@ GRID = (
 
 
 # The long-tail grid (ShuffleNetV2 ×0.5, three seeds): the balanced grid's questions asked again where the paper
-# claims the most, plus HE-DA under Energy KD.
-GRID_LT = tuple(("shufflenet_v2_x0_5", m, 3) for m in ("kd", "energy_kd", "energy_kd_reversed", "ce", "kd_heda_0.5", "energy_kd_heda_0.5"))
+# claims the most (CutMix on all data for "HE-DA vs mixing everything"), plus HE-DA under Energy KD.
+GRID_LT = tuple(("shufflenet_v2_x0_5", m, 3) for m in ("kd", "energy_kd", "energy_kd_reversed", "ce", "kd_heda_0.5", "kd_cutmix_all",
+                                                       "energy_kd_heda_0.5"))
 # A teacher that saw only the long-tailed split (the paper's setting: one trained on the balanced set would know the
 # tail the students' data lacks), trained by the pipeline's own teacher stage once per protocol.
 LT_TEACHER = ("teacher={source: train, arch: resnet56, train: {epochs: 60, "
@@ -156,13 +157,13 @@ PROTOCOLS = {
         12, GRID, "the full train half (40,000 images) and test half (10,000), 12 epochs, batch 64, SGD 0.05 with "
                   "Nesterov momentum 0.9 and weight decay 5e-4, cosine schedule after 1.8 warm-up epochs"),
     "gpu": Protocol((), 240, GRID, "the recipe as is: the paper's 240 epochs, SGD 0.01, steps at 150/180/210, batch 64"),
-    # CIFAR-100-real's train half cut to the CIFAR-LT profile (imbalance 100: 400 down to 4 images a class, 8,547 in
+    # CIFAR-100-real's train half cut to the CIFAR-LT profile (imbalance 100: 400 down to 4 images a class, 8,668 in
     # all), the balanced test half; 40 epochs, so that the students are past their fast-learning phase on 8.5k images
     "lt": Protocol(
         (LT_TEACHER, *FIXED, "data.long_tail.imbalance=100", "data.batch_size=64", "distill.epochs=40",
          "distill.schedule={name: cosine, warmup_epochs: 2}",
          "distill.optimizer={name: sgd, lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"),
-        40, GRID_LT, "the train half cut to the CIFAR-LT profile with imbalance 100 (8,547 images, 400 down to 4 a class) "
+        40, GRID_LT, "the train half cut to the CIFAR-LT profile with imbalance 100 (8,668 images, 400 down to 4 a class) "
                      "and the balanced test half (10,000), a ResNet-56 teacher trained on the long-tailed split only (60 "
                      "epochs), students 40 epochs, batch 64, SGD 0.05 with Nesterov momentum 0.9 and weight decay 5e-4, "
                      "cosine schedule after 2 warm-up epochs"),
@@ -222,6 +223,22 @@ def shared_scores(protocol: str) -> Path:
         if not ctx.run.done(stage):
             run_stage(ctx, stage)
     return base
+
+
+def teacher_card(protocol: str) -> dict | None:
+    """The card of a teacher the protocol trains itself (``lt``): its schedule, test top-1 overall and by shot group,
+    per-epoch curve and digests, written beside the records from the shared run folder once it has finished."""
+    base, path = CACHE / protocol / "teacher-and-scores", RECORDS / protocol / "teacher.json"
+    if RunFolder(base).done("teacher") and (base / "teacher_metrics.jsonl").exists():
+        t, epochs = json.loads((base / "teacher.json").read_text()), _jsonl(base / "teacher_metrics.jsonl")
+        recipe = recipe_for(Config(next(iter(STUDENTS)), REFERENCE, 0), protocol)
+        tc, o = recipe.teacher.train, recipe.teacher.train.optimizer
+        schedule = (f"{tc.epochs} epochs, batch {recipe.data.batch_size}, SGD {o.lr:g}{' Nesterov' if o.nesterov else ''} momentum "
+                    f"{o.momentum:g}, weight decay {o.weight_decay:g}, {tc.schedule.name} schedule after {tc.schedule.warmup_epochs:g} warm-up epochs")
+        fsio.write_json(path, {"arch": t["arch"], "schedule": schedule, "test_top1": t["test_top1"], "shot_top1": t.get("shot_top1"),
+                               "top1_by_epoch": [e["test_top1"] for e in epochs], "train_minutes": sum(e["epoch_seconds"] for e in epochs) / 60,
+                               "file_sha256": t["file_sha256"], "probe": t["probe"]})
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def train(cfg: Config, protocol: str, base: Path, stages: tuple[str, ...] = TRAIN_STAGES, root: Path | None = None, *extra: str) -> None:
@@ -823,6 +840,7 @@ def main() -> int:
         todo = [c for c in configs if not finished(c, args.protocol)]
         print(f"{len(configs) - len(todo)} of {len(configs)} configurations already finished", flush=True)
         base = shared_scores(args.protocol) if todo else None
+        teacher_card(args.protocol)
         for i, cfg in enumerate(todo, 1):
             print(f"\n=== [{i}/{len(todo)}] {cfg.id}", flush=True)
             train(cfg, args.protocol, base)
@@ -840,9 +858,17 @@ def main() -> int:
         return 1
     costs = json.loads(costs_path.read_text()) if costs_path.exists() else {}
     costs = {k: v for k, v in costs.items() if not k.startswith("_")}
-    write_docs(rows, costs, args.protocol, {"machine": machine(), "span": span(rows)})
+    meta = {"machine": machine(), "span": span(rows)}
+    if args.protocol == "lt":
+        from longtail_report import write_longtail_docs
+
+        write_longtail_docs(rows, costs, meta, teacher_card("lt"))
+        page = DOCS / "benchmarks-longtail.md"
+    else:
+        write_docs(rows, costs, args.protocol, meta)
+        page = DOCS / "benchmarks.md"
     missing = [c.id for c in grid(args.protocol) if not any(r["id"] == c.id for r in rows)]
-    print(f"wrote {DOCS / 'benchmarks.md'} ({len(rows)} runs" + (f"; not yet run: {', '.join(missing)})" if missing else ")"))
+    print(f"wrote {page} ({len(rows)} runs" + (f"; not yet run: {', '.join(missing)})" if missing else ")"))
     return 0
 
 
