@@ -263,6 +263,15 @@ def test_on_bad_image_skip_leaves_the_files_out_and_lists_them(tmp_path):
         assert ImageDataset(b.train, 8, train=False)[i][0].shape == (3, 8, 8)
 
 
+def test_the_report_lists_the_skipped_files():
+    from edgedistill.pipeline.report import _checks_section
+
+    skipped = [{"path": f"/data/train/a/{i}.png", "why": "not a readable image"} for i in range(4)]
+    table = "\n".join(_checks_section(None, None, None, skipped))
+    assert "| unreadable images left out | 4 (`0.png`; `1.png`; `2.png` …; all in skipped_images.json) | ⚠️ data.on_bad_image: skip |" in table
+    assert _checks_section(None, None, None, []) == []
+
+
 def test_on_bad_image_is_refused_for_a_source_without_image_files():
     with pytest.raises(ValueError, match="on_bad_image: would be ignored: data source 'digits' reads no image files"):
         DataConfig(source="digits", on_bad_image="skip")

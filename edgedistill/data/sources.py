@@ -198,18 +198,16 @@ def _cifar(cls_name: str):
 
 def _imagefolder(cfg) -> DataBundle:
     """``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg`` (or ``root/val/``, as ImageNet is laid out);
-    classes from the train folder, sorted. Every file's
-    header is checked now (:mod:`edgedistill.data.folder_scan`): one Pillow cannot open stops the run, or with
-    ``data.on_bad_image: skip`` leaves its split and is listed in ``DataBundle.skipped``."""
+    classes from the train folder, sorted. Every file's header is checked now (:mod:`edgedistill.data.folder_scan`):
+    one Pillow cannot open stops the run, or with ``data.on_bad_image: skip`` is left out and listed."""
     root = _need_root(cfg)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
     if not classes:
         raise InputError(f"data.root: {root / 'train'} has no class folders")
-    bundle = DataBundle(Split(np.zeros(0, np.int64)), Split(np.zeros(0, np.int64)), classes, cfg.image_size or 224,
-                        IMAGENET_MEAN, IMAGENET_STD, "imagefolder")
     test = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"  # val/: ImageNet's layout
-    bundle.train, bundle.test = (_checked_split(d, classes, cfg.on_bad_image, bundle.skipped) for d in (root / "train", test))
-    return bundle
+    skipped: list[dict] = []
+    train, test = (_checked_split(d, classes, cfg.on_bad_image, skipped) for d in (root / "train", test))
+    return DataBundle(train, test, classes, cfg.image_size or 224, IMAGENET_MEAN, IMAGENET_STD, "imagefolder", skipped=skipped)
 
 
 def _checked_split(split_dir: Path, classes: list[str], on_bad_image: str, skipped: list[dict]) -> Split:

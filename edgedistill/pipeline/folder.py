@@ -20,6 +20,7 @@ LOCK_FILE = ".lock"
 
 
 NOTHING_MADE = "nothing_made"
+SKIPPED_FILE = "skipped_images.json"  # the image files data.on_bad_image: skip left out
 
 
 class RunFolder:

@@ -14,6 +14,7 @@ from rich.table import Table
 from edgedistill.base import fsio
 from edgedistill.base.plots import png, pyplot
 from edgedistill.base.timing import fmt_spread, spread_of
+from edgedistill.pipeline.folder import SKIPPED_FILE
 
 # ---------------------------------------------------------------- terminal tables
 
@@ -151,7 +152,7 @@ def write_report(run: Path, r) -> dict:
         *[f"| {a} | {b} |" for a, b in _headline(run)],
         "",
     ]
-    lines += _checks_section(teacher, energy, val, _load(run, "skipped_images.json"))
+    lines += _checks_section(teacher, energy, val, _load(run, SKIPPED_FILE))
     if choice:
         lines += _choice_section(choice)
     if val:
@@ -216,7 +217,7 @@ def _checks_section(teacher: dict | None, energy: dict | None, val: dict | None,
     rows = []
     if skipped:
         shown = "; ".join(f"`{Path(s['path']).name}`" for s in skipped[:3]) + (" …" if len(skipped) > 3 else "")
-        rows.append(("unreadable images left out", f"{len(skipped)} ({shown}; all in skipped_images.json)", "⚠️ data.on_bad_image: skip"))
+        rows.append(("unreadable images left out", f"{len(skipped)} ({shown}; all in {SKIPPED_FILE})", "⚠️ data.on_bad_image: skip"))
     if teacher and teacher.get("chance"):
         c = teacher["chance"]
         rows.append(("teacher above chance", f"{teacher['test_top1']:.2f}% (chance {c['guess']:.2f}%, bar {c['bar']:.2f}%)",

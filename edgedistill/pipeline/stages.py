@@ -25,7 +25,7 @@ from edgedistill.base.distributed import all_gather_array, barrier, broadcast_va
 from edgedistill.distill.energy import GROUP_GAP, assign_groups, group_summary, groups_apart, plot_gallery, plot_histogram, score_loader
 from edgedistill.base.errors import InputError
 from edgedistill.base.shots import shot_top1
-from edgedistill.pipeline.folder import NOTHING_MADE
+from edgedistill.pipeline.folder import NOTHING_MADE, SKIPPED_FILE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
 from edgedistill.deploy.pick import CHOICE_FILE, PLOT_FILE, chosen_student, pick
@@ -74,7 +74,6 @@ def pick_stage(ctx: RunContext) -> dict:
 # ---------------------------------------------------------------- teacher
 
 PROBE_IMAGES = 256
-SKIPPED_FILE = "skipped_images.json"
 
 
 def _fingerprint(path: Path, fast: nn.Module, probe: np.ndarray, device: torch.device) -> dict:
