@@ -10,11 +10,12 @@ import math
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from edgedistill.budget.cost import CostModel, from_step_timings
 from edgedistill.pipeline.context import RunContext
-from edgedistill.data.loading import EpochSampler, make_loader, to_float
+from edgedistill.data.loading import EpochSampler, ImageDataset, make_loader, to_float
 from edgedistill.distill.objectives import Augmenter, CrossEntropyObjective
 from edgedistill.base.devices import Precision, preset, synchronizer
 from edgedistill.base.timing import interleaved
@@ -188,8 +189,9 @@ def _timed_selection(ctx: RunContext) -> tuple[str, float]:
 
 def _eval_seconds(ctx: RunContext, student, precision) -> float:
     """Time the test evaluation on a slice and scale it to the full test set."""
-    test = ctx.test_set()
+    test = ctx.data.test
     n = min(len(test), 2 * ctx.recipe.data.eval_batch_size)
+    head = ImageDataset(test.subset(np.arange(n)), ctx.image_size, train=False)
     t = time.perf_counter()
-    evaluate(student, torch.utils.data.Subset(test, range(n)), ctx.recipe.data.eval_batch_size, ctx.device, precision=precision)
+    evaluate(student, head, ctx.recipe.data.eval_batch_size, ctx.device, precision=precision)
     return (time.perf_counter() - t) * len(test) / max(n, 1) / ctx.dist.world
