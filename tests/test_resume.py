@@ -59,8 +59,11 @@ def invoke(*args):
 
 
 def interrupted(sig: str, label: str, step: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # SIGINT at its default in the child whatever this worker process inherited: a child started with SIGINT ignored
+    # (as a shell starts background jobs) keeps ignoring it outside training, and export and validation finish
     return subprocess.run([sys.executable, str(HERE / "interrupt_at.py"), sig, label, str(step), *args],
-                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def edgedistill(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
