@@ -43,6 +43,13 @@ def command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "edgedistill", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out), *sets, *extra]
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT at its default. A sweep started in the background by a shell has SIGINT ignored, and its
+    children would inherit that: outside training (where the loop installs its own handler) the signal would land on
+    nothing and the point would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(path: Path, proc: subprocess.Popen) -> float | None:
     """Seconds until ``path`` exists (None if the process ended first)."""
     t0 = time.perf_counter()
@@ -88,7 +95,8 @@ def differing(a: Path, b: Path) -> tuple[int, int]:
 
 def one_point(out: Path, prepared: Path, delay: float, ref_student: Path) -> dict:
     run = before_distill(prepared, out / "quickstart")
-    proc = subprocess.Popen(command(out, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(out, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     if wait_for(run / "checkpoints" / "last.pt", proc) is None:
         return {"delay_s": delay, "error": "ended before the first checkpoint"}
     time.sleep(delay)
