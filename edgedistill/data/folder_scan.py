@@ -55,7 +55,7 @@ def check_headers(paths: list[str], workers: int | None = None) -> tuple[dict[in
     """``({index: why}, not_rgb)``: the files Pillow cannot open as an image, and how many are not RGB (grayscale,
     RGBA, palette: converted when read)."""
     chunks = [(i, paths[i:i + CHUNK]) for i in range(0, len(paths), CHUNK)]
-    workers = min(workers or len(os.sched_getaffinity(0)), len(chunks))
+    workers = min(workers or os.cpu_count() or 1, len(chunks))  # sched_getaffinity is Linux-only
     if len(paths) < PARALLEL_FROM or workers < 2:
         results = [_check_chunk(c) for c in chunks]
     else:
