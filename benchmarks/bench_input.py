@@ -2,11 +2,12 @@
 
 On 256-px JPEGs of CIFAR-100-real (``bench_memory.make_folder``), measured in one process, one after another:
 
-1. decode + training augmentation (random-resized crop to 224, flip) in the DataLoader, per decoder (Pillow, as the
-   pipeline reads files today, and torchvision's ``decode_image``, both libjpeg-turbo) and per worker count;
+1. decode + training augmentation (random-resized crop to 224, flip) in the DataLoader, per decoder (Pillow;
+   TorchCodec's ``decode_image``, what the pipeline uses with the fast-decode extra; torchvision's, deprecated since
+   0.29; all three libjpeg-turbo) and per worker count;
 2. the student's training step alone (forward, backward, SGD; batch 64, images already in memory) of MobileNetV2
    ×1.0 and ShuffleNetV2 ×1.0;
-3. both together: the real loader (Pillow, persistent workers) feeding the MobileNetV2 step, as an epoch runs.
+3. both together: the pipeline's loader (its decoder, persistent workers) feeding the MobileNetV2 step, as an epoch runs.
 
 Images per second; the pipeline keeps up when (1) is well above (2). Run it alone: a second process's threads would
 take the cores both sides share::
@@ -36,13 +37,30 @@ from edgedistill.recipe.schema import DataConfig  # noqa: E402
 SIZE, BATCH = 224, 64
 
 
-class TorchvisionDecoded(ImageDataset):
-    """The same dataset, its files decoded by torchvision instead of Pillow."""
+class PillowDecoded(ImageDataset):
+    """The same dataset, its files decoded by Pillow (what the pipeline does without the fast-decode extra)."""
 
     def _read(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.split.paths[i]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+class TorchvisionDecoded(ImageDataset):
+    """The same dataset, its files decoded by torchvision (deprecated since torchvision 0.29 for TorchCodec)."""
+
+    def _read(self, i: int) -> torch.Tensor:
+        import warnings
+
         from torchvision.io import ImageReadMode, decode_image, read_file
 
-        return decode_image(read_file(self.split.paths[i]), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(read_file(self.split.paths[i]), mode=ImageReadMode.RGB)
+
+
+DECODERS = {"Pillow": PillowDecoded, "TorchCodec (the pipeline's)": ImageDataset, "torchvision": TorchvisionDecoded}
 
 
 def loader_rate(dataset: ImageDataset, images: int, workers: int) -> float:
@@ -85,11 +103,11 @@ def main() -> None:
     args = ap.parse_args()
     folder = make_folder(args.out, 1500)
     split = load_data(DataConfig(source="imagefolder", root=folder, image_size=SIZE)).test  # 256-px JPEGs, as training images
-    same = sum(np.array_equal(ImageDataset(split, SIZE, train=False)._read(i), TorchvisionDecoded(split, SIZE, train=False)._read(i))
-               for i in range(64))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Pillow and torchvision decode the same pixels in {same} of 64 files\n")
+    same = {name: sum(np.array_equal(PillowDecoded(split, SIZE, train=False)._read(i), cls(split, SIZE, train=False)._read(i))
+                      for i in range(64)) for name, cls in DECODERS.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; of 64 files, the same pixels as Pillow's: {same}\n")
     print("| what | img/s |\n| --- | ---: |")
-    for name, cls in (("Pillow", ImageDataset), ("torchvision", TorchvisionDecoded)):
+    for name, cls in DECODERS.items():
         for workers in (0, 1, 2):
             rate = loader_rate(cls(split, SIZE, train=True, seed=0), args.images, workers)
             print(f"| decode ({name}) + train augment, {workers} workers | {rate:.0f} |", flush=True)
@@ -98,7 +116,7 @@ def main() -> None:
     for workers in (0, 2):
         sampler = EpochSampler(len(split), seed=0, shuffle=True)
         loader = make_loader(ImageDataset(split, SIZE, train=True, seed=0), BATCH, sampler, num_workers=workers)
-        print(f"| mobilenet_v2 step fed by the loader (Pillow, {workers} workers) | {step_rate('mobilenet_v2', args.steps, iter(loader)):.0f} |", flush=True)
+        print(f"| mobilenet_v2 step fed by the pipeline's loader ({workers} workers) | {step_rate('mobilenet_v2', args.steps, iter(loader)):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ folder and model, for a before/after::
 
     python benchmarks/bench_memory.py --out /tmp/mem                          # 1,500 and 6,000 test images
     python benchmarks/bench_memory.py --out /tmp/mem --checkout /tmp/before   # the same with that checkout's package
+    python benchmarks/bench_memory.py --out /tmp/mem --run                    # a whole run: 2,000 train, 6,000 test images
 
 Memory does not depend on the machine's load: this may run beside other work (its seconds then mean little).
 """
@@ -29,17 +30,18 @@ NPZ = ROOT.parent / "shared" / "data" / "cifar100-real" / "cifar100_train40k_tes
 SIDE = 256  # what the JPEGs are stored at; the recipe resizes and centre-crops to 224
 
 
-def make_folder(out: Path, n_test: int) -> Path:
-    """``out/folder`` with the first ``n_test`` test images and two training images a class (made once)."""
+def make_folder(out: Path, n_test: int, train_per_class: int = 2) -> Path:
+    """``out/folder`` with the first ``n_test`` test images and ``train_per_class`` training images a class (made once;
+    another number of training images makes another folder)."""
     from PIL import Image
 
-    folder = out / "folder"
+    folder = out / ("folder" if train_per_class == 2 else f"folder-{train_per_class}")
     if (folder / ".complete").exists():
         return folder
     d = np.load(NPZ)
     names = [str(n) for n in d["class_names"]]
     picks = {"test": (d["x_test"][:n_test], d["y_test"][:n_test])}
-    train_idx = np.concatenate([np.flatnonzero(d["y_train"] == c)[:2] for c in range(len(names))])
+    train_idx = np.concatenate([np.flatnonzero(d["y_train"] == c)[:train_per_class] for c in range(len(names))])
     picks["train"] = (d["x_train"][train_idx], d["y_train"][train_idx])
     for split, (x, y) in picks.items():
         for i, (img, label) in enumerate(zip(x, y)):
@@ -73,13 +75,50 @@ def peak_rss(checkout: Path, recipe: Path, model: Path, n_test: int, out: Path) 
     return int(proc.stderr.strip().splitlines()[-1]) / 1e6, seconds
 
 
+RUN_RECIPE = """name: run224
+device: cpu
+seed: 0
+data: {{source: imagefolder, root: {folder}, image_size: 224, batch_size: 32, eval_batch_size: 100, num_workers: 2}}
+teacher:
+  source: train
+  arch: mobilenet_v3_small
+  allow_weak: true  # two epochs from scratch on 20 images a class: near chance, and this measures memory
+  train: {{epochs: 2, optimizer: {{name: sgd, lr: 0.05, weight_decay: 5.0e-4}}, schedule: {{name: cosine, warmup_epochs: 0}}}}
+student: {{arch: mobilenet_v3_small, width: 0.5}}
+distill:
+  epochs: 2
+  optimizer: {{name: sgd, lr: 0.05, weight_decay: 5.0e-4}}
+  schedule: {{name: cosine, warmup_epochs: 0}}
+augment: {{method: cutmix, selection: high, fraction: 0.2}}
+export: {{formats: [fp32, int8], calibration: {{samples: 256}}}}
+validate: {{rounds: 3, seconds: 1, allow_weak: true}}
+"""
+
+
+def whole_run(out: Path, train_per_class: int, n_test: int) -> None:
+    """Peak RSS and time per stage of a whole ``edgedistill run`` at 224 px (teacher trained here, two epochs each)."""
+    folder = make_folder(out, n_test, train_per_class)
+    recipe = out / "run224.yaml"
+    recipe.write_text(RUN_RECIPE.format(folder=folder))
+    t = time.perf_counter()
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "edgedistill", "run", str(recipe), "--out", str(out / "runs-whole"),
+           "--force"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout[-3000:])
+    print(f"exit {proc.returncode}; peak RSS {int(proc.stderr.strip().splitlines()[-1]) / 1e6:.2f} GB; "
+          f"{time.perf_counter() - t:.0f} s; {train_per_class * 100:,} train and {n_test:,} test images at 224 px")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1500, 6000])
     ap.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose package runs validate")
+    ap.add_argument("--run", action="store_true", help="a whole run instead: 20 training images a class, 6,000 test images")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        return whole_run(args.out, 20, 6000)
     folder = make_folder(args.out, max(args.sizes))
     model = make_model(args.out, 100)
     recipe = args.out / "mem224.yaml"

@@ -67,6 +67,9 @@ DOCS = ROOT / "docs"
 STUDENTS = {
     "shufflenet_v2_x0_5": ["student.arch=shufflenet_v2_x0_5"],
     "mobilenet_v2_w0.5": ["student.arch=mobilenet_v2", "student.width=0.5"],
+    # timm's (the timm extra; issue #33): the MobileNet of 2024, and PP-LCNet, designed for CPU latency
+    "timm_mobilenetv4_conv_small": ["student.arch=timm/mobilenetv4_conv_small"],
+    "timm_lcnet_100": ["student.arch=timm/lcnet_100"],
 }
 
 KD = "{name: kd, temperature: 4, ce_weight: 0.1, kd_weight: 0.9}"
@@ -167,6 +170,13 @@ PROTOCOLS = {
                      "and the balanced test half (10,000), a ResNet-56 teacher trained on the long-tailed split only (60 "
                      "epochs), students 40 epochs, batch 64, SGD 0.05 with Nesterov momentum 0.9 and weight decay 5e-4, "
                      "cosine schedule after 2 warm-up epochs"),
+    # the cpu protocol for timm's students, one seed to start: do they move the accuracy/latency frontier of
+    # the cpu grid's ShuffleNetV2 ×0.5? (docs/benchmarks/zoo.md)
+    "zoo": Protocol(
+        FIXED + ("data.batch_size=64", "distill.epochs=12", "distill.schedule={name: cosine, warmup_epochs: 1.8}",
+                 "distill.optimizer={name: sgd, lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"),
+        12, tuple((s, m, 1) for s in ("timm_mobilenetv4_conv_small", "timm_lcnet_100") for m in ("kd", "energy_kd")),
+        "the cpu protocol (12 epochs on the full train half) for timm students"),
     # checks this script end to end in minutes; its numbers mean nothing
     "smoke": Protocol(
         FIXED + ("data.train_limit=512", "data.test_limit=500", "data.batch_size=64", "distill.epochs=1", "distill.schedule={name: constant}",

@@ -260,14 +260,15 @@ def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool)
 @click.option("--num-classes", type=click.IntRange(2), default=100, show_default=True, help="Classes of the students' classifier.")
 def list_registered(image_size: int, num_classes: int):
     """List the registered data sources, students, teachers, losses, augmentations and export targets, and every student
-    (at each width student.arch: auto tries) with its parameters and MACs per image (on stdout)."""
+    student.arch: auto considers (each width it tries; timm's curated ones with the timm extra) with its parameters,
+    MACs per image and whether it takes a stride-1 stem for small images (on stdout)."""
     from rich.table import Table
 
     from edgedistill.distill.augment import AUGMENTS
     from edgedistill.data.sources import DATA_SOURCES
     from edgedistill.distill.losses import LOSSES
     from edgedistill.models.macs import model_stats
-    from edgedistill.models.students import STUDENTS, build_student
+    from edgedistill.models.students import STUDENTS, allows_small_stem, build_student, zoo
     from edgedistill.models.teachers import TEACHERS
     from edgedistill.deploy.pick import candidate_specs, label
     from edgedistill.deploy.targets import TARGETS
@@ -276,15 +277,17 @@ def list_registered(image_size: int, num_classes: int):
     table.add_column("kind")
     table.add_column("names")
     for reg in (DATA_SOURCES, STUDENTS, TEACHERS, LOSSES, AUGMENTS, TARGETS):
-        table.add_row(reg.kind, ", ".join(reg.names()))
+        table.add_row(reg.kind, ", ".join([*reg.names(), *reg.families()]))
     stdout.print(table)
-    sizes = Table(title=f"students at {image_size}×{image_size} px, {num_classes} classes (small-input stem: auto)")
-    for col in ("student", "parameters", "MACs per image"):
-        sizes.add_column(col, justify="left" if col == "student" else "right")
-    for arch, width in candidate_specs(STUDENTS.names()):
+    sizes = Table(title=f"students at {image_size}×{image_size} px, {num_classes} classes, as exported (small-input stem: auto)")
+    sizes.add_column("student", no_wrap=True)
+    for col in ("parameters", "MACs per image", "stride-1 stem"):
+        sizes.add_column(col, justify="right")
+    for arch, width in candidate_specs(zoo()):
         net = build_student(arch, num_classes, image_size=image_size, mean=(0.5,) * 3, std=(0.25,) * 3, width=width).eval()
         stats = model_stats(net, image_size)
-        sizes.add_row(label({"arch": arch, "width": width}), f"{stats['parameters'] / 1e6:.2f} M", f"{stats['macs'] / 1e6:.1f} M")
+        stem = "yes" if allows_small_stem(arch) else "no"
+        sizes.add_row(label({"arch": arch, "width": width}), f"{stats['parameters'] / 1e6:.2f} M", f"{stats['macs'] / 1e6:.1f} M", stem)
     stdout.print(sizes)
 
 

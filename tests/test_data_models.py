@@ -30,7 +30,8 @@ from torch import nn
 from edgedistill.data.sources import DATA_SOURCES, Split, limit_indices, load_data, long_tail_indices
 from edgedistill.data.loading import ImageDataset
 from edgedistill.base.errors import InputError
-from edgedistill.models.students import STUDENTS, build_student, build_classifier
+from edgedistill.models import timm_zoo
+from edgedistill.models.students import STUDENTS, Normalized, build_student, build_classifier
 from edgedistill.models.teachers import TEACHERS, load_teacher
 from edgedistill.recipe.schema import DataConfig, TeacherConfig
 
@@ -456,14 +457,23 @@ def teacher_files(tmp_path_factory) -> dict:
     w, b = rng.normal(size=(K, 3)), rng.normal(size=K)
     onnx_gap_gemm(d / "tiny.onnx", w, b)
     out["onnx"] = ({"path": d / "tiny.onnx"}, lambda t: t.mean((2, 3)) @ torch.from_numpy(w).float().T + torch.from_numpy(b).float())
+
+    if timm_zoo.installed():  # normalised as its pretrained configuration says, unless the recipe says otherwise
+        import timm
+
+        net = lively(timm.create_model("lcnet_050", pretrained=False, num_classes=K))
+        torch.save(net.state_dict(), d / "lcnet_050.pth")
+        cfg = timm.get_pretrained_cfg("lcnet_050")
+        out["timm"] = ({"arch": "lcnet_050", "path": d / "lcnet_050.pth"}, Normalized(net, cfg.mean, cfg.std))
     return out
 
 
 def test_every_file_teacher_source_is_tested_here(teacher_files):
-    assert set(TEACHERS.names()) - {"train"} == set(teacher_files)
+    assert set(TEACHERS.names()) - {"train"} - ({"timm"} if not timm_zoo.installed() else set()) == set(teacher_files)
 
 
-@pytest.mark.parametrize("source", ["torchvision", "torchscript", "export", "onnx"])
+@pytest.mark.parametrize("source", ["torchvision", "torchscript", "export", "onnx",
+                                    *(["timm"] if timm_zoo.installed() else [])])
 def test_teacher_sources_load_frozen_and_match_the_original(source, teacher_files):
     kwargs, reference = teacher_files[source]
     net = load_teacher(TeacherConfig(source=source, **kwargs), K, SIZE, MEAN, STD)

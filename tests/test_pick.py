@@ -82,9 +82,12 @@ def test_headroom_keeps_a_median_just_under_the_limit_out():
 def test_candidates_are_every_student_and_its_widths():
     specs = P.candidate_specs(["mobilenet_v2", "shufflenet_v2_x1_0"])
     assert specs == [("mobilenet_v2", w) for w in P.WIDTH_GRID] + [("shufflenet_v2_x1_0", 1.0)]
+    from edgedistill.models import timm_zoo
     from edgedistill.models.students import STUDENTS
 
-    assert DeviceTarget(max_size_mb=1).candidate_archs() == STUDENTS.names()
+    curated = [timm_zoo.PREFIX + n for n in timm_zoo.CURATED] if timm_zoo.installed() else []
+    assert DeviceTarget(max_size_mb=1).candidate_archs() == STUDENTS.names() + curated
+    assert P.widths_of("timm/lcnet_050") == (1.0,)
 
 
 # ---------------------------------------------------------------- timing, on a fake clock
@@ -175,6 +178,19 @@ def test_on_real_exports_the_student_with_the_most_macs_under_the_target_is_chos
     limit = 3 * max(r["latency_ms"]["median"] for r in table["rows"])
     result = P.pick(table["rows"], DeviceTarget(max_latency_ms=limit, archs=probe.archs))
     assert result["choice"]["macs"] == max(r["macs"] for r in table["rows"])
+
+
+def test_a_candidate_that_does_not_build_at_the_size_is_skipped_with_its_reason(monkeypatch):
+    pytest.importorskip("timm", reason="the timm extra is not installed")
+    from edgedistill.deploy.candidates import time_candidates
+
+    monkeypatch.setattr(P, "WIDTH_GRID", (0.35,))
+    target = DeviceTarget(max_size_mb=100, archs=["timm/ghostnetv2_100", "mobilenet_v3_small"])
+    kw = dict(num_classes=5, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    table = time_candidates(target.candidate_archs(), target, rounds=1, round_seconds=0.001, metadata={}, **kw)
+    assert [r["arch"] for r in table["rows"]] == ["mobilenet_v3_small"]
+    [skipped] = table["skipped"]
+    assert skipped["arch"] == "timm/ghostnetv2_100" and "does not take 8x8 images" in skipped["reason"]
 
 
 def test_a_candidates_file_is_the_size_the_trained_students_will_be(tmp_path, monkeypatch):

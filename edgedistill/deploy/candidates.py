@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from edgedistill.base.errors import InputError
 from edgedistill.models.macs import model_stats
 from edgedistill.models.students import build_student
 from edgedistill.deploy.pick import candidate_specs, label
@@ -38,36 +39,43 @@ def time_candidates(archs: Sequence[str], target: Any, *, num_classes: int, imag
                     metadata: Mapping[str, str], calibration_method: str = "minmax", seed: int = 0, rounds: int = ROUNDS,
                     round_seconds: float = ROUND_SECONDS, progress: Callable[[str], None] = lambda _: None) -> dict:
     """The timing table of every (arch, width) of ``archs`` for ``target`` (a ``student.target`` section):
-    ``{"target", "settings", "rows": [{"arch", "width", "parameters", "macs", "size_mb", "latency_ms": spread}]}``.
+    ``{"target", "settings", "rows": [{"arch", "width", "parameters", "macs", "size_mb", "latency_ms": spread}],
+    "skipped": [{"arch", "width", "reason"}]}`` (a candidate that does not build at this size or export).
 
     ``metadata`` and ``calibration_method``: what the export stage will give the student's files."""
     h, w = hw(image_size)
     rng = np.random.default_rng(seed)
     x = rng.random((target.batch, 3, h, w), dtype=np.float32)
-    rows, runners = [], {}
+    rows, runners, skipped = [], {}, []
     with tempfile.TemporaryDirectory(prefix="edgedistill-pick-") as td:
         for i, (arch, width) in enumerate(candidate_specs(archs)):
             torch.manual_seed(seed)
-            model = build_student(arch, num_classes, image_size=image_size, mean=mean, std=std, width=width,
-                                  small_input=small_input)
+            row = {"arch": arch, "width": width}
             calibration = rng.random((CALIBRATION_IMAGES, 3, h, w), dtype=np.float32)
-            as_trained(model, calibration, num_classes)
-            row = {"arch": arch, "width": width, **model_stats(model, image_size)}
             progress(f"exporting {label(row)}")
             path = Path(td) / f"c{i}.onnx"
-            export_onnx(model, path, image_size=image_size, metadata=metadata)
-            if target.precision == "int8":
-                quantize_int8(path, path.with_suffix(".int8.onnx"), calibration, calibration_method)
-                path = path.with_suffix(".int8.onnx")
+            try:
+                model = build_student(arch, num_classes, image_size=image_size, mean=mean, std=std, width=width,
+                                      small_input=small_input)
+                as_trained(model, calibration, num_classes)
+                row.update(model_stats(model, image_size))
+                export_onnx(model, path, image_size=image_size, metadata=metadata)
+                if target.precision == "int8":
+                    quantize_int8(path, path.with_suffix(".int8.onnx"), calibration, calibration_method)
+                    path = path.with_suffix(".int8.onnx")
+            except InputError as e:  # an architecture this input size or the exporter refuses: not a candidate here
+                skipped.append({"arch": arch, "width": width, "reason": str(e)})
+                progress(f"skipped {label(row)}: {e}")
+                continue
             row["size_mb"] = round(path.stat().st_size / 1e6, 4)
-            runners[i] = OrtRunner.load(path, target.threads)
+            runners[len(rows)] = OrtRunner.load(path, target.threads)
             rows.append(row)
         progress(f"timing {len(rows)} candidates, {rounds} interleaved rounds")
         samples = interleaved({i: (lambda r=r: r.run_once(x)) for i, r in runners.items()}, rounds=rounds,
                               min_seconds=round_seconds, warmup=3)
     for i, row in enumerate(rows):
         row["latency_ms"] = spread([1000.0 * s for s in samples[i]])
-    return {"target": target.model_dump(), "rows": rows,
+    return {"target": target.model_dump(), "rows": rows, "skipped": skipped,
             "settings": {"rounds": rounds, "round_seconds": round_seconds, "image_size": list(hw(image_size)),
                          "num_classes": num_classes, "machine": platform.processor() or platform.machine(),
                          "torch_threads": torch.get_num_threads()}}

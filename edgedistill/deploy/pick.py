@@ -20,16 +20,17 @@ from typing import Any, Sequence
 
 from edgedistill.base.errors import InputError
 from edgedistill.base.timing import fmt_spread
+from edgedistill.models.students import fixed_width
 
 CHOICE_FILE = "student_choice.json"
 PLOT_FILE = "student_choice.png"
-# Width multipliers tried for every family that has one (ShuffleNetV2's width is its variant name).
+# Width multipliers tried for every family that has one (ShuffleNetV2's and timm's width is the model's name).
 WIDTH_GRID = (0.35, 0.5, 0.75, 1.0)
 
 
 def widths_of(arch: str) -> tuple[float, ...]:
     """The widths the picker tries for ``arch`` (the same rule as the recipe's ``student.width`` check)."""
-    return (1.0,) if arch.startswith("shufflenet_v2") else WIDTH_GRID
+    return (1.0,) if fixed_width(arch) else WIDTH_GRID
 
 
 def candidate_specs(archs: Sequence[str]) -> list[tuple[str, float]]:

@@ -17,6 +17,8 @@ def pick_table(result: dict):
         mark = "◀ chosen" if r.get("chosen") else ("fits" if r["fits"] else "; ".join(r["misses"]))
         t.add_row(label(r), f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e6:.1f} M", f"{r['size_mb']:.2f}",
                   fmt_spread(r["latency_ms"]), mark)
+    for r in result.get("skipped", ()):
+        t.add_row(label(r), "", "", "", "", f"not a candidate: {r['reason']}")
     return t
 
 

@@ -84,14 +84,7 @@ def validate_export(model: nn.Module, out_dir: Path, export_summary: Mapping, te
     """
     _check_data(test)
     reference = _reference(model, test, cfg)
-    results, runners = {}, {}
-    for name, info in export_summary.get("variants", {}).items():
-        path = Path(out_dir) / info["path"]
-        target = TARGETS.get(name)
-        results[name], runner = _open_one(target, path, test, cfg, reference)
-        if runner is not None:
-            runners[name] = (target, runner)
-        results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
+    results, runners = _open_all(Path(out_dir), export_summary, test, cfg, reference)
     reference_scores = _accuracy_pass(test, reference["model"], runners, results, cfg, shot_groups)
     reference["top1"] = reference_scores["test_top1"]
     runners = {name: runner for name, (_, runner) in runners.items()}
@@ -173,6 +166,23 @@ def check_gates(results: Mapping) -> None:
 
 
 # ---------------------------------------------------------------- one variant
+
+
+def _open_all(out_dir: Path, export_summary: Mapping, test: TestImages, cfg, reference: dict) -> tuple[dict, dict]:
+    """Every variant's row (parity filled in) and the runners of those that run; a target the export could not build
+    gets a failed row with the reason."""
+    results, runners = {}, {}
+    for name, info in export_summary.get("variants", {}).items():
+        target = TARGETS.get(name)
+        results[name], runner = _open_one(target, out_dir / info["path"], test, cfg, reference)
+        if runner is not None:
+            runners[name] = (target, runner)
+        results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
+    for name, reason in export_summary.get("failed", {}).items():
+        target = TARGETS.get(name)
+        results[name] = {**_row(out_dir / target.files[0]), "failures": [f"export failed: {reason}"],
+                         "deploy_to": list(target.deploy_to), "precision": target.precision}
+    return results, runners
 
 
 def _row(path: Path) -> dict:

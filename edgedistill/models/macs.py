@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgedistill.data.transforms import hw
+from edgedistill.models.timm_zoo import reparameterize
 
 
 def parameters(model: nn.Module) -> int:
@@ -28,5 +29,8 @@ def macs(model: nn.Module, image_size) -> int | None:
 
 
 def model_stats(model: nn.Module, image_size) -> dict:
-    """``{"parameters", "macs"}`` of ``model`` at ``image_size`` (parameters ``None`` for a model holding none)."""
-    return {"parameters": parameters(model) or None, "macs": macs(model, image_size)}
+    """``{"parameters", "macs"}`` of ``model`` at ``image_size`` (parameters ``None`` for a model holding none), in
+    the form it is exported in: a reparameterisable network (MobileOne, FastViT, RepViT) fused, as it ships."""
+    net = copy.deepcopy(model).cpu().float().eval()
+    reparameterize(net)
+    return {"parameters": parameters(net) or None, "macs": macs(net, image_size)}

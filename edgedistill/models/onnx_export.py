@@ -115,12 +115,16 @@ def _describe(proto: "onnx.ModelProto") -> dict:
 
 
 def export_copy(model: "nn.Module", name: str = "student.onnx") -> tuple["nn.Module", dict]:
-    """A CPU / eval / float32 deep copy of ``model`` ready to export, and what was changed on it."""
+    """A CPU / eval / float32 deep copy of ``model`` ready to export, and what was changed on it: training-time
+    branches fused (timm's reparameterisable students; validation's parity against the trained model covers the
+    fusion), in-place activations made out-of-place, Conv2d-BatchNorm2d pairs folded."""
+    from edgedistill.models.timm_zoo import reparameterize
+
     try:
         net = copy.deepcopy(model).cpu().float().eval()
     except Exception as e:  # noqa: BLE001
         raise InputError(f"{name}: the model cannot be copied for export ({type(e).__name__}: {first_line(e)})") from None
-    return net, {"inplace_disabled": _disable_inplace(net), "conv_bn_folded": _fold_conv_bn(net)}
+    return net, {"reparameterized": reparameterize(net), "inplace_disabled": _disable_inplace(net), "conv_bn_folded": _fold_conv_bn(net)}
 
 
 def _disable_inplace(net: "nn.Module") -> int:

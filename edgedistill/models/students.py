@@ -13,8 +13,9 @@ import torch
 import torchvision
 from torch import nn
 
-from edgedistill.base.errors import InputError
+from edgedistill.base.errors import InputError, RecipeError
 from edgedistill.base.registry import Registry
+from edgedistill.models import timm_zoo
 from edgedistill.models.cifar_resnet import DEPTHS, build_cifar_resnet
 
 
@@ -83,6 +84,26 @@ def _shufflenet(builder):
 for _name in ("x0_5", "x1_0", "x1_5", "x2_0"):
     STUDENTS.register(f"shufflenet_v2_{_name}")(_shufflenet(getattr(torchvision.models, f"shufflenet_v2_{_name}")))
 
+STUDENTS.register_family(timm_zoo.PREFIX, timm_zoo.student_builder, f"a timm model, with the timm extra: {timm_zoo.INSTALL}")
+
+
+def zoo() -> list[str]:
+    """Every student ``edgedistill list`` shows and ``student.arch: auto`` considers: the registered ones, then the
+    curated timm ones when timm is installed."""
+    return [*STUDENTS.names(), *timm_zoo.curated_archs()]
+
+
+def allows_small_stem(arch: str) -> bool:
+    """Whether ``arch`` can take a stride-1 stem for small images (every torchvision student can)."""
+    if arch.startswith(timm_zoo.PREFIX):
+        return bool(timm_zoo.small_stem_convs(timm_zoo.create(timm_zoo.model_name(arch), num_classes=10)))
+    return arch in STUDENTS
+
+
+def fixed_width(arch: str) -> bool:
+    """A family whose width is its name (ShuffleNetV2's variants, timm's models): ``student.width`` stays 1."""
+    return arch.startswith(("shufflenet_v2", timm_zoo.PREFIX))
+
 
 def build_student(
     arch: str,
@@ -96,6 +117,8 @@ def build_student(
     dropout: float = 0.2,
 ) -> nn.Module:
     net = STUDENTS.get(arch)(num_classes, width, small_input_wanted(small_input, image_size), dropout)
+    if arch.startswith(timm_zoo.PREFIX):
+        timm_zoo.check_input(net, arch, image_size)
     _default_bn_momentum(net)
     return Normalized(net, mean, std)
 
@@ -110,9 +133,9 @@ def _default_bn_momentum(net: nn.Module) -> None:
 
 
 def build_classifier(arch: str, num_classes: int, *, image_size: int, small_input: bool | str = "auto") -> nn.Module:
-    """A teacher architecture by name: a student's, a CIFAR ResNet (:mod:`edgedistill.models.cifar_resnet`) or any
-    torchvision classifier, with a small-input stem when asked (a CIFAR ResNet has one by design)."""
-    if arch in STUDENTS:
+    """A teacher architecture by name: a student's (timm's ``timm/<name>`` included), a CIFAR ResNet
+    (:mod:`edgedistill.models.cifar_resnet`) or any torchvision classifier, with a small-input stem when asked (a CIFAR ResNet has one by design)."""
+    if arch in STUDENTS or arch.startswith(timm_zoo.PREFIX):
         return STUDENTS.get(arch)(num_classes, 1.0, small_input_wanted(small_input, image_size), 0.2)
     if arch in DEPTHS:
         return build_cifar_resnet(arch, num_classes)
@@ -130,10 +153,16 @@ def teacher_arch_problem(arch: str) -> str | None:
     """Why ``teacher.arch`` names no architecture :func:`build_classifier` can build (one line), or None."""
     if arch in STUDENTS or arch in DEPTHS:
         return None
+    if arch.startswith(timm_zoo.PREFIX):
+        try:
+            timm_zoo.model_name(arch)
+        except RecipeError as e:
+            return str(e)
+        return None
     known = torchvision.models.list_models(module=torchvision.models)
     if arch in known:
         return None
     from edgedistill.base.registry import did_you_mean
 
-    return (f"'{arch}' is not a student, a CIFAR ResNet ({', '.join(DEPTHS)}) or a torchvision classifier"
+    return (f"'{arch}' is not a student, a CIFAR ResNet ({', '.join(DEPTHS)}), timm/<name> or a torchvision classifier"
             f"{did_you_mean(arch, [*DEPTHS, *known])}; see torchvision.models.list_models()")

@@ -1,5 +1,5 @@
-"""Teachers: the registry of sources a user's teacher may come from (a torchvision state_dict, TorchScript, a
-torch.export program, an ONNX file, or an architecture trained here), each loaded, checked against the data
+"""Teachers: the registry of sources a user's teacher may come from (a torchvision state_dict, a timm checkpoint,
+TorchScript, a torch.export program, an ONNX file, or an architecture trained here), each loaded, checked against the data
 and frozen.
 
 Like the students, every teacher takes RGB in [0, 1]; ``teacher.normalize`` puts a file teacher's own
@@ -21,6 +21,7 @@ from torch import nn
 
 from edgedistill.base.errors import InputError, first_line
 from edgedistill.base.registry import Registry
+from edgedistill.models import timm_zoo
 from edgedistill.models.checkpoints import load_checkpoint, state_dict_mismatch
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH, Normalized, build_classifier
 
@@ -35,6 +36,7 @@ class TeacherSource:
     mean something to it (``needs_arch``: it cannot do without ``arch``).
     ``what``: the file ``teacher.path`` must name, in words (``needs_path`` sources only).
     ``onnx_only``: the file is an ONNX model, which only ONNX Runtime runs (``teacher.runtime`` has no choice).
+    ``timm``: ``teacher.arch`` is a timm model name, and the normalisation defaults to its pretrained configuration's.
     The recipe refuses, when it loads, a key the chosen source would ignore.
     """
 
@@ -45,6 +47,7 @@ class TeacherSource:
     takes_arch: bool = False
     what: str = "a file"
     onnx_only: bool = False
+    timm: bool = False
 
 
 TEACHERS: Registry[TeacherSource] = Registry("teacher source")
@@ -145,19 +148,24 @@ TEACHERS.register("torchscript")(TeacherSource(_load_torchscript, needs_path=Tru
 TEACHERS.register("export")(TeacherSource(_load_exported, needs_path=True, needs_arch=False, what="a torch.export program (.pt2)"))
 TEACHERS.register("onnx")(TeacherSource(_load_onnx, needs_path=True, needs_arch=False, what="an ONNX model file",
                                                                   onnx_only=True))
+TEACHERS.register("timm")(TeacherSource(timm_zoo.load_teacher, needs_path=True, needs_arch=True, timm=True,
+                                          what="a timm checkpoint (.pth or .safetensors state_dict)"))
 TEACHERS.register("train")(TeacherSource(_untrained, needs_path=False, needs_arch=False, trained_here=True, takes_arch=True))
 
 
 def load_teacher(cfg, num_classes: int, image_size: int, mean, std) -> nn.Module:
     """The teacher of ``cfg.source`` taking RGB in [0, 1]; a loaded one is checked against the data and frozen.
 
-    ``teacher.normalize`` puts the normalisation a file teacher expects inside it; a teacher trained here gets
-    the data's statistics (``mean``, ``std``) unless the recipe gives its own.
+    ``teacher.normalize`` puts the normalisation a file teacher expects inside it (a timm teacher's default: its
+    pretrained configuration's); a teacher trained here gets the data's statistics (``mean``, ``std``) unless the
+    recipe gives its own.
     """
     spec = TEACHERS.get(cfg.source)
     net = spec.load(cfg, num_classes, image_size)
     if cfg.normalize is not None:
         net = Normalized(net, cfg.normalize.mean, cfg.normalize.std)
+    elif spec.timm:
+        net = Normalized(net, *timm_zoo.pretrained_normalization(cfg.arch))
     elif spec.trained_here:
         net = Normalized(net, mean, std)
     if not spec.trained_here:

@@ -58,7 +58,10 @@ def pick_stage(ctx: RunContext) -> dict:
                             std=data.std, small_input=s.small_input, metadata=_student_metadata(ctx),
                             calibration_method=ctx.recipe.export.calibration.method, seed=ctx.recipe.seed,
                             progress=lambda m: ctx.print(f"[dim]{m}[/]"))
-    result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"]}
+    if not table["rows"]:
+        raise InputError(f"student.target: no candidate builds and exports at {ctx.image_size} px: "
+                         + "; ".join(f"{r['arch']}: {r['reason']}" for r in table["skipped"]))
+    result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"], "skipped": table["skipped"]}
     ctx.print(pick_table(result))
     path = ctx.run / CHOICE_FILE
     if ctx.run.done("distill") and path.exists() and chosen_student(path) != (result["arch"], result["width"]):
@@ -305,7 +308,9 @@ def export_stage(ctx: RunContext) -> dict:
     calib, _ = eval_arrays(data.train, ctx.image_size, indices=limit_indices(data.train.labels, cfg.calibration.samples, ctx.recipe.seed))
     summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib,
                          metadata=_student_metadata(ctx))
-    return {"targets": sorted(summary["variants"])}
+    for name, reason in summary["failed"].items():
+        ctx.print(f"[yellow]{name}: not built: {reason}[/] (validation fails it; the other targets are built)", highlight=False)
+    return {"targets": sorted(summary["variants"]), "failed": sorted(summary["failed"])}
 
 
 def _student_metadata(ctx: RunContext) -> dict[str, str]:

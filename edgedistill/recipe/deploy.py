@@ -44,7 +44,9 @@ class DeviceTarget(BaseModel):
         return self
 
     def candidate_archs(self) -> list[str]:
-        return list(self.archs) if self.archs else students().names()
+        from edgedistill.models.students import zoo
+
+        return list(self.archs) if self.archs else zoo()
 
 
 class ReportConfig(BaseModel):

@@ -146,13 +146,22 @@ class TeacherConfig(Section):
         if self.path is not None and not spec.needs_path:
             raise ignored("path", f"{src} trains its teacher here and reads no file", "remove teacher.path, or pick a source that reads it "
                           f"({', '.join(n for n in TEACHERS.names() if TEACHERS.get(n).needs_path)})")
-        if not spec.takes_arch:
+        if spec.timm:
+            refuse_given(self, ("small_input",), f"{src} builds timm's network as its checkpoint has it, stem included", "remove teacher.small_input")
+        elif not spec.takes_arch:
             refuse_given(self, ("arch", "small_input"), f"{src} reads the whole network, stem included, from teacher.path", "remove teacher.{key}")
         if not spec.trained_here:
             refuse_given(self, ("train",), f"{src} loads a trained teacher; only source 'train' trains one", "remove teacher.train")
         if spec.needs_arch and not self.arch:
             raise ValueError(f"arch: {src} needs an architecture name")
-        if problem := self.arch is not None and teacher_arch_problem(self.arch):
+        if spec.timm:
+            from edgedistill.models.timm_zoo import model_name
+
+            try:
+                model_name(self.arch)
+            except RecipeError as e:
+                raise ValueError(f"arch: {e}") from None
+        elif problem := self.arch is not None and teacher_arch_problem(self.arch):
             raise ValueError(f"arch: {problem}")
         if problem := self.path is not None and path_problem(self.path, "file", spec.what):
             raise ValueError(f"path: {problem}")
@@ -169,11 +178,15 @@ class StudentConfig(Section):
     target: DeviceTarget | None = None
 
     @model_validator(mode="after")
-    def _shufflenet_keys(self) -> "StudentConfig":
+    def _fixed_width_keys(self) -> "StudentConfig":
+        from edgedistill.models.students import fixed_width
+
         check_student(self)
+        if fixed_width(self.arch) and self.width != 1.0:
+            variants = "its width is the variant: shufflenet_v2_x0_5 … x2_0" if self.arch.startswith("shufflenet_v2") else \
+                "a timm model's width is in its name: lcnet_050, lcnet_075, lcnet_100, ..."
+            raise ValueError(f"width: {self.arch} has no width multiplier ({variants}), got {self.width:g}")
         if self.arch.startswith("shufflenet_v2"):
-            if self.width != 1.0:
-                raise ValueError(f"width: ShuffleNetV2 has no width multiplier (its width is the variant: shufflenet_v2_x0_5 … x2_0), got {self.width:g}")
             refuse_given(self, ("dropout",), "ShuffleNetV2 has no dropout", "remove student.dropout")
         return self
 

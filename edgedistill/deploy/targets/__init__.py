@@ -55,6 +55,10 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
                calibration_images: "np.ndarray | None", metadata: Mapping[str, str]) -> dict:
     """Build every target in ``cfg.formats`` into ``out_dir``, write ``export.json`` atomically, return its content.
 
+    A target that cannot take the network (its exporter or converter refuses an operator: an :class:`InputError`
+    from its build) is recorded under ``failed`` with the reason, with the targets built from it, and the others
+    are built: validation fails those variants, so the run ends with exit 1 and every file that could be made.
+
     ``cfg``: the recipe's :class:`edgedistill.recipe.schema.ExportConfig` (not imported here: the recipe imports
     this package to check ``export.formats``).
     ``calibration_images``: (N, 3, H, W) float32 RGB in [0, 1], already chosen by the caller (targets that
@@ -68,10 +72,18 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
     ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata))
     for name in names:
         TARGETS.get(name).check(ctx)
+    failed: dict[str, str] = {}
     for name in names:
         target = TARGETS.get(name)
         t_target = time.perf_counter()
-        info = target.build(ctx)
+        if blocked := [r for r in target.requires if r in failed]:
+            failed[name] = f"needs {blocked[0]}, which failed"
+            continue
+        try:
+            info = target.build(ctx)
+        except InputError as e:  # this network in this target (an operator its exporter refuses): the others go on
+            failed[name] = str(e)
+            continue
         missing = [f for f in target.files if not (out_dir / f).is_file()]
         if missing:
             raise InputError(f"export target '{name}' did not write {', '.join(missing)}")
@@ -81,6 +93,7 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
     summary = ctx.summary
     summary["versions"] = _versions(names)
     summary["variants"] = ctx.built
+    summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_dir / EXPORT_SUMMARY_FILE, summary)
     return summary
