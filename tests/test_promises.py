@@ -113,7 +113,7 @@ def exported(tmp_path_factory):
     """The tiny model's fp32 and int8 files, and test images it classifies confidently."""
     out = tmp_path_factory.mktemp("exported")
     model = tiny_model()
-    cfg = ExportConfig(formats=["fp32", "int8"], calibration={"samples": 16})
+    cfg = ExportConfig(formats=["fp32", "int8"], int8={"calibration": {"samples": 16}})
     summary = export_all(model, out, cfg, image_size=SIZE, calibration_images=images(16, seed=7), metadata=TINY_META)
     x = images(64, seed=21)
     return model, out, summary, x, torch_out(model, x).argmax(1).astype(np.int64)

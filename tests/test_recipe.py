@@ -99,7 +99,8 @@ def test_shipped_recipes_load(recipe, monkeypatch):
         ({"distill": {"optimizer": {"name": "adamw", "nesterov": False}}}, "distill.optimizer.nesterov", "only sgd uses it"),
         ({"student": {"arch": "shufflenet_v2_x0_5", "width": 0.5}}, "student.width", "no width multiplier"),
         ({"student": {"arch": "shufflenet_v2_x1_0", "dropout": 0.1}}, "student.dropout", "no dropout"),
-        ({"export": {"formats": ["fp32"], "calibration": {"samples": 64}}}, "export.calibration", "no int8"),
+        ({"export": {"formats": ["fp32"], "int8": {"calibration": {"samples": 64}}}}, "export.int8", "no int8 target"),
+        ({"export": {"formats": ["fp32", "fp16"], "int8": {"fallback": False}}}, "export.int8", "add one (executorch_int8, int8, litert_int8)"),
         ({"export": {"formats": ["fp32"]}, "validate": {"max_int8_drop": 2}}, "validate.max_int8_drop", "no int8"),
         ({"validate": {"max_fp16_drop": 2}}, "validate.max_fp16_drop", "no fp16"),
         ({"device": "cpu", "teacher": {"train": {"sync_bn": True}}}, "teacher.train.sync_bn", "device is cpu"),
@@ -153,6 +154,19 @@ def test_set_null_removes_a_key_or_section(tmp_path):
     assert raw == {"seed": 1}, "removing a key below absent sections creates none"
     with pytest.raises(RecipeError, match="data.source: not set; a recipe must say what it distills"):  # required
         load_recipe(p, ["data.source=null"])
+
+
+def test_the_old_calibration_key_says_where_it_moved():
+    with pytest.raises(RecipeError, match=r"export.calibration: moved to export.int8.calibration"):
+        validate_recipe({"export": {"calibration": {"samples": 64}}})
+    assert validate_recipe({"export": {"formats": ["fp32", "executorch_int8"] if _has("executorch") else ["fp32", "int8"],
+                                       "int8": {"granularity": "per_tensor"}}}).export.int8.granularity == "per_tensor"
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def test_resolved_recipe_round_trips(tmp_path):
@@ -284,7 +298,7 @@ def test_a_key_at_its_default_is_not_given():
     r = validate_recipe({"teacher": {"source": "onnx", "path": __file__, "small_input": "auto", "arch": None, "train": {"epochs": 10}},
                          "augment": {"fraction": 0.0, "selection": "high", "weight": 1.0, "budget": None},
                          "distill": {"optimizer": {"name": "adamw", "momentum": 0.9}, "schedule": {"milestones": [], "gamma": 0.1}},
-                         "export": {"formats": ["fp32"], "calibration": {"samples": 512}}, "validate": {"max_int8_drop": 1.0}})
+                         "export": {"formats": ["fp32"], "int8": {"calibration": {"samples": 512}}}, "validate": {"max_int8_drop": 1.0}})
     assert r.teacher.source == "onnx"
 
 

@@ -47,7 +47,7 @@ def built(request, tmp_path_factory):
     pytest.importorskip(module, reason=f"the '{request.param}' extra is not installed: pip install -e '.[{request.param}]'")
     out = tmp_path_factory.mktemp(request.param)
     model = tiny_model()
-    cfg = ExportConfig(formats=[fp32, int8], calibration={"samples": 16})
+    cfg = ExportConfig(formats=[fp32, int8], int8={"calibration": {"samples": 16}})
     summary = export_all(model, out, cfg, image_size=SIZE, calibration_images=images(16, seed=7), metadata=TINY_META)
     read_metadata = __import__(meta_module, fromlist=["read_metadata"]).read_metadata
     return {"extra": request.param, "fp32": fp32, "int8": int8, "model": model, "dir": out, "summary": summary,

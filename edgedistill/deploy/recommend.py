@@ -6,6 +6,7 @@ throughput at ``throughput_batch``, an edge device on batch-1 latency. When a sm
 here, the line says so, by how much (a ratio taken round by round), and why it may still be the choice on the
 device: the target's own account of where it pays off. With a ``student.target``, only files that meet it
 (precision included, :func:`edgedistill.deploy.promises.target_check`) are considered, and a kind none meets says so.
+An int8 file that keeps layers in float to hold its accuracy (:mod:`edgedistill.deploy.int8_fallback`) says how many.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _one(kind: str, variants: Mapping[str, dict], note: Callable[[str], str], ta
     r = ok[best]
     figure = (f"{fmt_spread(spread(r[key]), '{:,.0f}')} img/s at the validation batch" if higher
               else f"{fmt_spread(spread(r[key]))} ms per image at batch 1")
-    line = (f"{kind_name}: ship {best} ({r['path']}): {r['size_bytes'] / 1e6:.2f} MB, {r['test_top1']:.2f}% top-1, {figure}")
+    fallback = f", {len(r['float_layers'])} layers kept in float to hold its accuracy" if r.get("float_layers") else ""
+    line = (f"{kind_name}: ship {best} ({r['path']}{fallback}): {r['size_bytes'] / 1e6:.2f} MB, {r['test_top1']:.2f}% top-1, {figure}")
     torch_ratio = r.get("speedup_vs_torch")
     if higher and torch_ratio:
         line += f", {fmt_spread(torch_ratio, '{:.2f}')}× PyTorch eager"

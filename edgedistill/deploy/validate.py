@@ -177,7 +177,8 @@ def _open_all(out_dir: Path, export_summary: Mapping, test: TestImages, cfg, ref
         results[name], runner = _open_one(target, out_dir / info["path"], test, cfg, reference)
         if runner is not None:
             runners[name] = (target, runner)
-        results[name].update(deploy_to=list(target.deploy_to), precision=target.precision)
+        results[name].update(deploy_to=list(target.deploy_to), precision=target.precision,
+                             **({"float_layers": info["float_layers"]} if info.get("float_layers") else {}))
     for name, reason in export_summary.get("failed", {}).items():
         target = TARGETS.get(name)
         results[name] = {**_row(out_dir / target.files[0]), "failures": [f"export failed: {reason}"],

@@ -39,6 +39,16 @@ def energy_ranks(energy: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def spread_by_energy(energy: np.ndarray, n: int) -> np.ndarray:
+    """``n`` sample indices at evenly spaced ranks of the energy ranking (sorted ascending): as many confident images
+    as uncertain ones, and the middle in proportion. All of them when ``n`` is at least their number."""
+    if n >= len(energy):
+        return np.arange(len(energy))
+    order = np.argsort(energy, kind="stable")
+    ranks = np.floor((np.arange(n) + 0.5) * len(energy) / n).astype(np.int64)
+    return np.sort(order[ranks])
+
+
 def assign_groups(energy: np.ndarray, fraction: float) -> tuple[np.ndarray, float, float]:
     """Groups (−1 low, 0 middle, 1 high) and the thresholds ``E_low = sorted[k−1]``, ``E_high = sorted[N−k]``.
 

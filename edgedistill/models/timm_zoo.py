@@ -131,13 +131,23 @@ def small_stem(net: nn.Module, arch: str) -> None:
 
 
 def load_teacher(cfg, num_classes: int, image_size: int) -> nn.Module:
-    """``teacher.source: timm``: ``timm.create_model(arch, checkpoint_path=path)`` (a ``.pth`` or ``.safetensors``
-    state_dict, read from disk; nothing is downloaded)."""
+    """``teacher.source: timm``: the architecture with the data's classes and the checkpoint read by timm's own
+    ``load_state_dict`` (a ``.pth`` or ``.safetensors`` state_dict, its EMA weights when it has them; nothing is
+    downloaded), checked key by key so that a checkpoint of another model or class count is named as such."""
+    from timm.models import load_state_dict
+
+    from edgedistill.models.checkpoints import state_dict_mismatch
+
     name = model_name(cfg.arch)
+    net = create(name, num_classes)
     try:
-        return create(name, num_classes, checkpoint_path=str(cfg.path))
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise InputError(f"teacher.path: {cfg.path} does not fit timm model '{name}' with {num_classes} classes ({first_line(e, 200)})") from None
+        state = load_state_dict(str(cfg.path))
+    except Exception as e:  # noqa: BLE001 - a file timm cannot read is the user's file's problem, whatever the reason
+        raise InputError(f"teacher.path: {cfg.path} is not a readable timm checkpoint ({type(e).__name__}: {first_line(e, 200)})") from None
+    if problem := state_dict_mismatch(net, state):
+        raise InputError(f"teacher.path: {cfg.path} does not fit timm model '{name}' with {num_classes} classes: {problem}")
+    net.load_state_dict(state)
+    return net
 
 
 def pretrained_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

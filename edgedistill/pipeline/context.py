@@ -21,11 +21,11 @@ from edgedistill.data import transforms
 from edgedistill.base import fsio
 from edgedistill.base.console import console
 from edgedistill.base.shots import shot_groups
-from edgedistill.data.sources import DataBundle, load_data
-from edgedistill.data.loading import ImageDataset, SplitImages
+from edgedistill.data.sources import DataBundle, limit_indices, load_data
+from edgedistill.data.loading import ImageDataset, SplitImages, eval_arrays
 from edgedistill.base.devices import preset, select_device
 from edgedistill.base.distributed import DistInfo, broadcast_object
-from edgedistill.distill.energy import EnergyIndex
+from edgedistill.distill.energy import EnergyIndex, spread_by_energy
 from edgedistill.pipeline.folder import RunFolder
 from edgedistill.distill.losses import LOSSES
 from edgedistill.models.teachers import TEACHERS, freeze, load_teacher
@@ -151,6 +151,22 @@ class RunContext:
     def test_images(self) -> SplitImages:
         """The test split as the exported files' runtimes read it: float32 chunks of ``data.eval_batch_size``."""
         return SplitImages(self.data.test, self.image_size, chunk=self.recipe.data.eval_batch_size)
+
+    def int8_images(self) -> tuple[np.ndarray, SplitImages]:
+        """The calibration images (``export.int8.calibration``: class-balanced, or spread over the teacher's energy
+        ranking) and the held-out training images, with labels, that judge an int8 file (none of them calibrates)."""
+        cfg, labels = self.recipe.export.int8, self.data.train.labels
+        if cfg.calibration.select == "energy":
+            with np.load(self.run.require("score", "energy.npz")) as z:
+                energy = np.empty(len(labels))
+                energy[z["index"]] = z["energy"]
+            picked = spread_by_energy(energy, cfg.calibration.samples)
+        else:
+            picked = limit_indices(labels, cfg.calibration.samples, self.recipe.seed)
+        rest = np.setdiff1d(np.arange(len(labels)), picked)
+        held = rest[limit_indices(labels[rest], cfg.held_out, self.recipe.seed + 1)]
+        calibration, _ = eval_arrays(self.data.train, self.image_size, indices=picked)
+        return calibration, SplitImages(self.data.train.subset(held), self.image_size, chunk=self.recipe.data.eval_batch_size)
 
     def energy_index(self) -> EnergyIndex:
         path = self.run.require("score", "energy.npz")

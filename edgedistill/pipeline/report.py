@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgedistill.base import fsio
+from edgedistill.deploy.int8_view import SENSITIVITY_FILE, SENSITIVITY_PLOT, sensitivity_lines
 from edgedistill.base.plots import png, pyplot
 from edgedistill.base.timing import fmt_spread, spread_of
 from edgedistill.pipeline.folder import SKIPPED_FILE
@@ -187,6 +188,12 @@ def write_report(run: Path, r) -> dict:
     lines += _long_tail_section(teacher, metrics, val)
     if val:
         lines += _validation_section(val, export)
+    if judged := _load(run, SENSITIVITY_FILE):
+        lines += ["## int8: which layers break it", "",
+                  "Judged on held-out training images against the float student (edgedistill/deploy/int8_fallback.py); "
+                  "answers changed bound the top-1 points the file can lose there.", "", *sensitivity_lines(judged), ""]
+        if (run / SENSITIVITY_PLOT).exists():
+            lines += [f"![per-layer sensitivity]({SENSITIVITY_PLOT})", ""]
     fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
     return {"report": str(run / "report.md")}
 

@@ -19,8 +19,7 @@ from edgedistill.budget.cost import DEFAULT_CURVE_RS, CostModel, choose_fraction
 from edgedistill.budget.controller import BudgetHook, Goal
 from edgedistill.base.console import progress_bar
 from edgedistill.pipeline.context import RunContext
-from edgedistill.data.loading import EpochSampler, ImageDataset, eval_arrays, make_loader, to_float
-from edgedistill.data.sources import limit_indices
+from edgedistill.data.loading import EpochSampler, ImageDataset, make_loader, to_float
 from edgedistill.base.distributed import all_gather_array, barrier, broadcast_value
 from edgedistill.distill.energy import GROUP_GAP, assign_groups, group_summary, groups_apart, plot_gallery, plot_histogram, score_loader
 from edgedistill.base.errors import InputError
@@ -37,6 +36,7 @@ from edgedistill.deploy.targets import export_all, onnx_metadata
 from edgedistill.distill.train import class_tally, fit, top1_percent
 from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file
 from edgedistill.deploy.validate_view import validation_table
+from edgedistill.deploy.int8_view import SENSITIVITY_FILE, SENSITIVITY_PLOT, sensitivity_lines, sensitivity_of, sensitivity_plot
 
 log = logging.getLogger("edgedistill")
 
@@ -56,7 +56,7 @@ def pick_stage(ctx: RunContext) -> dict:
 
     table = time_candidates(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
                             std=data.std, small_input=s.small_input, metadata=_student_metadata(ctx),
-                            calibration_method=ctx.recipe.export.calibration.method, seed=ctx.recipe.seed,
+                            calibration_method=ctx.recipe.export.int8.calibration.method, seed=ctx.recipe.seed,
                             progress=lambda m: ctx.print(f"[dim]{m}[/]"))
     if not table["rows"]:
         raise InputError(f"student.target: no candidate builds and exports at {ctx.image_size} px: "
@@ -304,12 +304,19 @@ def distill_stage(ctx: RunContext) -> dict:
 def export_stage(ctx: RunContext) -> dict:
     if not ctx.dist.is_main:
         return {}
-    data, cfg = ctx.data, ctx.recipe.export
-    calib, _ = eval_arrays(data.train, ctx.image_size, indices=limit_indices(data.train.labels, cfg.calibration.samples, ctx.recipe.seed))
-    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calib,
-                         metadata=_student_metadata(ctx))
+    cfg = ctx.recipe.export
+    calibration, held_out = ctx.int8_images()
+    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calibration,
+                         metadata=_student_metadata(ctx), held_out=held_out, max_int8_drop=ctx.recipe.validate_.max_int8_drop,
+                         progress=lambda m: ctx.print(f"[dim]{m}[/]"))
     for name, reason in summary["failed"].items():
         ctx.print(f"[yellow]{name}: not built: {reason}[/] (validation fails it; the other targets are built)", highlight=False)
+    if judged := sensitivity_of(summary):
+        fsio.write_json(ctx.run / SENSITIVITY_FILE, judged)
+        if any(r.get("sensitivity") for r in judged.values()):
+            fsio.write_bytes(ctx.run / SENSITIVITY_PLOT, sensitivity_plot(judged))
+        for line in sensitivity_lines(judged, top=0):
+            ctx.print(line.replace("**", ""), highlight=False)
     return {"targets": sorted(summary["variants"]), "failed": sorted(summary["failed"])}
 
 

@@ -4,7 +4,7 @@ is checked), and ``report`` (the no-teacher baseline). Torch-free: it is part of
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,7 +74,22 @@ def check_precision(recipe) -> None:
 
 class CalibrationConfig(Section):
     samples: Annotated[int, Field(ge=1)] = 512
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime's; PT2E targets use their observers
+    # balanced: round-robin over the classes; energy: evenly over the teacher's energy ranking, so that confident and
+    # uncertain images are both in it (edgedistill.distill.energy.spread_by_energy)
+    select: Literal["balanced", "energy"] = "balanced"
+
+
+class Int8Config(Section):
+    """What every int8 target (ONNX ``int8``, ``executorch_int8``, ``litert_int8``) shares (docs/recipe.md, export)."""
+
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    # when the int8 file changes more held-out top-1 answers than validate.max_int8_drop allows, keep its most
+    # sensitive layers in float until it does not (edgedistill.deploy.int8_fallback)
+    fallback: bool = True
+    sensitivity: bool = False  # rank every layer even when the file fits (int8_sensitivity.json); fallback always ranks
+    held_out: Annotated[int, Field(ge=32)] = 1000  # training images, none of them calibration ones, that judge it
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
 class ExportConfig(Section):
@@ -82,7 +97,14 @@ class ExportConfig(Section):
 
     formats: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["fp32", "int8"])
     opset: Annotated[int, Field(ge=18)] = 18
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    int8: Int8Config = Field(default_factory=Int8Config)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "calibration" in raw:
+            raise ValueError("calibration: moved to export.int8.calibration (every int8 target shares it)")
+        return raw
 
     @field_validator("formats")
     @classmethod

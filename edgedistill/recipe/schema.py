@@ -299,15 +299,17 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Recipe":
-        """Keys another section makes meaningless (export.calibration here: export code builds ExportConfig alone)."""
+        """Keys another section makes meaningless (export.int8 here: export code builds ExportConfig alone)."""
         from edgedistill.distill.losses import LOSSES
         loss = self.distill.loss.name
         if not {"t_plus", "t_min"} & set(inspect.signature(LOSSES.get(loss)).parameters):  # no energy temperature policy
             refuse_given(self.energy, ("direction", "grouping"), f"loss '{loss}' uses no energy groups", "remove energy.{key}", at="energy.")
         check_precision(self)
-        for section, key, fmt in (("export", "calibration", "int8"), ("validate", "max_int8_drop", "int8"), ("validate", "max_fp16_drop", "fp16")):
-            if given(getattr(self, "validate_" if section == "validate" else section), key) and fmt not in (formats := self.export.formats):
-                raise ignored(f"{section}.{key}", f"export.formats ({', '.join(formats)}) has no {fmt}", f"add {fmt} to export.formats or remove {section}.{key}")
+        for section, key, precision in (("export", "int8", "int8"), ("validate", "max_int8_drop", "int8"), ("validate", "max_fp16_drop", "fp16")):
+            formats = self.export.formats
+            if given(getattr(self, "validate_" if section == "validate" else section), key) and not _of_precision(formats, precision):
+                raise ignored(f"{section}.{key}", f"export.formats ({', '.join(formats)}) has no {precision} target",
+                              f"add one ({', '.join(_of_precision(None, precision))}) to export.formats or remove {section}.{key}")
         for section, cfg in (("distill", self.distill), ("teacher.train", self.teacher.train)):
             if self.device == "cpu" and given(cfg, "sync_bn"):
                 raise ignored(f"{section}.sync_bn", "SyncBatchNorm works on CUDA only, and device is cpu", f"remove {section}.sync_bn")
@@ -325,6 +327,13 @@ class Recipe(Section):
 # ---------------------------------------------------------------- loading
 
 RECIPE_START = "recipes/quickstart.yaml"
+
+
+def _of_precision(formats: list[str] | None, precision: str) -> list[str]:
+    """The targets of ``formats`` (None: every registered one) that make files of ``precision``."""
+    from edgedistill.deploy.targets import TARGETS
+
+    return [n for n in (TARGETS.names() if formats is None else formats) if TARGETS.get(n).precision == precision]
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

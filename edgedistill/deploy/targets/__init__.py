@@ -16,11 +16,12 @@ run folder and writes ``export.json``::
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from edgedistill.base.errors import InputError
 from edgedistill.base.fsio import sha256, write_json
@@ -51,8 +52,9 @@ __all__ = [
 ]
 
 
-def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
-               calibration_images: "np.ndarray | None", metadata: Mapping[str, str]) -> dict:
+def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, calibration_images: "np.ndarray | None",
+               metadata: Mapping[str, str], held_out: Any = None, max_int8_drop: float = 1.0,
+               progress: Callable[[str], None] = lambda _: None) -> dict:
     """Build every target in ``cfg.formats`` into ``out_dir``, write ``export.json`` atomically, return its content.
 
     A target that cannot take the network (its exporter or converter refuses an operator: an :class:`InputError`
@@ -62,14 +64,20 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
     ``cfg``: the recipe's :class:`edgedistill.recipe.schema.ExportConfig` (not imported here: the recipe imports
     this package to check ``export.formats``).
     ``calibration_images``: (N, 3, H, W) float32 RGB in [0, 1], already chosen by the caller (targets that
-    calibrate use at most ``cfg.calibration.samples`` of them); ``metadata``: see :func:`onnx_metadata`.
+    calibrate use at most ``cfg.int8.calibration.samples`` of them); ``metadata``: see :func:`onnx_metadata`.
+    ``held_out``: training images that are not calibration images, with labels (a
+    :class:`edgedistill.data.loading.TestImages`), on which an int8 target judges its file and, when it changes
+    more than ``max_int8_drop`` % of the answers, keeps layers in float (:mod:`edgedistill.deploy.int8_fallback`).
     Each target's inputs are checked before anything is built.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     names = build_order(list(cfg.formats))
-    ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata))
+    ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata), held_out=held_out,
+                       max_int8_drop=max_int8_drop, progress=progress)
+    if held_out is not None and any(TARGETS.get(n).precision == "int8" for n in names):
+        ctx.held_out_reference = float_logits(model, held_out)
     for name in names:
         TARGETS.get(name).check(ctx)
     failed: dict[str, str] = {}
@@ -97,6 +105,16 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int,
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_dir / EXPORT_SUMMARY_FILE, summary)
     return summary
+
+
+def float_logits(model: "nn.Module", images: Any) -> "np.ndarray":
+    """The float student's logits on ``images`` (a TestImages), on the CPU, chunk by chunk."""
+    import numpy as np
+    import torch
+
+    net = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():
+        return np.concatenate([net(torch.from_numpy(np.ascontiguousarray(x))).numpy() for x, _ in images.chunks()])
 
 
 def _versions(names: list[str]) -> dict[str, str]:

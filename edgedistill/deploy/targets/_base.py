@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 from edgedistill.base.errors import InputError
 from edgedistill.base.registry import Registry
@@ -45,6 +45,12 @@ class BuildContext:
     metadata: dict[str, str]
     built: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)  # export.json's top level: a target may add a key of its own
+    # int8 targets: held-out training images (a TestImages) with the float student's logits on them, and the most
+    # answers in % an int8 file may change there (edgedistill.deploy.int8_fallback); None: no fitting, plain PTQ
+    held_out: Any = None
+    held_out_reference: "np.ndarray | None" = None
+    max_int8_drop: float = 1.0
+    progress: Callable[[str], None] = lambda _: None
 
     def file_of(self, target: str) -> Path:
         """The main file of a target built earlier (one this target ``requires``)."""

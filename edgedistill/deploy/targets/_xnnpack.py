@@ -7,8 +7,8 @@ at 15 images). Validation therefore feeds these files image by image, like the O
 
 int8 is PyTorch's PT2E flow, the one both runtimes document: ``torch.export`` → ``prepare_pt2e`` with the runtime's
 quantizer (symmetric per-channel int8 weights, int8 activations) → calibration on the training images ONNX int8
-uses (the same class-balanced pick, ``export.calibration.samples`` of them) → ``convert_pt2e``. Ranges come from the
-quantizer's own observers; ``export.calibration.method`` is ONNX Runtime's and does not apply here.
+uses (the same pick, ``export.int8.calibration.samples`` of them) → ``convert_pt2e``. Ranges come from the
+quantizer's own observers; ``export.int8.calibration.method`` is ONNX Runtime's and does not apply here.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class XnnpackTarget(Target):
         net, prep = export_copy(ctx.model, path.name)
         quantizer, settings = self.quantizer(), {}
         if quantizer is not None:
-            calibration = ctx.calibration_images[: ctx.cfg.calibration.samples]
+            calibration = ctx.calibration_images[: ctx.cfg.int8.calibration.samples]
             net = quantize_pt2e(net, quantizer, calibration, path.name, fold_quantize=self.fold_quantize)
             settings = int8_settings(self.quantizer_name, len(calibration))
         try:

@@ -21,6 +21,7 @@ from edgedistill.base.errors import InputError
 from edgedistill.deploy.targets._base import BuildContext, check_images, register
 from edgedistill.base.console import quiet
 from edgedistill.deploy.targets._onnx import OnnxTarget
+from edgedistill.deploy.int8_fallback import Int8Fit
 from edgedistill.models.onnx_export import INPUT_NAME, save_model, set_metadata
 
 if TYPE_CHECKING:
@@ -50,8 +51,29 @@ class Int8(OnnxTarget):
         check_images(ctx.calibration_images, "calibration images", ctx.image_size)
 
     def build(self, ctx: BuildContext) -> dict:
-        calibration = ctx.calibration_images[: ctx.cfg.calibration.samples]
-        return quantize_int8(ctx.file_of("fp32"), ctx.out_dir / self.files[0], calibration, ctx.cfg.calibration.method)
+        cfg = ctx.cfg.int8
+        calibration = ctx.calibration_images[: cfg.calibration.samples]
+        out = ctx.out_dir / self.files[0]
+        with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as td:
+            cache, alone, last = Path(td) / "ranges.json", Path(td) / "alone.onnx", {}
+
+            def quantize(path: Path, **kw) -> dict:
+                return quantize_int8(ctx.file_of("fp32"), path, calibration, cfg.calibration.method,
+                                     granularity=cfg.granularity, ranges_cache=cache, **kw)
+
+            def keeping(layers: frozenset[str]) -> "np.ndarray":
+                last["settings"] = quantize(out, exclude=layers)  # the last build is the file that stays
+                return held_out_logits(out, ctx.held_out)
+
+            def only(layer: str) -> "np.ndarray":
+                quantize(alone, only=layer)
+                return held_out_logits(alone, ctx.held_out)
+
+            if ctx.held_out is None:
+                return quantize(out)
+            fit = Int8Fit(quantisable_layers(ctx.file_of("fp32")), keeping, only, ctx.held_out_reference, ctx.held_out.labels)
+            fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
+        return {**last["settings"], "held_out": fitted}
 
     def tolerance(self, cfg) -> float:
         return 2.0  # logits of O(10) move by ~0.5, at worst ~2, under 8-bit activations; the gate is on top-1
@@ -85,39 +107,73 @@ class ArrayReader:
 
 
 def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = "minmax", *, batch_size: int = 32,
-                  activation_type: str | None = None) -> dict:
-    """Static post-training int8 quantisation with ONNX Runtime (QDQ, per-channel weights).
+                  activation_type: str | None = None, granularity: str = "per_channel", exclude: frozenset[str] = frozenset(),
+                  only: str | None = None, ranges_cache: Path | None = None) -> dict:
+    """Static post-training int8 quantisation with ONNX Runtime (QDQ; weights per channel or per tensor).
 
     ``quant_pre_process`` (symbolic shape inference + ORT basic optimisation + ONNX shape inference)
     runs first, then ``quantize_static`` calibrated on ``calibration`` with MinMax, Entropy or
     Percentile ranges. The fp32 file's metadata is copied onto the output.
     ``activation_type``: "quint8" (default, see ``INT8_ACTIVATION_TYPE``) or "qint8".
+    ``exclude``: nodes (of :func:`quantisable_layers`) kept in float; ``only``: the one node quantised, every other
+    one in float (sensitivity). ``ranges_cache``: a file ORT keeps the calibrated ranges in, so that the builds of
+    one file's fallback search calibrate once.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
-        raise InputError(f"export.calibration.method: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
+        raise InputError(f"export.int8.calibration.method: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
     act = INT8_ACTIVATION_TYPE if activation_type is None else ACTIVATION_TYPES.get(str(activation_type).lower())
     if act is None:
         raise InputError(f"int8 activation_type: '{activation_type}' is not one of {', '.join(ACTIVATION_TYPES)}")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     calibration = check_images(calibration, "calibration images")
     fp32 = onnx.load(str(fp32_path))
-    settings = {"format": "QDQ", "weights": INT8_WEIGHT_TYPE, "weight_bits": 7, "activations": act, "per_channel": True,
-                "calibration": method, "calibration_samples": int(len(calibration))}
+    per_channel = granularity == "per_channel"
+    settings = {"format": "QDQ", "weights": INT8_WEIGHT_TYPE, "weight_bits": 7, "activations": act,
+                "per_channel": per_channel, "calibration": method, "calibration_samples": int(len(calibration)),
+                **({"float_layers": sorted(exclude)} if exclude else {})}
     with tempfile.TemporaryDirectory(prefix="edgedistill-quant-") as td, quiet():
         pre, raw = Path(td) / "preprocessed.onnx", Path(td) / "quantized.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         quantize_static(
             str(pre), str(raw), ArrayReader(calibration, batch_size, fp32.graph.input[0].name),
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=True,
             activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, INT8_WEIGHT_TYPE),
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+            nodes_to_exclude=sorted(exclude) or None, nodes_to_quantize=[only] if only is not None else None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            calibration_cache_path=ranges_cache,
         )
         q = onnx.load(str(raw))
     set_metadata(q, {p.key: p.value for p in fp32.metadata_props})
     save_model(q, out_path, {"quantization": json.dumps(settings)})
     return settings
+
+
+def quantisable_layers(fp32_path) -> list[str]:
+    """Every node ``quantize_int8`` quantises (the op types ONNX Runtime quantises by default: convolutions and matrix
+    products, and the activations, additions, pools and reshapes between them), by name, in graph order: what
+    sensitivity quantises one at a time and fallback keeps in float. A convolution kept in float with its ReLU
+    quantised still has its output rounded to 8 bits, so both are candidates."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="edgedistill-quant-") as td, quiet():
+        pre = Path(td) / "preprocessed.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        graph = onnx.load(str(pre)).graph
+    return [n.name for n in graph.node if n.op_type in {*QDQRegistry, *QLinearOpsRegistry}]
+
+
+def held_out_logits(path: Path, images) -> "np.ndarray":
+    """ONNX Runtime's logits of ``path`` on ``images`` (a :class:`edgedistill.data.loading.TestImages`), chunk by chunk."""
+    import numpy as np
+
+    from edgedistill.deploy.targets._onnx import OrtRunner
+
+    runner = OrtRunner.load(path, threads=0)  # ORT's default: every core
+    return np.concatenate([runner.run(x, batch=len(x)) for x, _ in images.chunks()])
