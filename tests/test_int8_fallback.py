@@ -12,7 +12,7 @@ from torch import nn
 from edgedistill.data.loading import ArrayImages
 from edgedistill.deploy.int8_fallback import Int8Fit, judge, rank, smallest_fitting
 from edgedistill.deploy.int8_view import sensitivity_lines, sensitivity_plot
-from edgedistill.deploy.targets import export_all, onnx_metadata, read_metadata
+from edgedistill.deploy.targets import export_all, not_installed, onnx_metadata, read_metadata
 from edgedistill.deploy.validate import validate_export
 from edgedistill.distill.energy import spread_by_energy
 from edgedistill.recipe.deploy import ExportConfig, ValidateConfig
@@ -130,10 +130,16 @@ def fragile_model() -> nn.Module:
     return net.eval()
 
 
-def export(model, out, **int8) -> dict:
+# the layers that read or write the outlier tensor: the second conv (and its ReLU, for PT2E) and the linear
+FRAGILE = {"int8": {"node_conv2d_1", "node_linear"}, "executorch_int8": {"2+3", "5"}, "litert_int8": {"2+3", "5"}}
+INT8_TARGETS = [pytest.param(t, marks=pytest.mark.skipif(bool(not_installed([t])), reason=f"{t}: its extra is not installed"))
+                for t in FRAGILE]
+
+
+def export(model, out, target="int8", **int8) -> dict:
     calibration, _ = quadrant_images(64, 1)
     held = ArrayImages(*quadrant_images(200, 2))
-    cfg = ExportConfig(formats=["fp32", "int8"], int8=int8)
+    cfg = ExportConfig(formats=["fp32", target] if target == "int8" else [target], int8=int8)
     meta = onnx_metadata([f"c{i}" for i in range(4)], SIZE, (0.0,) * 3, (1.0,) * 3, "frag")
     return export_all(model, out, cfg, image_size=SIZE, calibration_images=calibration, metadata=meta, held_out=held,
                       max_int8_drop=1.0)
@@ -144,30 +150,37 @@ def validate(model, out, summary) -> dict:
     return validate_export(model, out, summary, ArrayImages(*quadrant_images(300, 3)), cfg)
 
 
-def test_sensitivity_finds_the_fragile_layer_and_fallback_brings_the_gate_back(fragile_model, tmp_path):
-    plain = export(fragile_model, tmp_path / "plain", fallback=False, sensitivity=True)["variants"]["int8"]["held_out"]
+@pytest.mark.parametrize("target", INT8_TARGETS)
+def test_sensitivity_finds_the_fragile_layer_and_fallback_brings_the_gate_back(fragile_model, tmp_path, target):
+    summary = export(fragile_model, tmp_path / "plain", target, fallback=False, sensitivity=True)
+    plain = summary["variants"][target]["held_out"]
     assert plain["int8"]["changed"] > 10 and plain["float_layers"] == []
-    # the layers reading the outlier tensor come first, far below the others in SQNR
-    top, rest = plain["sensitivity"][:2], plain["sensitivity"][2:]
-    assert {r["layer"] for r in top} == {"node_conv2d_1", "node_linear"}
-    assert max(r["sqnr_db"] for r in top) < 10 < 30 < min(r["sqnr_db"] for r in rest)
-    assert not validate(fragile_model, tmp_path / "plain", {"variants": {"int8": {"path": "student.int8.onnx"}}})["passed"]
+    # the layers on the outlier tensor come first, far below the others in SQNR
+    fragile = [r for r in plain["sensitivity"] if r["layer"] in FRAGILE[target]]
+    assert plain["sensitivity"][:len(fragile)] == fragile and fragile[0]["sqnr_db"] < 10
+    assert all(r["sqnr_db"] > 30 for r in plain["sensitivity"][len(fragile):])
+    assert not validate(fragile_model, tmp_path / "plain", summary)["variants"][target]["passed"]
 
-    summary = export(fragile_model, tmp_path / "fitted")
-    info = summary["variants"]["int8"]
+    summary = export(fragile_model, tmp_path / "fitted", target)
+    info = summary["variants"][target]
     fitted = info["held_out"]
-    assert fitted["fits"] and fitted["fallback"]["changed"] <= 1.0 and set(fitted["float_layers"]) <= {r["layer"] for r in top}
-    in_file = json.loads(read_metadata(tmp_path / "fitted" / "student.int8.onnx")["quantization"])["float_layers"]
-    assert info["float_layers"] == sorted(fitted["float_layers"]) == in_file
+    assert fitted["fits"] and fitted["fallback"]["changed"] <= 1.0 and set(fitted["float_layers"]) <= FRAGILE[target]
+    assert info["float_layers"] == sorted(fitted["float_layers"])
     res = validate(fragile_model, tmp_path / "fitted", summary)
-    row = res["variants"]["int8"]
+    row = res["variants"][target]
     assert row["passed"] and -row["delta_top1"] <= 1.0 and row["float_layers"] == info["float_layers"]
-    ship = [r["line"] for r in res["recommendations"] if r.get("variant") == "int8"]
+    ship = [r["line"] for r in res["recommendations"] if r.get("variant") == target]
     assert ship and f"{len(info['float_layers'])} layers kept in float" in ship[0]
-    assert sensitivity_plot({"int8": plain})[:4] == b"\x89PNG"
+    assert sensitivity_plot({target: plain})[:4] == b"\x89PNG"
 
 
-def test_per_tensor_weights_are_what_the_file_says(fragile_model, tmp_path):
-    info = export(fragile_model, tmp_path, granularity="per_tensor", fallback=False)["variants"]["int8"]
-    assert info["per_channel"] is False
-    assert json.loads(read_metadata(tmp_path / "student.int8.onnx")["quantization"])["per_channel"] is False
+def test_the_onnx_file_records_the_layers_it_keeps_in_float(fragile_model, tmp_path):
+    info = export(fragile_model, tmp_path)["variants"]["int8"]
+    assert json.loads(read_metadata(tmp_path / "student.int8.onnx")["quantization"])["float_layers"] == info["float_layers"] != []
+
+
+@pytest.mark.parametrize("target", INT8_TARGETS)
+def test_per_tensor_weights_are_what_the_file_says(fragile_model, tmp_path, target):
+    info = export(fragile_model, tmp_path, target, granularity="per_tensor", fallback=False)["variants"][target]
+    settings = info if target == "int8" else info["quantization"]
+    assert settings["per_channel"] is False

@@ -64,9 +64,110 @@ def quantize_pt2e(net: "nn.Module", quantizer, calibration: "np.ndarray", file_n
         raise InputError(f"{file_name}: int8 quantisation failed ({type(e).__name__}: {first_line(e)})") from None
 
 
-def int8_settings(quantizer: str, n: int) -> dict:
-    return {"flow": "PT2E static", "quantizer": quantizer, "weights": "int8 symmetric per channel",
-            "activations": "int8 per tensor", "calibration": "the quantizer's observers", "calibration_samples": int(n)}
+def int8_settings(quantizer: str, n: int, per_channel: bool = True, float_layers: frozenset[str] = frozenset()) -> dict:
+    return {"flow": "PT2E static", "quantizer": quantizer, "weights": f"int8 symmetric per {'channel' if per_channel else 'tensor'}",
+            "per_channel": per_channel, "activations": "int8 per tensor", "calibration": "the quantizer's observers",
+            "calibration_samples": int(n), **({"float_layers": sorted(float_layers)} if float_layers else {})}
+
+
+def owner(node) -> str | None:
+    """The innermost module a traced node came from (``net.features.3.conv.0.0``), or None."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def layer_filter(inner, keep_float: frozenset[str] = frozenset(), only: str | None = None):
+    """``inner`` (a PT2E quantizer) whose annotations are dropped from the nodes of the layers kept in float, or of
+    every layer but ``only``: how a PT2E target keeps layers in float (its own ``set_module_name(name, None)`` is
+    not supported by XNNPACK's quantizer). Layers are :func:`pt2e_layers`'s."""
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    keep_float = {m for layer in keep_float for m in layer.split("+")}
+    kept = None if only is None else set(only.split("+"))
+
+    class LayerFilter(Quantizer):
+        def transform_for_annotation(self, model):
+            return inner.transform_for_annotation(model)
+
+        def annotate(self, model):
+            model = inner.annotate(model)
+            dropped = set()
+            for node in model.graph.nodes:
+                name = owner(node) if node.op == "call_function" else None
+                if name is not None and (name in keep_float or (kept is not None and name not in kept)):
+                    dropped.add(node)
+            while dropped:  # and the annotations that share a quantisation spec with a dropped one (views, pools)
+                for node in dropped:
+                    node.meta.pop("quantization_annotation", None)
+                dropped = {n for n in model.graph.nodes if _shares_with_dropped(n)}
+            return model
+
+        def validate(self, model) -> None:
+            inner.validate(model)
+
+        def __getattr__(self, name):  # what a converter reads of its own quantizer (LiteRT: global_config)
+            return getattr(inner, name)
+
+    return LayerFilter()
+
+
+def _shares_with_dropped(node) -> bool:
+    """Whether ``node``'s annotation shares a spec with a node that has none left: a SharedQuantizationSpec names an
+    edge (its consumer holds the spec) or a node (it holds the spec)."""
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    ann = node.meta.get("quantization_annotation")
+    if ann is None:
+        return False
+    for spec in (*ann.input_qspec_map.values(), ann.output_qspec):
+        if isinstance(spec, SharedQuantizationSpec):
+            holder = spec.edge_or_node[1] if isinstance(spec.edge_or_node, tuple) else spec.edge_or_node
+            if holder is not node and "quantization_annotation" not in holder.meta:
+                return True
+    return False
+
+
+def pt2e_layers(net: "nn.Module", quantizer, image_size) -> list[str]:
+    """The layers ``quantizer`` annotates in ``net``, in graph order: what sensitivity and fallback work on. A layer is
+    a module whose operations get annotated (convolutions, linears, activations, the blocks whose additions are
+    quantised), joined with ``+`` to the modules of a fused pattern (a convolution whose output is quantised after its
+    ReLU: ``features.0.0+features.0.2``), because half a pattern in float is not something XNNPACK can run."""
+    import torch
+
+    with quiet():
+        graph = torch.export.export(net, (example(image_size, 2),)).module()
+        graph = quantizer.annotate(quantizer.transform_for_annotation(graph))
+    parent: dict[str, str] = {}
+
+    def root(m: str) -> str:
+        while parent[m] != m:
+            m = parent[m]
+        return m
+
+    for node in graph.graph.nodes:
+        ann = node.meta.get("quantization_annotation") if node.op == "call_function" else None
+        if ann is None or owner(node) is None:
+            continue
+        parent.setdefault(owner(node), owner(node))
+        if ann.output_qspec is None:  # fused: its output is quantised by the pattern's last node
+            for user in node.users:
+                if "quantization_annotation" in user.meta and owner(user) is not None:
+                    parent.setdefault(owner(user), owner(user))
+                    parent[root(owner(user))] = root(owner(node))
+    members: dict[str, list[str]] = {}
+    for m in parent:
+        members.setdefault(root(m), []).append(m)
+    return ["+".join(ms) for ms in members.values()]
+
+
+def torch_logits(net: "nn.Module", images) -> "np.ndarray":
+    """A (simulated int8) PT2E module's logits on ``images`` (a TestImages), chunk by chunk."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():  # at most the batch the module was traced for
+        return np.concatenate([net(torch.from_numpy(np.ascontiguousarray(x[i:i + CALIBRATION_BATCH]))).numpy()
+                               for x, _ in images.chunks() for i in range(0, len(x), CALIBRATION_BATCH)])
 
 
 def file_metadata(metadata: Mapping[str, str], drop: tuple[str, ...] = (), **extra) -> dict[str, str]:
@@ -87,8 +188,8 @@ class XnnpackTarget(Target):
     quantizer_name = ""  # int8 variants: the quantizer, in export.json
     fold_quantize = True  # int8 weights stored as int8 constants (False: float behind their quantize op)
 
-    def quantizer(self):
-        """The PT2E quantizer of an int8 variant; ``None`` for fp32."""
+    def quantizer(self, per_channel: bool = True):
+        """The PT2E quantizer of an int8 variant (``export.int8.granularity``); ``None`` for fp32."""
         return None
 
     def check(self, ctx: BuildContext) -> None:
@@ -107,11 +208,9 @@ class XnnpackTarget(Target):
 
         path = ctx.out_dir / self.files[0]
         net, prep = export_copy(ctx.model, path.name)
-        quantizer, settings = self.quantizer(), {}
+        quantizer, settings, fitted = self.quantizer(), {}, None
         if quantizer is not None:
-            calibration = ctx.calibration_images[: ctx.cfg.int8.calibration.samples]
-            net = quantize_pt2e(net, quantizer, calibration, path.name, fold_quantize=self.fold_quantize)
-            settings = int8_settings(self.quantizer_name, len(calibration))
+            net, quantizer, settings, fitted = self._quantized(ctx, net, path.name)
         try:
             with quiet():
                 content, info = self.convert(ctx, net, quantizer, settings)
@@ -121,7 +220,37 @@ class XnnpackTarget(Target):
             raise InputError(f"{path.name}: {self.runtime_name} conversion failed ({type(e).__name__}: {first_line(e)})") from None
         with atomic_path(path) as tmp:
             tmp.write_bytes(content)
-        return {"batch": BATCH, "prepared": prep, **info, **({"quantization": settings} if settings else {})}
+        return {"batch": BATCH, "prepared": prep, **info, **({"quantization": settings} if settings else {}),
+                **({"float_layers": settings.get("float_layers", []), "held_out": fitted} if fitted else {})}
+
+    def _quantized(self, ctx: BuildContext, net: "nn.Module", file_name: str):
+        """PT2E int8 of ``net``: plain, or fitted on the held-out images (:mod:`edgedistill.deploy.int8_fallback`, judged
+        on the simulated int8 module in PyTorch; validation then runs the runtime's file). Returns the quantised
+        module, its quantizer, the settings and the fit (None without held-out images)."""
+        from edgedistill.deploy.int8_fallback import Int8Fit
+
+        cfg = ctx.cfg.int8
+        per_channel = cfg.granularity == "per_channel"
+        calibration = ctx.calibration_images[: cfg.calibration.samples]
+        chosen: dict = {}
+
+        def quantized(keep: frozenset[str] = frozenset(), only: str | None = None):
+            q = layer_filter(self.quantizer(per_channel), keep, only)
+            return q, quantize_pt2e(net, q, calibration, file_name, fold_quantize=self.fold_quantize)
+
+        def keeping(layers: frozenset[str]) -> "np.ndarray":
+            chosen.update(zip(("quantizer", "net", "keep"), (*quantized(layers), layers)))
+            return torch_logits(chosen["net"], ctx.held_out)
+
+        if ctx.held_out is None:
+            q, qnet = quantized()
+            return qnet, q, int8_settings(self.quantizer_name, len(calibration), per_channel), None
+        layers = pt2e_layers(net, self.quantizer(per_channel), ctx.image_size)
+        fit = Int8Fit(layers, keeping, lambda layer: torch_logits(quantized(only=layer)[1], ctx.held_out),
+                      ctx.held_out_reference, ctx.held_out.labels)
+        fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
+        settings = int8_settings(self.quantizer_name, len(calibration), per_channel, chosen["keep"])
+        return chosen["net"], chosen["quantizer"], settings, {**fitted, "judged_on": "the PT2E module simulating int8 in PyTorch"}
 
 
 class Batch1Runner:

@@ -67,13 +67,13 @@ class ExecuTorchInt8(ExecuTorch):
     max_drop_key = "max_int8_drop"
     quantizer_name = "XNNPACKQuantizer"
 
-    def quantizer(self):
+    def quantizer(self, per_channel: bool = True):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
 
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
     def tolerance(self, cfg) -> float:
         return 2.0  # as ONNX int8: logits of O(10) move by ~0.5, at worst ~2; the gate is on top-1

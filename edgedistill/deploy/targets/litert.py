@@ -71,10 +71,10 @@ class LiteRTInt8(LiteRT):
     quantizer_name = "litert_torch PT2EQuantizer"
     fold_quantize = False  # litert-torch's converter reads float weights behind their quantize op
 
-    def quantizer(self):
+    def quantizer(self, per_channel: bool = True):
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
-        return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
 
     def tolerance(self, cfg) -> float:
         return 2.0  # as ONNX int8, plus the int8 output's step (the logits' range / 256)
