@@ -3,8 +3,8 @@
 On 256-px JPEGs of CIFAR-100-real (``bench_memory.make_folder``), measured in one process, one after another:
 
 1. decode + training augmentation (random-resized crop to 224, flip) in the DataLoader, per decoder (Pillow;
-   TorchCodec's ``decode_image``, what the pipeline uses with the fast-decode extra; torchvision's, deprecated since
-   0.29; all three libjpeg-turbo) and per worker count;
+   torchvision's ``decode_image``, what the pipeline uses; TorchCodec's, when installed, which supersedes
+   torchvision's from 0.29 on; all libjpeg-turbo) and per worker count;
 2. the student's training step alone (forward, backward, SGD; batch 64, images already in memory) of MobileNetV2
    ×1.0 and ShuffleNetV2 ×1.0;
 3. both together: the pipeline's loader (its decoder, persistent workers) feeding the MobileNetV2 step, as an epoch runs.
@@ -18,6 +18,7 @@ take the cores both sides share::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ SIZE, BATCH = 224, 64
 
 
 class PillowDecoded(ImageDataset):
-    """The same dataset, its files decoded by Pillow (what the pipeline does without the fast-decode extra)."""
+    """The same dataset, its files decoded by Pillow."""
 
     def _read(self, i: int) -> torch.Tensor:
         from PIL import Image
@@ -47,20 +48,17 @@ class PillowDecoded(ImageDataset):
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-class TorchvisionDecoded(ImageDataset):
-    """The same dataset, its files decoded by torchvision (deprecated since torchvision 0.29 for TorchCodec)."""
+class TorchCodecDecoded(ImageDataset):
+    """The same dataset, its files decoded by TorchCodec (which supersedes torchvision's decoders from 0.29 on)."""
 
     def _read(self, i: int) -> torch.Tensor:
-        import warnings
+        from torchcodec.decoders import decode_image
 
-        from torchvision.io import ImageReadMode, decode_image, read_file
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(read_file(self.split.paths[i]), mode=ImageReadMode.RGB)
+        return decode_image(str(self.split.paths[i]), mode="RGB")
 
 
-DECODERS = {"Pillow": PillowDecoded, "TorchCodec (the pipeline's)": ImageDataset, "torchvision": TorchvisionDecoded}
+DECODERS = {"Pillow": PillowDecoded, "torchvision (the pipeline's)": ImageDataset,
+            **({"TorchCodec": TorchCodecDecoded} if importlib.util.find_spec("torchcodec") else {})}
 
 
 def loader_rate(dataset: ImageDataset, images: int, workers: int) -> float:

@@ -15,6 +15,7 @@ resumes each run, and compares every tensor of the resumed ``student.pt`` with t
 
     python benchmarks/sigint_sweep.py --out /tmp/sweep            # 20 points on the issue's recipe (~40 min on 2 cores)
     python benchmarks/sigint_sweep.py --out /tmp/sweep --points 3  # a smoke run
+    python benchmarks/sigint_sweep.py --out /tmp/sweep --points 6 --after distill  # export and validation only
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--points", type=int, default=20)
+    parser.add_argument("--after", choices=MARKS[:-1], help="spread the points from this stage's end instead (in the "
+                        "reference run) to the end of validation: the short stages after a long distillation")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ref = reference(args.out / "reference")
@@ -128,8 +131,9 @@ def main() -> None:
         raise SystemExit("the second reference failed")
     ref["second_reference_differing"] = differing(again / "student.pt", ref_student)[0]
     print(f"second reference (resumed before distill): {ref['second_reference_differing']} tensors differ", file=sys.stderr)
-    span = ref["done_after_first_checkpoint_s"]["validate"]
-    delays = [round(span * (i + 0.5) / args.points, 2) for i in range(args.points)]
+    done = ref["done_after_first_checkpoint_s"]
+    start = done[args.after] if args.after else 0.0
+    delays = [round(start + (done["validate"] - start) * (i + 0.5) / args.points, 2) for i in range(args.points)]
     rows = []
     for i, delay in enumerate(delays):
         rows.append(one_point(args.out / f"p{i:02d}", prepared, delay, ref_student))

@@ -1,5 +1,5 @@
-"""The image decoder: TorchCodec (the ``fast-decode`` extra) and Pillow give the same pixels, so the decoder a
-run used never changes what a Pillow-only deployment sees; files it cannot read go to Pillow, damaged files are named."""
+"""The image decoder: torchvision's and Pillow's give the same pixels, so the decoder a run used never changes what a
+Pillow-only deployment sees; files torchvision cannot read go to Pillow, damaged files are named."""
 
 import io
 
@@ -9,10 +9,7 @@ import torch
 from PIL import Image
 
 from edgedistill.base.errors import InputError
-from edgedistill.data import loading
 from edgedistill.data.loading import read_image
-
-pytest.importorskip("torchcodec", reason="the fast-decode extra (TorchCodec) is not installed")
 
 
 def photo() -> Image.Image:
@@ -33,15 +30,8 @@ FILES = {
     "grey-alpha.png": lambda im: (im.convert("LA"), "PNG", {}),
     "rgb.webp": lambda im: (im, "WEBP", {}),
     "palette.gif": lambda im: (im.convert("P"), "GIF", {}),
-    "rgb.bmp": lambda im: (im, "BMP", {}),  # TorchCodec does not read BMP: Pillow does
+    "rgb.bmp": lambda im: (im, "BMP", {}),  # torchvision does not read BMP: Pillow does
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_decoder():
-    loading._codec_decode.cache_clear()
-    yield
-    loading._codec_decode.cache_clear()
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
@@ -64,19 +54,7 @@ def test_first_frame_of_an_animation(tmp_path):
     assert np.array_equal(read_image(tmp_path / "a.gif").permute(1, 2, 0).numpy(), expected)
 
 
-def test_codec_is_used_when_installed(tmp_path, monkeypatch):
-    photo().save(tmp_path / "a.jpg")
-    calls = []
-    real = loading._codec_decode()
-    monkeypatch.setattr(loading, "_codec_decode", lambda: lambda *a, **k: calls.append(a) or real(*a, **k))
-    read_image(tmp_path / "a.jpg")
-    assert calls
-
-
-@pytest.mark.parametrize("codec", [True, False], ids=["torchcodec", "pillow-only"])
-def test_damaged_file_is_named(tmp_path, monkeypatch, codec):
-    if not codec:
-        monkeypatch.setattr(loading, "_codec_decode", lambda: None)
+def test_a_damaged_file_is_named(tmp_path):
     buf = io.BytesIO()
     photo().save(buf, "JPEG")
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])

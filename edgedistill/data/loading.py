@@ -7,8 +7,8 @@ worker count, not a resume, not the rank under DDP.
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -55,18 +55,20 @@ class ImageDataset(Dataset):
 def read_image(path) -> torch.Tensor:
     """A file as uint8 RGB (3, H, W); the first frame of an animated one.
 
-    With the ``fast-decode`` extra, TorchCodec decodes (the successor of torchvision's image decoders, deprecated
-    since 0.29): 1.2-1.5x Pillow's speed through the loader at 224 px (docs/benchmarks/input.md), and the same
-    pixels as Pillow's ``convert("RGB")`` for every format it reads (tests/test_decode.py), so a deployment that
-    decodes with Pillow sees what validation saw. Pillow reads the rest (BMP, TIFF, ...), and without the extra,
-    everything."""
-    decode = _codec_decode()
-    if decode is not None:
-        try:
-            img = decode(str(path), mode="RGB")
-            return img[0] if img.ndim == 4 else img
-        except (RuntimeError, ValueError):
-            pass  # a format TorchCodec does not read, or a damaged file: Pillow reads it or names it
+    torchvision's decoder (libjpeg-turbo, libpng, libwebp) reads it when it can: the fastest installed, 1.1-1.6x
+    Pillow's images per second through the loader at 224 px, where TorchCodec, which supersedes it from torchvision
+    0.29 on, measured between the two (docs/benchmarks/input.md). Its pixels are Pillow's
+    ``convert("RGB")`` ones for every format it reads (tests/test_decode.py), so a deployment that decodes with Pillow
+    sees what validation saw. Pillow reads the rest (BMP, TIFF, ...) and names a damaged file."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        with warnings.catch_warnings():  # the 0.29 deprecation notice: torchvision <= 0.29.1 is what this tool installs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(str(path), mode=ImageReadMode.RGB)
+        return img[0] if img.ndim == 4 else img
+    except RuntimeError:
+        pass  # a format it does not read, or a damaged file: Pillow reads it or names it
     from PIL import Image
 
     try:
@@ -75,15 +77,6 @@ def read_image(path) -> torch.Tensor:
     except OSError as e:
         raise InputError(f"data.root: {path} could not be decoded ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-@functools.cache
-def _codec_decode():
-    try:
-        from torchcodec.decoders import decode_image
-    except ImportError:
-        return None
-    return decode_image
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
