@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     else:
         out = args.out_dir or Path(tmp := tempfile.mkdtemp(prefix="bench-export-"))
         formats = args.formats.split(",") + ["int8-s8s8"] * args.s8s8 + ["fp16"] * args.fp16
-        export_cfg = ExportConfig(formats=formats, calibration={"samples": len(x_cal), "method": args.calib_method})
+        export_cfg = ExportConfig(formats=formats, int8={"calibration": {"samples": len(x_cal), "method": args.calib_method}})
         meta = onnx_metadata(class_names, args.image_size, CIFAR_MEAN, CIFAR_STD, "benchmark")
         summary = export_all(model, out, export_cfg, image_size=args.image_size, calibration_images=x_cal, metadata=meta)
         if "fp32" in summary["variants"]:

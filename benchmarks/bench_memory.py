@@ -90,7 +90,7 @@ distill:
   optimizer: {{name: sgd, lr: 0.05, weight_decay: 5.0e-4}}
   schedule: {{name: cosine, warmup_epochs: 0}}
 augment: {{method: cutmix, selection: high, fraction: 0.2}}
-export: {{formats: [fp32, int8], calibration: {{samples: 256}}}}
+export: {{formats: [fp32, int8], int8: {{calibration: {{samples: 256}}}}}}
 validate: {{rounds: 3, seconds: 1, allow_weak: true}}
 """
 

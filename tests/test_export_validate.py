@@ -138,7 +138,7 @@ def main_run(tmp_path_factory):
     calib = images(24, seed=7)
     labels = np.arange(24) % CLASSES[MAIN]
     idx = limit_indices(labels, 16, seed=0)  # how the export stage picks calibration images
-    cfg = ExportConfig(formats=["fp32", "int8", "fp16", "edge"], calibration={"samples": 16, "method": "minmax"})
+    cfg = ExportConfig(formats=["fp32", "int8", "fp16", "edge"], int8={"calibration": {"samples": 16, "method": "minmax"}})
     summary = export_all(model, out, cfg, image_size=SIZE, calibration_images=calib[idx], metadata=metadata_for(MAIN))
     paths = {name: out / info["path"] for name, info in summary["variants"].items()}
     return {"model": model, "dir": out, "paths": paths, "summary": summary}
@@ -190,7 +190,7 @@ def test_every_registered_target_builds_runs_and_passes_its_gate(name, tmp_path)
         pytest.skip(not_installed([name])[0])
     target = TARGETS.get(name)
     model = tiny_model()
-    cfg = ExportConfig(formats=build_order([name]), calibration={"samples": 16})
+    cfg = ExportConfig(formats=build_order([name]), int8={"calibration": {"samples": 16}})
     summary = export_all(model, tmp_path, cfg, image_size=SIZE, calibration_images=images(16, seed=7), metadata=TINY_META)
     assert json.loads((tmp_path / "export.json").read_text()) == json.loads(json.dumps(summary))
     info = summary["variants"][name]

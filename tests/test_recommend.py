@@ -75,3 +75,10 @@ def test_one_formatter_for_a_median_and_its_spread_as_validation_stores_it():
     # a row that also holds a spread dict under the bare key reads the flat ``_p50`` figure
     assert spread_of({"latency_ms": {"median": 1}, "latency_ms_p50": 2, "latency_ms_interval": [1, 3]}, "latency_ms") == \
         {"median": 2, "lo": 1, "hi": 3}
+
+
+def test_an_int8_file_with_layers_in_float_says_how_many():
+    rows = {"int8": {**v("student.int8.onnx", 1.1, 59.9, [0.3] * 3, [5000] * 3), "float_layers": ["a", "b", "c"]}}
+    [server, edge] = recommend(rows, note=NOTES.get)
+    assert server["line"].startswith("server CPU: ship int8 (student.int8.onnx, 3 layers kept in float to hold its accuracy): 1.10 MB")
+    assert "kept in float" not in recommend({"int8": v("student.int8.onnx", 0.6, 59.8, [0.3] * 3, [5000] * 3)})[0]["line"]

@@ -152,9 +152,10 @@ class RunContext:
         """The test split as the exported files' runtimes read it: float32 chunks of ``data.eval_batch_size``."""
         return SplitImages(self.data.test, self.image_size, chunk=self.recipe.data.eval_batch_size)
 
-    def int8_images(self) -> tuple[np.ndarray, SplitImages]:
+    def int8_images(self) -> tuple[np.ndarray, SplitImages | None]:
         """The calibration images (``export.int8.calibration``: class-balanced, or spread over the teacher's energy
-        ranking) and the held-out training images, with labels, that judge an int8 file (none of them calibrates)."""
+        ranking) and the held-out training images, with labels, that judge an int8 file (none of them calibrates;
+        None when calibration takes every training image)."""
         cfg, labels = self.recipe.export.int8, self.data.train.labels
         if cfg.calibration.select == "energy":
             with np.load(self.run.require("score", "energy.npz")) as z:
@@ -166,6 +167,8 @@ class RunContext:
         rest = np.setdiff1d(np.arange(len(labels)), picked)
         held = rest[limit_indices(labels[rest], cfg.held_out, self.recipe.seed + 1)]
         calibration, _ = eval_arrays(self.data.train, self.image_size, indices=picked)
+        if not len(held):
+            return calibration, None
         return calibration, SplitImages(self.data.train.subset(held), self.image_size, chunk=self.recipe.data.eval_batch_size)
 
     def energy_index(self) -> EnergyIndex:

@@ -32,7 +32,7 @@ from edgedistill.deploy.pick_view import choice_plot, pick_table
 from edgedistill.recipe.deploy import AUTO
 from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
-from edgedistill.deploy.targets import export_all, onnx_metadata
+from edgedistill.deploy.targets import TARGETS, export_all, onnx_metadata
 from edgedistill.distill.train import class_tally, fit, top1_percent
 from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file
 from edgedistill.deploy.validate_view import validation_table
@@ -306,6 +306,8 @@ def export_stage(ctx: RunContext) -> dict:
         return {}
     cfg = ctx.recipe.export
     calibration, held_out = ctx.int8_images()
+    if held_out is None and any(TARGETS.get(f).precision == "int8" for f in cfg.formats):
+        ctx.print("[yellow]int8: every training image calibrates it, none is left to judge it: no fallback[/]")
     summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calibration,
                          metadata=_student_metadata(ctx), held_out=held_out, max_int8_drop=ctx.recipe.validate_.max_int8_drop,
                          progress=lambda m: ctx.print(f"[dim]{m}[/]"))
