@@ -37,6 +37,7 @@ from edgedistill.deploy.targets._base import (
     parity_gate,
     register,
     top1_drop_gate,
+    torch_logits,
 )
 from edgedistill.deploy.targets._onnx import OnnxTarget, OrtRunner, onnx_metadata, read_metadata
 
@@ -77,7 +78,7 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, 
     ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata), held_out=held_out,
                        max_int8_drop=max_int8_drop, progress=progress)
     if held_out is not None and any(TARGETS.get(n).precision == "int8" for n in names):
-        ctx.held_out_reference = float_logits(model, held_out)
+        ctx.held_out_reference = torch_logits(copy.deepcopy(model).cpu().float().eval(), held_out)
     for name in names:
         TARGETS.get(name).check(ctx)
     failed: dict[str, str] = {}
@@ -105,16 +106,6 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, 
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_dir / EXPORT_SUMMARY_FILE, summary)
     return summary
-
-
-def float_logits(model: "nn.Module", images: Any) -> "np.ndarray":
-    """The float student's logits on ``images`` (a TestImages), on the CPU, chunk by chunk."""
-    import numpy as np
-    import torch
-
-    net = copy.deepcopy(model).cpu().float().eval()
-    with torch.no_grad():
-        return np.concatenate([net(torch.from_numpy(np.ascontiguousarray(x))).numpy() for x, _ in images.chunks()])
 
 
 def _versions(names: list[str]) -> dict[str, str]:

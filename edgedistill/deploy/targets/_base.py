@@ -200,3 +200,14 @@ def check_images(x, what: str, image_size=None) -> "np.ndarray":
     return x
 
 
+
+
+def torch_logits(net: "nn.Module", images: Any, batch: int | None = None) -> "np.ndarray":
+    """``net``'s logits on ``images`` (a :class:`edgedistill.data.loading.TestImages`), chunk by chunk, at most
+    ``batch`` images a call (a traced module's bound), without gradients."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([net(torch.from_numpy(np.ascontiguousarray(x[i:i + (batch or len(x))]))).numpy()
+                               for x, _ in images.chunks() for i in range(0, len(x), batch or len(x))])

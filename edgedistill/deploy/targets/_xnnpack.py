@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from edgedistill.base.errors import InputError, first_line
 from edgedistill.base.fsio import atomic_path
-from edgedistill.deploy.targets._base import BuildContext, Target, check_images
+from edgedistill.deploy.targets._base import BuildContext, Target, check_images, torch_logits
 from edgedistill.data.transforms import hw
 from edgedistill.base.console import quiet
 
@@ -160,16 +160,6 @@ def pt2e_layers(net: "nn.Module", quantizer, image_size) -> list[str]:
     return ["+".join(ms) for ms in members.values()]
 
 
-def torch_logits(net: "nn.Module", images) -> "np.ndarray":
-    """A (simulated int8) PT2E module's logits on ``images`` (a TestImages), chunk by chunk."""
-    import numpy as np
-    import torch
-
-    with torch.no_grad():  # at most the batch the module was traced for
-        return np.concatenate([net(torch.from_numpy(np.ascontiguousarray(x[i:i + CALIBRATION_BATCH]))).numpy()
-                               for x, _ in images.chunks() for i in range(0, len(x), CALIBRATION_BATCH)])
-
-
 def file_metadata(metadata: Mapping[str, str], drop: tuple[str, ...] = (), **extra) -> dict[str, str]:
     """The run's metadata (see :func:`edgedistill.deploy.targets.onnx_metadata`) for a batch-1 phone file, less the keys
     in ``drop``, plus ``extra`` (values that are not strings are JSON)."""
@@ -240,13 +230,13 @@ class XnnpackTarget(Target):
 
         def keeping(layers: frozenset[str]) -> "np.ndarray":
             chosen.update(zip(("quantizer", "net", "keep"), (*quantized(layers), layers)))
-            return torch_logits(chosen["net"], ctx.held_out)
+            return torch_logits(chosen["net"], ctx.held_out, CALIBRATION_BATCH)
 
         if ctx.held_out is None:
             q, qnet = quantized()
             return qnet, q, int8_settings(self.quantizer_name, len(calibration), per_channel), None
         layers = pt2e_layers(net, self.quantizer(per_channel), ctx.image_size)
-        fit = Int8Fit(layers, keeping, lambda layer: torch_logits(quantized(only=layer)[1], ctx.held_out),
+        fit = Int8Fit(layers, keeping, lambda layer: torch_logits(quantized(only=layer)[1], ctx.held_out, CALIBRATION_BATCH),
                       ctx.held_out_reference, ctx.held_out.labels)
         fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
         settings = int8_settings(self.quantizer_name, len(calibration), per_channel, chosen["keep"])

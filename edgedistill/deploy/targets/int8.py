@@ -55,11 +55,12 @@ class Int8(OnnxTarget):
         calibration = ctx.calibration_images[: cfg.calibration.samples]
         out = ctx.out_dir / self.files[0]
         with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as td:
-            cache, alone, last = Path(td) / "ranges.json", Path(td) / "alone.onnx", {}
+            cache, alone, pre, last = Path(td) / "ranges.json", Path(td) / "alone.onnx", Path(td) / "pre.onnx", {}
+            preprocess(ctx.file_of("fp32"), pre)  # once: every build of the fallback search quantises this graph
 
             def quantize(path: Path, **kw) -> dict:
                 return quantize_int8(ctx.file_of("fp32"), path, calibration, cfg.calibration.method,
-                                     granularity=cfg.granularity, ranges_cache=cache, **kw)
+                                     granularity=cfg.granularity, ranges_cache=cache, preprocessed=pre, **kw)
 
             def keeping(layers: frozenset[str]) -> "np.ndarray":
                 last["settings"] = quantize(out, exclude=layers)  # the last build is the file that stays
@@ -71,7 +72,7 @@ class Int8(OnnxTarget):
 
             if ctx.held_out is None:
                 return quantize(out)
-            fit = Int8Fit(quantisable_layers(ctx.file_of("fp32")), keeping, only, ctx.held_out_reference, ctx.held_out.labels)
+            fit = Int8Fit(quantisable_layers(pre), keeping, only, ctx.held_out_reference, ctx.held_out.labels)
             fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
         return {**last["settings"], "held_out": fitted}
 
@@ -108,7 +109,7 @@ class ArrayReader:
 
 def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = "minmax", *, batch_size: int = 32,
                   activation_type: str | None = None, granularity: str = "per_channel", exclude: frozenset[str] = frozenset(),
-                  only: str | None = None, ranges_cache: Path | None = None) -> dict:
+                  only: str | None = None, ranges_cache: Path | None = None, preprocessed: Path | None = None) -> dict:
     """Static post-training int8 quantisation with ONNX Runtime (QDQ; weights per channel or per tensor).
 
     ``quant_pre_process`` (symbolic shape inference + ORT basic optimisation + ONNX shape inference)
@@ -117,11 +118,11 @@ def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = 
     ``activation_type``: "quint8" (default, see ``INT8_ACTIVATION_TYPE``) or "qint8".
     ``exclude``: nodes (of :func:`quantisable_layers`) kept in float; ``only``: the one node quantised, every other
     one in float (sensitivity). ``ranges_cache``: a file ORT keeps the calibrated ranges in, so that the builds of
-    one file's fallback search calibrate once.
+    one file's fallback search calibrate once; ``preprocessed``: :func:`preprocess`'s output for ``fp32_path``, made
+    once for them all.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise InputError(f"export.int8.calibration.method: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
@@ -136,8 +137,7 @@ def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = 
                 "per_channel": per_channel, "calibration": method, "calibration_samples": int(len(calibration)),
                 **({"float_layers": sorted(exclude)} if exclude else {})}
     with tempfile.TemporaryDirectory(prefix="edgedistill-quant-") as td, quiet():
-        pre, raw = Path(td) / "preprocessed.onnx", Path(td) / "quantized.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        pre, raw = preprocessed or preprocess(fp32_path, Path(td) / "preprocessed.onnx"), Path(td) / "quantized.onnx"
         quantize_static(
             str(pre), str(raw), ArrayReader(calibration, batch_size, fp32.graph.input[0].name),
             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=True,
@@ -153,20 +153,24 @@ def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = 
     return settings
 
 
-def quantisable_layers(fp32_path) -> list[str]:
-    """Every node ``quantize_int8`` quantises (the op types ONNX Runtime quantises by default: convolutions and matrix
-    products, and the activations, additions, pools and reshapes between them), by name, in graph order: what
-    sensitivity quantises one at a time and fallback keeps in float. A convolution kept in float with its ReLU
-    quantised still has its output rounded to 8 bits, so both are candidates."""
-    import onnx
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+def preprocess(fp32_path, out: Path) -> Path:
+    """ORT's ``quant_pre_process`` (symbolic shape inference, basic graph optimisation, ONNX shape inference) → ``out``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="edgedistill-quant-") as td, quiet():
-        pre = Path(td) / "preprocessed.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-        graph = onnx.load(str(pre)).graph
-    return [n.name for n in graph.node if n.op_type in {*QDQRegistry, *QLinearOpsRegistry}]
+    with quiet():
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=False)
+    return out
+
+
+def quantisable_layers(preprocessed: Path) -> list[str]:
+    """Every node ``quantize_int8`` quantises in the :func:`preprocess`-ed graph (the op types ONNX Runtime quantises by
+    default: convolutions and matrix products, and the activations, additions, pools and reshapes between them), by
+    name, in graph order: what sensitivity quantises one at a time and fallback keeps in float. A convolution kept in
+    float with its ReLU quantised still has its output rounded to 8 bits, so both are candidates."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return [n.name for n in onnx.load(str(preprocessed)).graph.node if n.op_type in {*QDQRegistry, *QLinearOpsRegistry}]
 
 
 def held_out_logits(path: Path, images) -> "np.ndarray":
