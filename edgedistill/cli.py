@@ -33,6 +33,7 @@ RESUME_HELP = {
     "run": "Continue an interrupted run: skip finished stages, continue training from its last checkpoint.",
     "teacher": "Continue the teacher's interrupted training from its last checkpoint.",
     "distill": "Continue the student's interrupted training from checkpoints/last.pt.",
+    "qat": "Continue the interrupted quantisation-aware training from checkpoints/qat/last.pt.",
     "baseline": "Continue the baseline student's interrupted training from checkpoints/baseline/last.pt.",
 }
 
@@ -243,7 +244,7 @@ for _stage in STAGES:
 @common()
 def validate(recipe: Path, onnx_files, overrides, out: Path | None, force: bool):
     from edgedistill.pipeline.run import run_stage
-    from edgedistill.pipeline.stages import validate_files
+    from edgedistill.pipeline.deploy_stages import validate_files
 
     # checking given files redoes nothing of the run's: other validate settings serve this command alone
     with _opened(recipe, overrides, out, force, stage=None if onnx_files else BY_NAME["validate"],

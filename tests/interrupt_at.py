@@ -2,8 +2,8 @@
 
     python interrupt_at.py SIGNAL WHERE N ARGS...
 
-SIGNAL is INT, TERM or KILL; ARGS the ``edgedistill`` arguments. WHERE is a training loop (``teacher`` or
-``distill``), and N the 1-based count of that loop's steps in this process during which the signal is sent; or a
+SIGNAL is INT, TERM or KILL; ARGS the ``edgedistill`` arguments. WHERE is a training loop (``teacher``,
+``distill``, ``qat`` or ``baseline``), and N the 1-based count of that loop's steps in this process during which the signal is sent; or a
 function or method as the module that calls it names it (``edgedistill.distill.train.class_tally``,
 ``edgedistill.distill.run_state.Checkpoints.save``), and N the call, at whose start the signal is sent.
 In training, SIGINT and SIGTERM land on the loop's handler (it finishes the step and saves); elsewhere they stop the
@@ -86,7 +86,7 @@ def patch_call(sig: signal.Signals, dotted: str, call: int) -> None:
 if __name__ == "__main__":
     name, where, n, *args = sys.argv[1:]
     sig = signal.Signals[f"SIG{name}"]
-    if where in ("teacher", "distill"):
+    if where in ("teacher", "distill", "qat", "baseline"):
         patch(sig, where, int(n))
     else:
         patch_call(sig, where, int(n))

@@ -196,3 +196,11 @@ def test_from_step_timings_keeps_both_steps_when_extras_cost_more_per_sample():
     assert c.epoch_seconds(0) == pytest.approx(100 * 0.8)
     assert c.epoch_seconds(1) == pytest.approx(100 * 2.0)
     assert c.overhead(0.5) == pytest.approx(0.75)
+
+
+def test_the_qat_stages_predicted_minutes_come_out_of_max_minutes():
+    from edgedistill.pipeline.stages import distill_minutes
+
+    assert distill_minutes(10.0, {"predicted_minutes": 2.5}) == 7.5
+    assert distill_minutes(10.0, None) == 10.0  # post-training int8: nothing reserved
+    assert distill_minutes(None, {"predicted_minutes": 2.5}) is None  # no minutes budget: nothing to take from

@@ -23,7 +23,7 @@ from edgedistill import cli as cli_module
 from edgedistill.cli import cli, main
 from edgedistill.pipeline.folder import RunFolder
 
-STAGES = ["pick", "teacher", "score", "plan", "distill", "export", "validate", "baseline", "report"]
+STAGES = ["pick", "teacher", "score", "plan", "distill", "qat", "export", "validate", "baseline", "report"]
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -69,7 +69,7 @@ def test_every_pipeline_command_takes_the_common_options_and_resume_only_where_i
         assert result.exit_code == 0, name
         for option in ("--set", "--out", "--force", "--debug"):
             assert option in result.output, (name, option)
-        assert ("--resume" in result.output) == (name in ("run", "teacher", "distill", "baseline")), name
+        assert ("--resume" in result.output) == (name in ("run", "teacher", "distill", "qat", "baseline")), name
         assert "RECIPE|RUN" in result.output
 
 
@@ -177,7 +177,7 @@ def test_the_run_records_its_speed_decisions(finished):
     measured = {(c["runtime"], c["channels_last"]): c for c in runtime["candidates"]}
     assert set(measured) == {("torch", False), ("torch", True), ("onnxruntime", False)}
     chosen = measured[(runtime["runtime"], runtime["channels_last"])]
-    assert chosen["max_abs_diff"] <= runtime["parity_atol"]  # (which one is fastest: tests/test_speed.py, on given timings)
+    assert chosen["max_abs_diff"] <= runtime["parity_tolerance"]  # (which one is fastest: tests/test_speed.py, on given timings)
     speed = json.loads((run / "plan.json").read_text())["speed"]
     assert set(speed["channels_last"]["ms_per_step"]) == {"nchw", "channels_last"} and isinstance(speed["channels_last"]["use"], bool)
     assert speed["compile"]["use"] is False and "too short" in speed["compile"]["why"]

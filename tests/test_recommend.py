@@ -82,3 +82,9 @@ def test_an_int8_file_with_layers_in_float_says_how_many():
     [server, edge] = recommend(rows, note=NOTES.get)
     assert server["line"].startswith("server CPU: ship int8 (student.int8.onnx, 3 layers kept in float to hold its accuracy): 1.10 MB")
     assert "kept in float" not in recommend({"int8": v("student.int8.onnx", 0.6, 59.8, [0.3] * 3, [5000] * 3)})[0]["line"]
+
+
+def test_an_int8_file_made_after_quantisation_aware_training_says_so():
+    rows = {"int8": {**v("student.int8.onnx", 0.6, 60.1, [0.3] * 3, [5000] * 3), "qat": True, "float_layers": ["a"]}}
+    [server, _] = recommend(rows, note=NOTES.get)
+    assert server["line"].startswith("server CPU: ship int8 (student.int8.onnx, quantisation-aware trained, 1 layer kept in float")

@@ -150,8 +150,8 @@ WINDOWS = [
     ("edgedistill.distill.train.class_tally", 1, (1, 0)),
     ("edgedistill.distill.run_state.Checkpoints.save", 2, (2, 0)),
     ("edgedistill.distill.train.EpochSampler.set_epoch", 2, (1, 1)),  # the start of the 2nd epoch
-    ("edgedistill.pipeline.stages.export_all", 1, (3, 0)),
-    ("edgedistill.pipeline.stages.validate_export", 1, (3, 0)),
+    ("edgedistill.pipeline.deploy_stages.export_all", 1, (3, 0)),
+    ("edgedistill.pipeline.deploy_stages.validate_export", 1, (3, 0)),
 ]
 
 

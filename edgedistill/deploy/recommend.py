@@ -63,7 +63,9 @@ def _one(kind: str, variants: Mapping[str, dict], note: Callable[[str], str], ta
     r = ok[best]
     figure = (f"{fmt_spread(spread(r[key]), '{:,.0f}')} img/s at the validation batch" if higher
               else f"{fmt_spread(spread(r[key]))} ms per image at batch 1")
-    fallback = f", {len(r['float_layers'])} layers kept in float to hold its accuracy" if r.get("float_layers") else ""
+    fallback = (", quantisation-aware trained" if r.get("qat") else "") + (
+        f", {len(r['float_layers'])} layer{'s' * (len(r['float_layers']) != 1)} kept in float to hold its accuracy"
+        if r.get("float_layers") else "")
     line = (f"{kind_name}: ship {best} ({r['path']}{fallback}): {r['size_bytes'] / 1e6:.2f} MB, {r['test_top1']:.2f}% top-1, {figure}")
     torch_ratio = r.get("speedup_vs_torch")
     if higher and torch_ratio:

@@ -12,7 +12,7 @@
       "chance": {"guess", "bar", ...},     # the test set's chance level (edgedistill.base.chance)
       "target": {...} | None,              # student.target, which the files of its precision must meet
       "variants": {
-        "fp32": {"path", "size_bytes", "max_abs_diff", "top1_agreement", "parity": {batch: {...}},
+        "fp32": {"path", "size_bytes", "max_abs_diff", "logit_scale", "top1_agreement", "parity": {batch: {...}},
                  "test_top1", "torch_top1", "delta_top1", "shot_top1" (a long-tailed training split),
                  "latency_ms_p50", "latency_ms_interval": [lo, hi], "latency_ms_samples": [per round],   # batch 1
                  "images_per_second", "images_per_second_interval", "images_per_second_samples",       # throughput_batch
@@ -31,8 +31,8 @@ rounds; a figure is the median of the rounds and their central 95 %, a ratio is 
 ``{"median", "lo", "hi", "n"}``).
 
 The files, the runtime that runs them and the gates come from the export targets
-(:data:`edgedistill.deploy.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` and
-identical top-1 on every parity batch); int8 / fp16 may lose at most ``max_int8_drop`` /
+(:data:`edgedistill.deploy.targets.TARGETS`): fp32 and edge must match PyTorch (``max_abs_diff <= atol`` times the
+largest PyTorch |logit| when that exceeds 1, :mod:`edgedistill.base.parity`, and identical top-1 on every parity batch); int8 / fp16 may lose at most ``max_int8_drop`` /
 ``max_fp16_drop`` top-1 points against PyTorch. Any variant that cannot be loaded fails.
 :func:`check_gates` turns failures into :class:`~edgedistill.base.errors.GateFailed` (exit code 1);
 write ``validation.json`` before calling it.
@@ -178,7 +178,7 @@ def _open_all(out_dir: Path, export_summary: Mapping, test: TestImages, cfg, ref
         if runner is not None:
             runners[name] = (target, runner)
         results[name].update(deploy_to=list(target.deploy_to), precision=target.precision,
-                             **({"float_layers": info["float_layers"]} if info.get("float_layers") else {}))
+                             **{k: info[k] for k in ("float_layers", "qat") if info.get(k)})
     for name, reason in export_summary.get("failed", {}).items():
         target = TARGETS.get(name)
         results[name] = {**_row(out_dir / target.files[0]), "failures": [f"export failed: {reason}"],
@@ -191,6 +191,7 @@ def _row(path: Path) -> dict:
         "path": path.name,
         "size_bytes": path.stat().st_size if path.is_file() else None,
         "max_abs_diff": None,
+        "logit_scale": None,
         "top1_agreement": None,
         "parity": {},
         "test_top1": None,
@@ -265,7 +266,8 @@ def _scores(correct: np.ndarray, seen: np.ndarray, shot_groups: dict | None) -> 
 
 
 def _parity(r: dict, runner: Runner, reference: dict) -> None:
-    """Max |logit difference| and top-1 agreement with PyTorch on every parity batch."""
+    """Max |logit difference| and top-1 agreement with PyTorch on every parity batch, and the largest PyTorch
+    |logit| there (what the parity bar scales with)."""
     worst, agree, total = 0.0, 0, 0
     for b, x in reference["parity_inputs"].items():
         out = runner.run(x, batch=b)
@@ -275,6 +277,7 @@ def _parity(r: dict, runner: Runner, reference: dict) -> None:
         r["parity"][str(b)] = {"max_abs_diff": _num(diff), "top1_agreement": same / len(x)}
         worst, agree, total = max(worst, diff), agree + same, total + len(x)
     r["max_abs_diff"], r["top1_agreement"] = _num(worst), agree / total
+    r["logit_scale"] = float(max(np.abs(z).max() for z in reference["parity"].values()))
 
 
 # ---------------------------------------------------------------- timing, interleaved

@@ -2,7 +2,8 @@
 
 The teacher is frozen and only its logits are used, so any runtime that gives the same logits may stand in
 for it: a candidate is kept when its logits on a random batch differ from the plain eager teacher's by at most
-``PARITY_ATOL`` (fp32, max |Δ|), and the fastest kept candidate at the training batch size wins. Candidates:
+``PARITY_ATOL`` times the largest eager |logit| when that exceeds 1 (fp32, max |Δ|; :mod:`edgedistill.base.parity`),
+and the fastest kept candidate at the training batch size wins. Candidates:
 
 * ``torch``: eval mode, conv + BN folded where the module can be traced (``torch.fx``), inference mode, in the
   memory layout (NCHW or channels_last) that measures faster (a runtime the recipe names runs in NCHW, so that
@@ -31,6 +32,7 @@ from torch import nn
 
 from edgedistill.base.devices import synchronizer
 from edgedistill.base.errors import InputError, first_line
+from edgedistill.base.parity import describe, tolerance, within
 from edgedistill.base.timing import interleaved
 from edgedistill.models.teachers import OnnxTeacher
 
@@ -48,19 +50,20 @@ class Measured:
     max_abs_diff: float | None = None
     problem: str | None = None
 
-    def usable(self, atol: float) -> bool:
-        return self.problem is None and self.max_abs_diff is not None and self.max_abs_diff <= atol
+    def usable(self, atol: float, logit_scale: float) -> bool:
+        return self.problem is None and within(self.max_abs_diff, atol, logit_scale)
 
     def to_dict(self) -> dict:
         return {"runtime": self.name, "channels_last": self.channels_last, "ms_per_batch": None if self.seconds is None else 1e3 * self.seconds,
                 "max_abs_diff": self.max_abs_diff, "problem": self.problem}
 
 
-def pick(measured: list[Measured], atol: float = PARITY_ATOL) -> Measured:
-    """The fastest candidate whose logits match the eager teacher within ``atol``; InputError when none does."""
-    usable = [m for m in measured if m.usable(atol)]
+def pick(measured: list[Measured], logit_scale: float, atol: float = PARITY_ATOL) -> Measured:
+    """The fastest candidate whose logits match the eager teacher's (largest |logit|: ``logit_scale``) within
+    :func:`edgedistill.base.parity.tolerance`; InputError when none does."""
+    usable = [m for m in measured if m.usable(atol, logit_scale)]
     if not usable:
-        why = "; ".join(f"{m.name}: {m.problem or f'max |Δ| {m.max_abs_diff:.3g} > {atol:g}'}" for m in measured)
+        why = "; ".join(f"{m.name}: {m.problem or f'max |Δ| {m.max_abs_diff:.3g} > {describe(atol, logit_scale)}'}" for m in measured)
         raise InputError(f"teacher.runtime: no runtime reproduces the teacher's logits ({why})")
     return min(usable, key=lambda m: m.seconds)
 
@@ -104,9 +107,11 @@ def choose_runtime(net: nn.Module, *, wanted: str, device: torch.device, batch: 
     measured = [Measured(n, cl, problem=problems[(n, cl)]) if (n, cl) in problems else
                 Measured(n, cl, statistics.median(seconds[(n, cl)]), diffs[(n, cl)])
                 for n, cl in listed]
-    best = pick(measured)
+    logit_scale = float(reference.abs().max())
+    best = pick(measured, logit_scale)
     module, record = modules[(best.name, best.channels_last)]
-    record = {**record, "batch": batch, "device": str(device), "parity_atol": PARITY_ATOL,
+    record = {**record, "batch": batch, "device": str(device), "parity_atol": PARITY_ATOL, "logit_scale": logit_scale,
+              "parity_tolerance": tolerance(PARITY_ATOL, logit_scale),
               "candidates": [m.to_dict() for m in measured], "choice_seconds": round(clock() - t_start, 2)}
     return module, record
 

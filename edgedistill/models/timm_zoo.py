@@ -26,7 +26,7 @@ PREFIX = "timm/"
 INSTALL = "pip install 'edgedistill[timm]'"
 
 #: edge families of the last years, one or two sizes each (timm's names); every one builds at 32 and 224 px and its
-#: fp32 ONNX file matches PyTorch within validation's 1e-4 (MobileNetV4-hybrid does not: docs/students.md)
+#: fp32 ONNX file matches PyTorch within validation's parity bar (MobileNetV4-hybrid does not: docs/students.md)
 CURATED = (
     "mobilenetv4_conv_small_050",
     "mobilenetv4_conv_small",

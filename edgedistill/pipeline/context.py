@@ -32,6 +32,7 @@ from edgedistill.models.teachers import TEACHERS, freeze, load_teacher
 from edgedistill.models.students import build_student
 from edgedistill.models.checkpoints import load_checkpoint, load_state
 from edgedistill.distill.objectives import Augmenter, DistillObjective
+from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE
 from edgedistill.deploy.pick import CHOICE_FILE, chosen_student
 from edgedistill.recipe.schema import Recipe
 from edgedistill.recipe.deploy import AUTO
@@ -137,6 +138,15 @@ class RunContext:
 
     def trained_student(self) -> nn.Module:
         path = self.run.require("distill", "student.pt")
+        student = self.build_student()
+        load_state(student, load_checkpoint(path)["model"], str(path))
+        return student.eval()
+
+    def qat_student(self) -> nn.Module | None:
+        """The student after quantisation-aware training, when the qat stage trained one (``qat.json``)."""
+        if self.recipe.export.int8.method == "ptq" or not json.loads(self.run.require("qat", QAT_FILE).read_text())["trained"]:
+            return None
+        path = self.run / QAT_STUDENT_FILE
         student = self.build_student()
         load_state(student, load_checkpoint(path)["model"], str(path))
         return student.eval()

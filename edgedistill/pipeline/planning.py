@@ -20,6 +20,7 @@ from edgedistill.distill.objectives import Augmenter, CrossEntropyObjective
 from edgedistill.base.devices import Precision, preset, synchronizer
 from edgedistill.base.timing import interleaved
 from edgedistill.distill.train import build_optimizer, evaluate
+from edgedistill.data.transforms import hw
 
 UNTIMED_BATCHES = 2  # the first batches of every timed function: allocation, kernel selection
 # On the CPU, compilation (about a minute for a mobile student) is only tried for runs at least this long: its
@@ -135,6 +136,25 @@ def measure_plan(ctx: RunContext) -> tuple[dict, CostModel]:
         return speed, (measure_cost(ctx, speed, bench) if speed["compile"]["use"] else cost)
     speed["compile"] = decide_compile(ctx, bench, layout, None)
     return speed, measure_cost(ctx, speed, bench)
+
+
+def measure_qat(ctx: RunContext, cost: CostModel) -> dict | None:
+    """With ``export.int8.method: qat`` or ``auto``, what the qat stage's epochs will cost: a step of the fake-quantised
+    student timed in turns with a plain one (the ratio), applied to the predicted epoch at the highest HE-DA fraction
+    the run may use. ``auto`` is charged too: the budget must hold when it does train. None with ``ptq``."""
+    int8, a = ctx.recipe.export.int8, ctx.recipe.augment
+    if int8.method == "ptq":
+        return None
+    from edgedistill.distill.qat import FakeQuantStudent
+
+    bench = StepBench(ctx)
+    plain = ctx.timing_objective(None)
+    fake = FakeQuantStudent(ctx.build_student(), hw(ctx.image_size), per_channel=int8.granularity == "per_channel").to(ctx.device)
+    float_step, fake_step = bench.timed(bench.stepper(bench.student(False), plain, False), bench.stepper(fake.train(), plain, False))
+    r = 1.0 if a.selection == "all" else a.budget.range[1] if a.fraction == "auto" else float(a.fraction)
+    ratio = fake_step / float_step
+    return {"epochs": int8.qat.epochs, "step_ratio": ratio, "fraction": r,
+            "predicted_minutes": int8.qat.epochs * cost.epoch_seconds(r) * ratio / 60.0}
 
 
 def measure_cost(ctx: RunContext, speed: dict | None = None, bench: StepBench | None = None) -> CostModel:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from edgedistill.base import fsio
 from edgedistill.deploy.int8_view import SENSITIVITY_FILE, SENSITIVITY_PLOT, sensitivity_lines
+from edgedistill.distill.qat import QAT_FILE
 from edgedistill.base.plots import png, pyplot
 from edgedistill.base.timing import fmt_spread, spread_of
 from edgedistill.pipeline.folder import SKIPPED_FILE
@@ -188,14 +189,38 @@ def write_report(run: Path, r) -> dict:
     lines += _long_tail_section(teacher, metrics, val)
     if val:
         lines += _validation_section(val, export)
-    if judged := _load(run, SENSITIVITY_FILE):
-        lines += ["## int8: which layers break it", "",
-                  "Judged on held-out training images against the float student (edgedistill/deploy/int8_fallback.py); "
-                  "answers changed bound the top-1 points the file can lose there.", "", *sensitivity_lines(judged), ""]
-        if (run / SENSITIVITY_PLOT).exists():
-            lines += [f"![per-layer sensitivity]({SENSITIVITY_PLOT})", ""]
+    lines += _int8_sections(run)
     fsio.write_text(run / "report.md", "\n".join(lines) + "\n")
     return {"report": str(run / "report.md")}
+
+
+def _int8_sections(run: Path) -> list[str]:
+    """Quantisation-aware training (qat.json) and the per-layer sensitivity of the int8 files, where the run has them."""
+    out = _qat_section(qat, _load(run, "qat_metrics.jsonl")) if (qat := _load(run, QAT_FILE)) else []
+    if judged := _load(run, SENSITIVITY_FILE):
+        out += ["## int8: which layers break it", "",
+                "Judged on held-out training images against the float student (edgedistill/deploy/int8_fallback.py); "
+                "answers changed bound the top-1 points the file can lose there.", "", *sensitivity_lines(judged), ""]
+        if (run / SENSITIVITY_PLOT).exists():
+            out += [f"![per-layer sensitivity]({SENSITIVITY_PLOT})", ""]
+    return out
+
+
+def _qat_section(qat: dict, metrics: list[dict] | None) -> list[str]:
+    """What the qat stage decided and, when it trained, what int8 looks like before and after (simulated, held out)."""
+    out = ["## Quantisation-aware training", "", f"export.int8.method: {qat['method']} ({qat['granularity']}): "
+           + ("trained" if qat["trained"] else "not trained") + f" — {qat['reason']}.", ""]
+    if qat["ptq"] is not None:
+        out += ["| held-out images | float student | int8 after distillation | int8 after QAT |", "| ---: | ---: | ---: | ---: |",
+                f"| {qat['held_out_images']} | {qat['float_top1']:.2f}% | {qat['ptq']['top1']:.2f}% (SQNR {qat['ptq']['sqnr_db']:.1f} dB) | "
+                + (f"{qat['qat']['top1']:.2f}%" if qat.get("qat") else "–") + " |", "",
+                "int8 simulated in PyTorch (torchao's x86 scheme); the files are validated below in their runtimes.", ""]
+    if metrics:
+        out += ["| epoch | train loss | test top-1 (simulated int8) | BN frozen | observers frozen | epoch s |", "| ---: | ---: | ---: | --- | --- | ---: |"]
+        out += [f"| {m['epoch']} | {m['train_loss']:.4f} | {m['test_top1']:.2f}% | {'yes' if m['bn_frozen'] else 'no'} | "
+                f"{'yes' if m['observers_frozen'] else 'no'} | {m['epoch_seconds']:.1f} |" for m in metrics]
+        out.append("")
+    return out
 
 
 def _long_tail_section(teacher: dict | None, metrics: list[dict] | None, val: dict | None) -> list[str]:

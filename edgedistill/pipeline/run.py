@@ -17,7 +17,7 @@ import yaml
 
 from edgedistill import __version__
 from edgedistill.base import fsio
-from edgedistill.pipeline import stages
+from edgedistill.pipeline import deploy_stages, stages
 from edgedistill.base.console import console
 from edgedistill.pipeline.context import RunContext
 from edgedistill.base.distributed import barrier, init_from_env
@@ -138,7 +138,8 @@ def code_commit() -> str | None:
 # ---------------------------------------------------------------- the pipeline
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {name: getattr(stages, f"{name}_stage") for name in STAGE_NAMES}
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
+    name: getattr(stages, f"{name}_stage", None) or getattr(deploy_stages, f"{name}_stage") for name in STAGE_NAMES}
 
 
 def run_stage(ctx: RunContext, name: str) -> dict:

@@ -33,6 +33,9 @@ STAGES: tuple[StageSpec, ...] = (
               "allows; write plan.json. On a finished run it is a what-if and changes no other stage.", invalidates_later=False),
     StageSpec("distill", "Distill the student, steering HE-DA's r to hold the budget (student.pt, metrics.jsonl, budget.json).",
               ("score", "plan"), trains=True),
+    StageSpec("qat", "With export.int8.method: qat (or auto, when post-training int8 misses validate.max_int8_drop on held-out "
+              "images), train the distilled student on with int8 simulated and the run's own loss (student.qat.pt, qat.json); "
+              "the int8 targets quantise it.", ("distill",), trains=True, owns=("export",)),
     StageSpec("export", "Build every export target of export.formats (ONNX fp32, int8, fp16, edge; ExecuTorch, LiteRT).", ("distill",),
               owns=("export",)),
     StageSpec("validate", "Run every exported model in its runtime on the CPU: parity, accuracy, latency, size.", ("export",),

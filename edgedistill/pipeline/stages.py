@@ -1,5 +1,6 @@
-"""The pipeline's stages. Each is ``stage(ctx) -> summary``; it reads only what earlier stages wrote
-into the run folder and writes its own artifacts atomically."""
+"""The pipeline's training stages, teacher to qat (the deployment ones: :mod:`edgedistill.pipeline.deploy_stages`).
+Each is ``stage(ctx) -> summary``; it reads only what earlier stages wrote into the run folder and writes its own
+artifacts atomically."""
 
 from __future__ import annotations
 
@@ -27,52 +28,15 @@ from edgedistill.base.shots import shot_top1
 from edgedistill.pipeline.folder import NOTHING_MADE, SKIPPED_FILE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
-from edgedistill.deploy.pick import CHOICE_FILE, PLOT_FILE, chosen_student, pick
-from edgedistill.deploy.pick_view import choice_plot, pick_table
-from edgedistill.recipe.deploy import AUTO
-from edgedistill.pipeline.planning import measure_plan
-from edgedistill.pipeline.report import budget_line, energy_table, plan_table, summary_table, write_report
-from edgedistill.deploy.targets import TARGETS, export_all, onnx_metadata
+from edgedistill.pipeline.planning import measure_plan, measure_qat
+from edgedistill.pipeline.report import budget_line, energy_table, plan_table
+from edgedistill.deploy.targets import torch_logits
+from edgedistill.deploy.int8_fallback import judge
+from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, qat_train_config
+from edgedistill.data.transforms import hw
 from edgedistill.distill.train import class_tally, fit, top1_percent
-from edgedistill.deploy.validate import check_gates, onnx_file_problem, validate_export, validate_onnx_file
-from edgedistill.deploy.validate_view import validation_table
-from edgedistill.deploy.int8_view import SENSITIVITY_FILE, SENSITIVITY_PLOT, sensitivity_lines, sensitivity_of, sensitivity_plot
 
 log = logging.getLogger("edgedistill")
-
-# ---------------------------------------------------------------- pick
-
-
-def pick_stage(ctx: RunContext) -> dict:
-    """``student.arch: auto``: time every candidate student on this machine and choose the largest that fits the target.
-    On a run that has trained, a new choice is only shown: the trained student stays the run's student."""
-    s, data = ctx.recipe.student, ctx.data
-    if s.arch != AUTO:
-        ctx.print(f"student fixed by the recipe: {s.arch} (width {s.width:g}); student.arch: auto picks one for student.target")
-        return {"arch": s.arch, "width": s.width, "picked": False, NOTHING_MADE: True}
-    if not ctx.dist.is_main:
-        return {}
-    from edgedistill.deploy.candidates import time_candidates
-
-    table = time_candidates(s.target.candidate_archs(), s.target, num_classes=data.num_classes, image_size=ctx.image_size, mean=data.mean,
-                            std=data.std, small_input=s.small_input, metadata=_student_metadata(ctx),
-                            calibration_method=ctx.recipe.export.int8.calibration.method, seed=ctx.recipe.seed,
-                            progress=lambda m: ctx.print(f"[dim]{m}[/]"))
-    if not table["rows"]:
-        raise InputError(f"student.target: no candidate builds and exports at {ctx.image_size} px: "
-                         + "; ".join(f"{r['arch']}: {r['reason']}" for r in table["skipped"]))
-    result = {**pick(table["rows"], s.target), "target": table["target"], "settings": table["settings"], "skipped": table["skipped"]}
-    ctx.print(pick_table(result))
-    path = ctx.run / CHOICE_FILE
-    if ctx.run.done("distill") and path.exists() and chosen_student(path) != (result["arch"], result["width"]):
-        ctx.print(f"[yellow]today's pick would be {result['reason']}; this run trained {chosen_student(path)[0]} and keeps it "
-                  "(pick for a new run with --out)[/]")
-        return {"arch": chosen_student(path)[0], "width": chosen_student(path)[1], "picked": True, "what_if": result["arch"]}
-    fsio.write_json(path, result)
-    fsio.write_bytes(ctx.run / PLOT_FILE, choice_plot(result))
-    ctx.print(f"student: {result['reason']}")
-    return {"arch": result["arch"], "width": result["width"], "picked": True}
-
 
 # ---------------------------------------------------------------- teacher
 
@@ -208,7 +172,10 @@ def plan_stage(ctx: RunContext) -> dict:
     """Measure what a step costs on this device and pick the HE-DA fraction the budget allows."""
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
     speed, cost = measure_plan(ctx)
-    fraction, reason, budget = _decide(ctx, cost)
+    qat = measure_qat(ctx, cost)
+    b = a.budget
+    minutes = distill_minutes(b.max_minutes if b else None, qat)
+    fraction, reason, budget = _decide(ctx, cost, minutes)
     result = {
         "fraction": fraction,
         "selection": a.selection,
@@ -223,23 +190,32 @@ def plan_stage(ctx: RunContext) -> dict:
         "cost_model": asdict(cost),
         "device": str(ctx.device),
         "speed": speed,
+        "qat": qat,
     }
-    b = a.budget
-    if b is not None and b.max_minutes is not None and cost.total_minutes(0.0, epochs) > b.max_minutes:
+    if minutes is not None and cost.total_minutes(0.0, epochs) > minutes:
         # not even plain distillation fits: say how many epochs would (the controller will run at r = 0 and overrun)
-        result["epochs_that_fit"] = int(60 * b.max_minutes // cost.epoch_seconds(0.0))
+        result["epochs_that_fit"] = max(0, int(60 * minutes // cost.epoch_seconds(0.0)))
     if ctx.dist.is_main:
         fsio.write_json(ctx.run / "plan.json", result)
         ctx.print(plan_table(result))
         ctx.print(f"HE-DA fraction: {fraction:g} — {reason}")
         ctx.print("student step: " + " · ".join(f"{key} {'on' if v['use'] else 'off'} ({v['why']})" for key, v in speed.items()))
+        if qat is not None:
+            ctx.print(f"qat: {qat['epochs']} epochs predicted at {qat['predicted_minutes']:.1f} min (a fake-quantised step costs "
+                      f"{qat['step_ratio']:.2f}× a float one)" + (f", reserved out of augment.budget.max_minutes {b.max_minutes:g}"
+                                                                    if minutes is not None else ""))
         if "epochs_that_fit" in result:
             ctx.print(f"[yellow]max_minutes {b.max_minutes:g} cannot be met even without HE-DA: "
                       f"{cost.total_minutes(0.0, epochs):.1f} min predicted; {result['epochs_that_fit']} epochs would fit[/]")
     return {"fraction": fraction, "predicted_epoch_seconds": result["predicted_epoch_seconds"]}
 
 
-def _decide(ctx: RunContext, cost: CostModel) -> tuple[float, str, dict | None]:
+def distill_minutes(max_minutes: float | None, qat: dict | None) -> float | None:
+    """What ``augment.budget.max_minutes`` leaves distillation: the qat stage's predicted minutes come out of it."""
+    return None if max_minutes is None else max_minutes - (qat["predicted_minutes"] if qat else 0.0)
+
+
+def _decide(ctx: RunContext, cost: CostModel, max_minutes: float | None) -> tuple[float, str, dict | None]:
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
     if a.selection == "all":
         return 1.0, "selection 'all': ordinary augmentation of every sample (r = 1)", None
@@ -247,7 +223,7 @@ def _decide(ctx: RunContext, cost: CostModel) -> tuple[float, str, dict | None]:
         return float(a.fraction), "fixed by the recipe (augment.fraction)", None
     b = a.budget
     budget = {"max_overhead": b.max_overhead, "max_minutes": b.max_minutes, "range": list(b.range), "strict": b.strict}
-    choice = choose_fraction(cost, epochs=epochs, max_overhead=b.max_overhead, max_minutes=b.max_minutes, lo=b.range[0], hi=b.range[1])
+    choice = choose_fraction(cost, epochs=epochs, max_overhead=b.max_overhead, max_minutes=max_minutes, lo=b.range[0], hi=b.range[1])
     if choice.fraction is None:
         if b.strict:
             raise InputError(f"augment.budget: {choice.reason} (strict: true)")
@@ -275,7 +251,8 @@ def distill_stage(ctx: RunContext) -> dict:
     train_set = ctx.train_set()
     steps = math.ceil(math.ceil(len(train_set) / ctx.dist.world) / ctx.recipe.data.batch_size)
     hook = BudgetHook(
-        objective, Goal(b.max_minutes, b.max_overhead, *b.range) if steering else None, CostModel(**plan["cost_model"]).costs(),
+        objective, Goal(distill_minutes(b.max_minutes, plan.get("qat")), b.max_overhead, *b.range) if steering else None,
+        CostModel(**plan["cost_model"]).costs(),
         epochs=ctx.recipe.distill.epochs, steps_per_epoch=steps, batch_size=ctx.recipe.data.batch_size,
         first_fraction=plan["fraction"], agree=lambda r: broadcast_value(ctx.dist, r),
     )
@@ -298,67 +275,67 @@ def distill_stage(ctx: RunContext) -> dict:
     }
 
 
-# ---------------------------------------------------------------- export, validate, report
+# ---------------------------------------------------------------- qat
 
 
-def export_stage(ctx: RunContext) -> dict:
-    if not ctx.dist.is_main:
-        return {}
-    cfg = ctx.recipe.export
+def qat_stage(ctx: RunContext) -> dict:
+    """``export.int8.method: qat`` (or ``auto``, when post-training int8 changes more held-out answers than
+    ``validate.max_int8_drop``): a few epochs of the run's own distillation with int8 simulated
+    (:mod:`edgedistill.distill.qat`); the int8 targets then quantise this student. Writes qat.json (and
+    student.qat.pt, qat_metrics.jsonl when it trains)."""
+    cfg, limit = ctx.recipe.export.int8, ctx.recipe.validate_.max_int8_drop
+    if cfg.method == "ptq":
+        ctx.print("int8 is post-training (export.int8.method: ptq): no quantisation-aware training")
+        return {"method": "ptq", NOTHING_MADE: True}
+    from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
+
+    student = ctx.trained_student()
     calibration, held_out = ctx.int8_images()
-    if held_out is None and any(TARGETS.get(f).precision == "int8" for f in cfg.formats):
-        ctx.print("[yellow]int8: every training image calibrates it, none is left to judge it: no fallback[/]")
-    summary = export_all(ctx.trained_student(), ctx.run.root, cfg, image_size=ctx.image_size, calibration_images=calibration,
-                         metadata=_student_metadata(ctx), held_out=held_out, max_int8_drop=ctx.recipe.validate_.max_int8_drop,
-                         progress=lambda m: ctx.print(f"[dim]{m}[/]"))
-    for name, reason in summary["failed"].items():
-        ctx.print(f"[yellow]{name}: not built: {reason}[/] (validation fails it; the other targets are built)", highlight=False)
-    if judged := sensitivity_of(summary):
-        fsio.write_json(ctx.run / SENSITIVITY_FILE, judged)
-        if any(r.get("sensitivity") for r in judged.values()):
-            fsio.write_bytes(ctx.run / SENSITIVITY_PLOT, sensitivity_plot(judged))
-        for line in sensitivity_lines(judged, top=0):
-            ctx.print(line.replace("**", ""), highlight=False)
-    return {"targets": sorted(summary["variants"]), "failed": sorted(summary["failed"])}
+    calibration = calibration[: cfg.calibration.samples]
+    fake = FakeQuantStudent(student, hw(ctx.image_size), per_channel=cfg.granularity == "per_channel")
+    fake.calibrate(calibration)
+    reference = None if held_out is None else torch_logits(student, held_out)
+    ptq = None if held_out is None else judge(torch_logits(fake.eval(), held_out), reference, held_out.labels)
+    info = {"method": cfg.method, "granularity": cfg.granularity, "limit": limit,
+            "held_out_images": None if held_out is None else len(held_out.labels),
+            "float_top1": None if held_out is None else _top1(reference, held_out.labels), "ptq": None if ptq is None else ptq.to_dict()}
+    if cfg.method == "auto" and (ptq is None or ptq.changed <= limit):
+        why = ("every training image calibrates int8, none is left to judge it" if ptq is None else
+               f"post-training int8 changes {ptq.changed:.2f} % of the held-out answers, within validate.max_int8_drop {limit:g}")
+        if ctx.dist.is_main:
+            fsio.write_json(ctx.run / QAT_FILE, {**info, "trained": False, "reason": why})
+        ctx.print(f"qat: not needed: {why}")
+        return {"trained": False}
+    why = "export.int8.method: qat" if cfg.method == "qat" else (
+        f"post-training int8 changes {ptq.changed:.2f} % of the held-out answers, over validate.max_int8_drop {limit:g}")
+    ctx.print(f"qat: {why}; {cfg.qat.epochs} epochs of quantisation-aware {ctx.recipe.distill.loss.name}")
+    fraction = ctx.read_json("budget.json")["fractions"][-1]  # HE-DA as the budget left it at the end of distill
+    train_cfg = qat_train_config(ctx.recipe.distill, cfg.qat)
+    result = fit(fake.train(), ctx.objective(fraction), ctx.train_set(), ctx.test_set(), train_cfg,
+                 ctx.loop("qat", ctx.run / "checkpoints" / "qat", ctx.run / "qat_metrics.jsonl", train_cfg), ctx.device, ctx.dist,
+                 QatSchedule(fake, cfg.qat.freeze_bn_after, cfg.qat.freeze_observers_after))
+    fake.cpu()
+    student.load_state_dict(fake.float_state())
+    # the int8 answers of the QAT student against its own float weights (what quantisation still changes), and its top-1
+    after = None if held_out is None else judge(torch_logits(fake.eval(), held_out), torch_logits(student, held_out), held_out.labels)
+    info |= {"trained": True, "reason": why, "epochs": cfg.qat.epochs, "fraction": fraction, "lr": train_cfg.optimizer.lr,
+             "freeze_bn_after": cfg.qat.freeze_bn_after, "freeze_observers_after": cfg.qat.freeze_observers_after,
+             "qat": None if after is None else after.to_dict(), "test_top1_simulated": result.final_top1,
+             "seconds": sum(e["epoch_seconds"] for e in result.epochs),
+             "predicted_seconds": 60.0 * ctx.read_json("plan.json")["qat"]["predicted_minutes"]}
+    if ctx.dist.is_main:
+        with fsio.atomic_path(ctx.run / QAT_STUDENT_FILE) as tmp:
+            torch.save({"model": fake.float_state(), "recipe": ctx.recipe.to_dict(), "class_names": ctx.data.class_names,
+                        "image_size": ctx.image_size, "mean": ctx.data.mean, "std": ctx.data.std}, tmp)
+        fsio.write_json(ctx.run / QAT_FILE, info)
+    if after is not None:
+        ctx.print(f"qat: held-out top-1 (int8 simulated): {ptq.top1:.2f} % post-training, {after.top1:.2f} % after QAT "
+                  f"(float student {info['float_top1']:.2f} %); answers int8 changes: {ptq.changed:.2f} → {after.changed:.2f} %")
+    return {"trained": True, "test_top1_simulated": result.final_top1}
 
 
-def _student_metadata(ctx: RunContext) -> dict[str, str]:
-    """What the student's files say about their input and classes (the picker's candidates carry it too)."""
-    data = ctx.data
-    return onnx_metadata(data.class_names, ctx.image_size, data.mean, data.std, ctx.recipe.digest())
-
-
-def validate_stage(ctx: RunContext) -> dict:
-    if not ctx.dist.is_main:
-        return {}
-    ctx.run.require("export")
-    # the teacher, timed beside the student on the CPU where the files are validated, for the report's compression table
-    results = validate_export(ctx.trained_student(), ctx.run.root, ctx.read_json("export.json"), ctx.test_images(), ctx.recipe.validate_,
-                              teacher=ctx.eager_teacher().cpu().eval(), device_target=ctx.recipe.student.target,
-                              shot_groups=ctx.shot_groups)
-    fsio.write_json(ctx.run / "validation.json", results)
-    ctx.print(validation_table(results))
-    for rec in results["recommendations"]:
-        ctx.print(rec["line"], highlight=False)
-    return {"passed": results["passed"], "ship": {r["kind"]: r["variant"] for r in results["recommendations"]}}
-
-
-def validate_files(ctx: RunContext, files: list[Path]) -> None:
-    """Validate ONNX files the user gives (no PyTorch model: accuracy, latency, size) on the recipe's test split.
-
-    A file ONNX Runtime cannot load, or whose input does not take the recipe's images, is bad input (exit 2):
-    a gate failure (exit 1) is for models that run but fall short.
-    """
-    for f in files:
-        problem = onnx_file_problem(f, ctx.image_size)
-        if problem:
-            raise InputError(f"--onnx: {f}: {problem}")
-    results = [validate_onnx_file(f, ctx.test_images(), ctx.recipe.validate_) for f in files]
-    merged = {"passed": all(r["passed"] for r in results), "settings": results[0]["settings"],
-              "variants": {k: v for r in results for k, v in r["variants"].items()}}
-    fsio.write_json(ctx.run / "validation.files.json", merged)
-    ctx.print(validation_table(merged))
-    check_gates(merged)
+def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(np.mean(logits.argmax(1) == labels))
 
 
 def baseline_stage(ctx: RunContext) -> dict:
@@ -376,11 +353,3 @@ def baseline_stage(ctx: RunContext) -> dict:
         fsio.write_json(ctx.run / "baseline.json", info)
     ctx.print(f"baseline (no teacher, {info['loss']}): test top-1 {info['test_top1']:.2f}%")
     return info
-
-
-def report_stage(ctx: RunContext) -> dict:
-    if not ctx.dist.is_main:
-        return {}
-    summary = write_report(ctx.run.root, ctx.recipe)
-    ctx.print(summary_table(ctx.run.root))
-    return summary

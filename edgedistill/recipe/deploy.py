@@ -80,9 +80,29 @@ class CalibrationConfig(Section):
     select: Literal["balanced", "energy"] = "balanced"
 
 
+class QatConfig(Section):
+    """The ``qat`` stage's schedule (:mod:`edgedistill.distill.qat`): a few epochs from the distilled student."""
+
+    epochs: Annotated[int, Field(ge=1)] = 3
+    lr_scale: PositiveFloat = 0.01  # of distill.optimizer.lr, cosine to 0: QAT fine-tunes, it does not re-learn
+    freeze_bn_after: Annotated[int, Field(ge=0)] = 1  # epochs of BatchNorm statistics updates
+    freeze_observers_after: Annotated[int, Field(ge=0)] = 2  # epochs of range observation
+
+    @model_validator(mode="after")
+    def _within(self) -> "QatConfig":
+        for key in ("freeze_bn_after", "freeze_observers_after"):
+            if getattr(self, key) > self.epochs:
+                raise ValueError(f"{key}: {getattr(self, key)} is beyond epochs={self.epochs}")
+        return self
+
+
 class Int8Config(Section):
     """What every int8 target (ONNX ``int8``, ``executorch_int8``, ``litert_int8``) shares (docs/recipe.md, export)."""
 
+    # ptq: post-training int8 of the distilled student; qat: int8 of the student after quantisation-aware distillation
+    # (the qat stage); auto: qat when post-training int8 loses more than validate.max_int8_drop on the held-out images
+    method: Literal["ptq", "qat", "auto"] = "ptq"
+    qat: QatConfig = Field(default_factory=QatConfig)
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     # when the int8 file changes more held-out top-1 answers than validate.max_int8_drop allows, keep its most
     # sensitive layers in float until it does not (edgedistill.deploy.int8_fallback)
@@ -90,6 +110,16 @@ class Int8Config(Section):
     sensitivity: bool = False  # rank every layer even when the file fits (int8_sensitivity.json); fallback always ranks
     held_out: Annotated[int, Field(ge=32)] = 1000  # training images, none of them calibration ones, that judge it
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _qat(self) -> "Int8Config":
+        import importlib.util
+
+        if self.method == "ptq":
+            refuse_given(self, ("qat",), "method is ptq (post-training int8 only)", "set method: qat or auto, or remove qat")
+        elif importlib.util.find_spec("torchao") is None:
+            raise ValueError(f"method: {self.method} needs torchao: install the extra 'qat' (pip install 'edgedistill[qat]')")
+        return self
 
 
 class ExportConfig(Section):

@@ -54,7 +54,7 @@ __all__ = [
 
 
 def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, calibration_images: "np.ndarray | None",
-               metadata: Mapping[str, str], held_out: Any = None, max_int8_drop: float = 1.0,
+               metadata: Mapping[str, str], held_out: Any = None, max_int8_drop: float = 1.0, int8_model: "nn.Module | None" = None,
                progress: Callable[[str], None] = lambda _: None) -> dict:
     """Build every target in ``cfg.formats`` into ``out_dir``, write ``export.json`` atomically, return its content.
 
@@ -69,16 +69,19 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, 
     ``held_out``: training images that are not calibration images, with labels (a
     :class:`edgedistill.data.loading.TestImages`), on which an int8 target judges its file and, when it changes
     more than ``max_int8_drop`` % of the answers, keeps layers in float (:mod:`edgedistill.deploy.int8_fallback`).
-    Each target's inputs are checked before anything is built.
+    ``int8_model``: what the int8 targets quantise instead of ``model`` (the student after quantisation-aware
+    training); their held-out judgement compares them with the float weights they round. Each target's inputs are
+    checked before anything is built.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     names = build_order(list(cfg.formats))
     ctx = BuildContext(model, out_dir, cfg, image_size, calibration_images, dict(metadata), held_out=held_out,
-                       max_int8_drop=max_int8_drop, progress=progress)
+                       max_int8_drop=max_int8_drop, progress=progress, int8_model=int8_model)
     if held_out is not None and any(TARGETS.get(n).precision == "int8" for n in names):
-        ctx.held_out_reference = torch_logits(copy.deepcopy(model).cpu().float().eval(), held_out)
+        # quantisation is judged against the float weights it rounds (after QAT, those QAT left)
+        ctx.held_out_reference = torch_logits(copy.deepcopy(ctx.int8_model).cpu().float().eval(), held_out)
     for name in names:
         TARGETS.get(name).check(ctx)
     failed: dict[str, str] = {}
@@ -97,7 +100,8 @@ def export_all(model: "nn.Module", out_dir: Path, cfg: Any, *, image_size: int, 
         if missing:
             raise InputError(f"export target '{name}' did not write {', '.join(missing)}")
         main = out_dir / target.files[0]
-        ctx.built[name] = {"path": target.files[0], "files": list(target.files), **info, "size_bytes": main.stat().st_size,
+        ctx.built[name] = {"path": target.files[0], "files": list(target.files), **info,
+                           **({"qat": True} if ctx.qat and target.precision == "int8" else {}), "size_bytes": main.stat().st_size,
                            "sha256": sha256(main), "seconds": round(time.perf_counter() - t_target, 2)}
     summary = ctx.summary
     summary["versions"] = _versions(names)

@@ -197,7 +197,7 @@ class XnnpackTarget(Target):
         from edgedistill.models.onnx_export import export_copy
 
         path = ctx.out_dir / self.files[0]
-        net, prep = export_copy(ctx.model, path.name)
+        net, prep = export_copy(ctx.model_for(self.precision), path.name)
         quantizer, settings, fitted = self.quantizer(), {}, None
         if quantizer is not None:
             net, quantizer, settings, fitted = self._quantized(ctx, net, path.name)

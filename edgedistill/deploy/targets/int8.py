@@ -22,7 +22,7 @@ from edgedistill.deploy.targets._base import BuildContext, check_images, registe
 from edgedistill.base.console import quiet
 from edgedistill.deploy.targets._onnx import OnnxTarget
 from edgedistill.deploy.int8_fallback import Int8Fit
-from edgedistill.models.onnx_export import INPUT_NAME, save_model, set_metadata
+from edgedistill.models.onnx_export import INPUT_NAME, export_onnx, save_model, set_metadata
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,10 +56,14 @@ class Int8(OnnxTarget):
         out = ctx.out_dir / self.files[0]
         with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as td:
             cache, alone, pre, last = Path(td) / "ranges.json", Path(td) / "alone.onnx", Path(td) / "pre.onnx", {}
-            preprocess(ctx.file_of("fp32"), pre)  # once: every build of the fallback search quantises this graph
+            source = ctx.file_of("fp32")
+            if ctx.qat:  # the weights quantisation-aware training left: a float graph of their own to quantise
+                source = Path(td) / "qat.onnx"
+                export_onnx(ctx.int8_model, source, image_size=ctx.image_size, opset=ctx.cfg.opset, metadata=ctx.metadata)
+            preprocess(source, pre)  # once: every build of the fallback search quantises this graph
 
             def quantize(path: Path, **kw) -> dict:
-                return quantize_int8(ctx.file_of("fp32"), path, calibration, cfg.calibration.method,
+                return quantize_int8(source, path, calibration, cfg.calibration.method,
                                      granularity=cfg.granularity, ranges_cache=cache, preprocessed=pre, **kw)
 
             def keeping(layers: frozenset[str]) -> "np.ndarray":

@@ -1,0 +1,232 @@
+"""Quantisation-aware distillation (the qat stage, export.int8.method): the fake-quantised student, what a step changes,
+the schedule, the stage's decisions, the int8 files made from it, and an exact resume inside it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import TINY
+from test_resume import assert_same_weights, edgedistill, interrupted
+
+from edgedistill.cli import cli
+from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
+from edgedistill.models.students import build_student
+from edgedistill.recipe.schema import validate_recipe
+
+pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'edgedistill[qat]')")
+pytestmark = pytest.mark.usefixtures("isolated")
+
+SIZE = 16
+
+
+def student() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build_student("mobilenet_v3_small", 10, image_size=SIZE, width=0.5, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # BN statistics of the images it will see (not 0/1), so that folding them has something to get right
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    with torch.no_grad():
+        for seed in range(4):
+            net(images(32, seed=100 + seed))
+    for m in bns:
+        m.momentum = 0.1
+    return net.eval()
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def observer_state(fake: FakeQuantStudent) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in fake.graph.state_dict().items() if k.startswith("activation_post_process")
+            and k.rsplit(".", 1)[-1] in ("scale", "zero_point", "min_val", "max_val")}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_the_float_state_is_the_students_own_and_without_fake_quantisation_it_computes_the_same():
+    from torchao.quantization.pt2e import disable_fake_quant
+
+    net = student()
+    fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), per_channel=True)
+    state = fake.float_state()
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    fake.graph.apply(disable_fake_quant)
+    x = images(8)
+    with torch.no_grad():
+        want, got = net(x), fake.eval()(x)
+    torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=0)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_a_qat_step_changes_only_what_it_should(per_channel):
+    """Before the freezes a step moves the weights, BN's statistics and the observed ranges; after them, the weights alone."""
+    fake = FakeQuantStudent(student(), (SIZE, SIZE), per_channel=per_channel)
+    fake.calibrate(images(32, seed=1).numpy())
+    keys = fake.float_state().keys()
+    weights = {k for k in keys if "running" not in k and "num_batches" not in k and k not in ("mean", "std")}
+    stats = {k for k in keys if "running" in k}
+    optimizer = torch.optim.SGD(fake.parameters(), lr=1e-3)
+    schedule = QatSchedule(fake, freeze_bn_after=1, freeze_observers_after=2)
+
+    def step(epoch: int, seed: int) -> tuple[set[str], set[str]]:
+        fake.train()
+        schedule.begin_epoch(epoch)
+        before, ranges = fake.float_state(), observer_state(fake)
+        loss = torch.nn.functional.cross_entropy(fake(images(16, seed)), torch.arange(16) % 10)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return changed(before, fake.float_state()), changed(ranges, observer_state(fake))
+
+    def most(moved: set[str]) -> bool:  # (an untrained net on random images quantises some layer's input to 0: no gradient there)
+        return len(moved & weights) > 0.8 * len(weights)
+
+    moved, ranges = step(0, seed=2)
+    assert most(moved) and stats <= moved and ranges  # nothing frozen yet
+    assert {"mean", "std"}.isdisjoint(moved)  # the student's normalisation is a constant
+    moved, ranges = step(1, seed=3)
+    assert fake.bn_frozen and most(moved) and not moved & stats and ranges
+    moved, ranges = step(2, seed=4)
+    assert most(moved) and not moved & stats and not ranges
+    assert schedule.end_epoch(2) == {"bn_frozen": True, "observers_frozen": True}
+    fake.eval()
+    fake.train()  # switching modes does not undo the freeze
+    before = fake.float_state()
+    fake(images(16, seed=5))
+    assert not changed(before, fake.float_state()) & stats
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+@pytest.mark.parametrize("int8, message", [
+    ({"qat": {"epochs": 2}}, "export.int8.qat: would be ignored: method is ptq"),
+    ({"method": "qat", "qat": {"epochs": 2, "freeze_observers_after": 3}}, "freeze_observers_after: 3 is beyond epochs=2"),
+    ({"method": "sometimes"}, "export.int8.method"),
+])
+def test_qat_settings_are_checked_when_the_recipe_loads(int8, message):
+    raw = copy.deepcopy(TINY)
+    raw["export"] = {"formats": ["fp32", "int8"], "int8": int8}
+    with pytest.raises(Exception, match=message.replace("(", r"\(")):
+        validate_recipe(raw)
+
+
+# ---------------------------------------------------------------- the stage
+
+RECIPE = copy.deepcopy(TINY)
+RECIPE["data"]["batch_size"] = 8  # 8 steps an epoch
+RECIPE["teacher"]["runtime"] = "torch"
+RECIPE["distill"].update(channels_last=False, compile=False)
+# every int8 target this environment can build (the LiteRT one is tested in its own environment: docs/deploy.md)
+INT8_TARGETS = ["int8", *(["executorch_int8"] if importlib.util.find_spec("executorch") else [])]
+RECIPE["export"] = {"formats": ["fp32", *INT8_TARGETS], "int8": {"method": "qat", "qat": {"epochs": 2, "freeze_bn_after": 1, "freeze_observers_after": 1},
+                                                          "held_out": 32, "calibration": {"samples": 16}}}
+RECIPE["validate"] = {**RECIPE["validate"], "atol": 1e-3, "max_int8_drop": 100.0}
+QAT_STEPS = 8
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def write(folder: Path, recipe: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return folder / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> Path:
+    """A folder with the recipe and ``runs/tiny`` distilled."""
+    base = tmp_path_factory.mktemp("distilled")
+    recipe = write(base, RECIPE)
+    for stage in ("teacher", "score", "plan", "distill"):
+        result = invoke(stage, recipe, "--out", base / "runs")
+        assert result.exit_code == 0, result.output
+    return base
+
+
+@pytest.fixture(scope="module")
+def qat_run(distilled, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("qat") / "w"
+    shutil.copytree(distilled, work)
+    proc = edgedistill(["run", "tiny.yaml", "--out", "runs", "--resume"], cwd=work)  # a process, as the interrupted one
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "runs" / "tiny"
+
+
+def test_method_qat_trains_and_every_int8_file_is_made_from_the_qat_student(qat_run):
+    info = json.loads((qat_run / "qat.json").read_text())
+    assert info["trained"] and info["reason"] == "export.int8.method: qat" and info["epochs"] == 2
+    plan = json.loads((qat_run / "plan.json").read_text())["qat"]  # what the budget reserves for it
+    assert plan["epochs"] == 2 and plan["step_ratio"] > 0 and info["predicted_seconds"] == pytest.approx(60 * plan["predicted_minutes"])
+    assert info["held_out_images"] == 32 and {"changed", "top1", "sqnr_db"} <= info["ptq"].keys() <= info["qat"].keys()
+    rows = [json.loads(line) for line in (qat_run / "qat_metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["stage"], r["bn_frozen"], r["observers_frozen"]) for r in rows] == [(1, "qat", False, False), (2, "qat", True, True)]
+    distilled = torch.load(qat_run / "student.pt", weights_only=True)["model"]
+    qat = torch.load(qat_run / "student.qat.pt", weights_only=True)["model"]
+    assert qat.keys() == distilled.keys() and any(not torch.equal(qat[k], distilled[k]) for k in qat)
+    export = json.loads((qat_run / "export.json").read_text())
+    assert all(export["variants"][name]["qat"] is True for name in INT8_TARGETS) and "qat" not in export["variants"]["fp32"]
+    validation = json.loads((qat_run / "validation.json").read_text())
+    assert all(validation["variants"][name]["qat"] is True for name in INT8_TARGETS)  # (what to ship then says so: tests/test_recommend.py)
+
+
+@pytest.mark.parametrize("limit, trains", [(100.0, False), (0.0, True)], ids=["ptq-fits", "ptq-misses"])
+def test_method_auto_trains_only_when_post_training_int8_misses_the_limit(distilled, tmp_path, limit, trains):
+    recipe = copy.deepcopy(RECIPE)
+    recipe["export"]["int8"]["method"] = "auto"
+    recipe["validate"]["max_int8_drop"] = limit
+    work = tmp_path / "w"
+    shutil.copytree(distilled, work)
+    write(work, recipe)
+    result = invoke("qat", work / "tiny.yaml", "--out", work / "runs")
+    assert result.exit_code == 0, result.output
+    run = work / "runs" / "tiny"
+    info = json.loads((run / "qat.json").read_text())
+    assert info["trained"] is trains and (run / "student.qat.pt").exists() is trains
+    if trains:
+        assert info["ptq"]["changed"] > 0 and "over validate.max_int8_drop 0" in info["reason"]
+    else:
+        assert "within validate.max_int8_drop 100" in info["reason"] and "qat: not needed" in result.output
+
+
+def test_method_ptq_makes_nothing(distilled, tmp_path):
+    recipe = copy.deepcopy(RECIPE)
+    recipe["export"]["int8"] = {"held_out": 32, "calibration": {"samples": 16}}
+    work = tmp_path / "w"
+    shutil.copytree(distilled, work)
+    write(work, recipe)
+    result = invoke("qat", work / "tiny.yaml", "--out", work / "runs")
+    assert result.exit_code == 0 and "int8 is post-training" in result.output
+    assert not (work / "runs" / "tiny" / "qat.json").exists()
+
+
+def test_an_interrupted_qat_stage_resumes_to_the_same_weights(distilled, qat_run, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(distilled, work)
+    args = ["qat", "tiny.yaml", "--out", "runs"]
+    proc = interrupted("INT", "qat", QAT_STEPS + 3, args, cwd=work)  # epoch 2 (BN and observers frozen), step 3
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    run = work / "runs" / "tiny"
+    ckpt = torch.load(run / "checkpoints" / "qat" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
+    resumed = edgedistill([*args, "--resume"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch 2, step 3" in resumed.stderr
+    assert_same_weights(torch.load(run / "student.qat.pt", weights_only=True)["model"],
+                        torch.load(qat_run / "student.qat.pt", weights_only=True)["model"])
