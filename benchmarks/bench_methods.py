@@ -67,6 +67,7 @@ DOCS = ROOT / "docs"
 STUDENTS = {
     "shufflenet_v2_x0_5": ["student.arch=shufflenet_v2_x0_5"],
     "mobilenet_v2_w0.5": ["student.arch=mobilenet_v2", "student.width=0.5"],
+    "mobilenet_v3_small": ["student.arch=mobilenet_v3_small"],
     # timm's (the timm extra; issue #33): the MobileNet of 2024, and PP-LCNet, designed for CPU latency
     "timm_mobilenetv4_conv_small": ["student.arch=timm/mobilenetv4_conv_small"],
     "timm_lcnet_100": ["student.arch=timm/lcnet_100"],
@@ -177,6 +178,12 @@ PROTOCOLS = {
                  "distill.optimizer={name: sgd, lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"),
         12, tuple((s, m, 1) for s in ("timm_mobilenetv4_conv_small", "timm_lcnet_100") for m in ("kd", "energy_kd")),
         "the cpu protocol (12 epochs on the full train half) for timm students"),
+    # the students whose int8 benchmarks/bench_int8.py takes apart (post-training, fallback, QAT by loss; docs/benchmarks/int8.md)
+    "int8": Protocol(
+        FIXED + ("data.batch_size=64", "distill.epochs=12", "distill.schedule={name: cosine, warmup_epochs: 1.8}",
+                 "distill.optimizer={name: sgd, lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"),
+        12, (("mobilenet_v3_small", "energy_kd", 1), ("mobilenet_v2_w0.5", "energy_kd", 1)),
+        "the cpu protocol (12 epochs on the full train half), Energy KD, for int8"),
     # checks this script end to end in minutes; its numbers mean nothing
     "smoke": Protocol(
         FIXED + ("data.train_limit=512", "data.test_limit=500", "data.batch_size=64", "distill.epochs=1", "distill.schedule={name: constant}",

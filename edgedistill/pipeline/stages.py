@@ -5,6 +5,7 @@ artifacts atomically."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import asdict
@@ -32,7 +33,7 @@ from edgedistill.pipeline.planning import measure_plan, measure_qat
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table
 from edgedistill.deploy.targets import torch_logits
 from edgedistill.deploy.int8_fallback import judge
-from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, qat_train_config
+from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, FakeQuantStudent, QatSchedule, qat_train_config
 from edgedistill.data.transforms import hw
 from edgedistill.distill.train import class_tally, fit, top1_percent
 
@@ -287,7 +288,6 @@ def qat_stage(ctx: RunContext) -> dict:
     if cfg.method == "ptq":
         ctx.print("int8 is post-training (export.int8.method: ptq): no quantisation-aware training")
         return {"method": "ptq", NOTHING_MADE: True}
-    from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
 
     student = ctx.trained_student()
     calibration, held_out = ctx.int8_images()
@@ -315,14 +315,15 @@ def qat_stage(ctx: RunContext) -> dict:
                  ctx.loop("qat", ctx.run / "checkpoints" / "qat", ctx.run / "qat_metrics.jsonl", train_cfg), ctx.device, ctx.dist,
                  QatSchedule(fake, cfg.qat.freeze_bn_after, cfg.qat.freeze_observers_after))
     fake.cpu()
+    planned = ctx.read_json("plan.json").get("qat")  # None: the plan priced post-training int8 (method changed since)
     student.load_state_dict(fake.float_state())
     # the int8 answers of the QAT student against its own float weights (what quantisation still changes), and its top-1
     after = None if held_out is None else judge(torch_logits(fake.eval(), held_out), torch_logits(student, held_out), held_out.labels)
     info |= {"trained": True, "reason": why, "epochs": cfg.qat.epochs, "fraction": fraction, "lr": train_cfg.optimizer.lr,
              "freeze_bn_after": cfg.qat.freeze_bn_after, "freeze_observers_after": cfg.qat.freeze_observers_after,
              "qat": None if after is None else after.to_dict(), "test_top1_simulated": result.final_top1,
-             "seconds": sum(e["epoch_seconds"] for e in result.epochs),
-             "predicted_seconds": 60.0 * ctx.read_json("plan.json")["qat"]["predicted_minutes"]}
+             "seconds": sum(json.loads(line)["epoch_seconds"] for line in (ctx.run / "qat_metrics.jsonl").read_text().splitlines()),
+             "predicted_seconds": None if planned is None else 60.0 * planned["predicted_minutes"]}
     if ctx.dist.is_main:
         with fsio.atomic_path(ctx.run / QAT_STUDENT_FILE) as tmp:
             torch.save({"model": fake.float_state(), "recipe": ctx.recipe.to_dict(), "class_names": ctx.data.class_names,
