@@ -29,6 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgedistill.base import fsio  # noqa: E402
 from edgedistill.base.errors import first_line  # noqa: E402
 from edgedistill.base.timing import interleaved, spread  # noqa: E402
 from edgedistill.data.loading import ArrayImages  # noqa: E402
@@ -81,6 +82,9 @@ def targets(out: Path, sizes: list[int]) -> None:
     print(f"formats installed here: {formats}", flush=True)
     for size in sizes:
         for arch, width in STUDENTS:
+            done = out / "targets" / f"{key(arch, width, size)}.json"
+            if done.exists():  # a student's row is written once it is complete: an interrupted matrix goes on
+                continue
             net = realistic(arch, width, size)
             rng = np.random.default_rng(0)
             calibration = rng.random((32, 3, size, size), dtype=np.float32)
@@ -108,8 +112,8 @@ def targets(out: Path, sizes: list[int]) -> None:
                         traceback.print_exc(limit=1)
                 row["targets"][fmt] = cell
                 print(f"{key(arch, width, size)} {fmt}: {cell}", flush=True)
-            (out / "targets").mkdir(parents=True, exist_ok=True)
-            (out / "targets" / f"{key(arch, width, size)}.json").write_text(json.dumps(row, indent=1))
+            done.parent.mkdir(parents=True, exist_ok=True)
+            fsio.write_text(done, json.dumps(row, indent=1))
 
 
 def latency(out: Path, sizes: list[int], rounds: int, seconds: float) -> None:
