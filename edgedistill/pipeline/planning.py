@@ -58,12 +58,14 @@ class StepBench:
             net.compile()
         return net.train()
 
-    def stepper(self, student, objective, channels_last: bool):
+    def stepper(self, student, objective, channels_last: bool, precision: Precision | None = None):
+        """One optimisation step of ``student`` on a batch, in distillation's precision unless ``precision`` is given."""
         optimizer = build_optimizer(student, self.ctx.recipe.distill.optimizer)
+        precision = precision or self.precision
 
         def step(images, labels, indices):
             x = to_float(images, self.device, channels_last)
-            with self.precision.autocast():
+            with precision.autocast():
                 losses, _ = objective(student, x, labels.to(self.device), indices, 0.0)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -140,8 +142,9 @@ def measure_plan(ctx: RunContext) -> tuple[dict, CostModel]:
 
 def measure_qat(ctx: RunContext, cost: CostModel) -> dict | None:
     """With ``export.int8.method: qat`` or ``auto``, what the qat stage's epochs will cost: a step of the fake-quantised
-    student timed in turns with a plain one (the ratio), applied to the predicted epoch at the highest HE-DA fraction
-    the run may use. ``auto`` is charged too: the budget must hold when it does train. None with ``ptq``."""
+    student (in float32, as the stage runs it) timed in turns with a distillation step (the ratio), applied to the
+    predicted epoch at the highest HE-DA fraction the run may use. ``auto`` is charged too: the budget must hold when
+    it does train. None with ``ptq``."""
     int8, a = ctx.recipe.export.int8, ctx.recipe.augment
     if int8.method == "ptq":
         return None
@@ -150,7 +153,8 @@ def measure_qat(ctx: RunContext, cost: CostModel) -> dict | None:
     bench = StepBench(ctx)
     plain = ctx.timing_objective(None)
     fake = FakeQuantStudent(ctx.build_student(), hw(ctx.image_size), per_channel=int8.granularity == "per_channel").to(ctx.device)
-    float_step, fake_step = bench.timed(bench.stepper(bench.student(False), plain, False), bench.stepper(fake.train(), plain, False))
+    float_step, fake_step = bench.timed(bench.stepper(bench.student(False), plain, False),
+                                        bench.stepper(fake.train(), plain, False, Precision.for_device(ctx.device, False)))
     r = 1.0 if a.selection == "all" else a.budget.range[1] if a.fraction == "auto" else float(a.fraction)
     ratio = fake_step / float_step
     return {"epochs": int8.qat.epochs, "step_ratio": ratio, "fraction": r,
