@@ -126,21 +126,24 @@ def decide_compile(ctx: RunContext, bench: StepBench, channels_last: bool, plann
             "why": "repays its compilation" if use else "does not repay its compilation"}
 
 
-def measure_plan(ctx: RunContext) -> tuple[dict, CostModel]:
-    """The plan's measurements: how the student runs fastest, then what steps cost so. Compilation measured on
-    the CPU needs the run's length, so the cost is measured first and again if compiling is chosen."""
+def measure_plan(ctx: RunContext) -> tuple[dict, CostModel, dict | None]:
+    """The plan's measurements: how the student runs fastest, then what steps cost so, then what the qat stage will
+    cost (:func:`measure_qat`). Compilation measured on the CPU needs the run's length, so the cost is measured first
+    and again if compiling is chosen."""
     bench = StepBench(ctx)
     speed = {"channels_last": decide_layout(ctx, bench)}
     layout = speed["channels_last"]["use"]
     if preset(ctx.recipe.distill.compile, ctx.device) is None:
         cost = measure_cost(ctx, {**speed, "compile": {"use": False}}, bench)
         speed["compile"] = decide_compile(ctx, bench, layout, 60 * cost.total_minutes(0.0, ctx.recipe.distill.epochs))
-        return speed, (measure_cost(ctx, speed, bench) if speed["compile"]["use"] else cost)
-    speed["compile"] = decide_compile(ctx, bench, layout, None)
-    return speed, measure_cost(ctx, speed, bench)
+        cost = measure_cost(ctx, speed, bench) if speed["compile"]["use"] else cost
+    else:
+        speed["compile"] = decide_compile(ctx, bench, layout, None)
+        cost = measure_cost(ctx, speed, bench)
+    return speed, cost, measure_qat(ctx, cost, bench)
 
 
-def measure_qat(ctx: RunContext, cost: CostModel) -> dict | None:
+def measure_qat(ctx: RunContext, cost: CostModel, bench: StepBench) -> dict | None:
     """With ``export.int8.method: qat`` or ``auto``, what the qat stage's epochs will cost: a step of the fake-quantised
     student (in float32, as the stage runs it) timed in turns with a distillation step (the ratio), applied to the
     predicted epoch at the highest HE-DA fraction the run may use. ``auto`` is charged too: the budget must hold when
@@ -150,7 +153,6 @@ def measure_qat(ctx: RunContext, cost: CostModel) -> dict | None:
         return None
     from edgedistill.distill.qat import FakeQuantStudent
 
-    bench = StepBench(ctx)
     plain = ctx.timing_objective(None)
     fake = FakeQuantStudent(ctx.build_student(), hw(ctx.image_size), per_channel=int8.granularity == "per_channel").to(ctx.device)
     float_step, fake_step = bench.timed(bench.stepper(bench.student(False), plain, False),

@@ -29,7 +29,7 @@ from edgedistill.base.shots import shot_top1
 from edgedistill.pipeline.folder import NOTHING_MADE, SKIPPED_FILE
 from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
-from edgedistill.pipeline.planning import measure_plan, measure_qat
+from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table
 from edgedistill.deploy.targets import torch_logits
 from edgedistill.deploy.int8_fallback import judge
@@ -172,8 +172,7 @@ def _gallery(ctx: RunContext, ds: ImageDataset, cols: dict) -> bytes:
 def plan_stage(ctx: RunContext) -> dict:
     """Measure what a step costs on this device and pick the HE-DA fraction the budget allows."""
     a, epochs = ctx.recipe.augment, ctx.recipe.distill.epochs
-    speed, cost = measure_plan(ctx)
-    qat = measure_qat(ctx, cost)
+    speed, cost, qat = measure_plan(ctx)
     b = a.budget
     minutes = distill_minutes(b.max_minutes if b else None, qat)
     fraction, reason, budget = _decide(ctx, cost, minutes)
