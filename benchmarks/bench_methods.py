@@ -33,10 +33,13 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from edgedistill.base import fsio
 from edgedistill.pipeline.context import RunContext  # noqa: E402
 from edgedistill.base.distributed import DistInfo  # noqa: E402
+from edgedistill.base.errors import Interrupted  # noqa: E402
 from edgedistill.pipeline.folder import RunFolder  # noqa: E402
 from edgedistill.models.macs import model_stats  # noqa: E402
 from edgedistill.models.students import build_student
@@ -412,11 +416,14 @@ def finished_rows(protocol: str) -> list[dict]:
 # ---------------------------------------------------------------- verify (a stranger's re-run of one record)
 
 
-def verify(record_id: str, protocol: str) -> int:
+def verify(record_id: str, protocol: str, epochs: int | None = None) -> int:
     """Train the recorded configuration again in a folder of its own, with the record's thread count and a teacher
     logit cache of its own (the teacher runs live), and compare: the environment first (code commit, library
     versions), then the teacher's file and logit digests, then top-1 epoch by epoch. Prints the first item that
-    differs; 0 when the re-run retraces the record to the last digit, 1 otherwise."""
+    differs; 0 when the re-run retraces the record to the last digit, 1 otherwise.
+
+    ``epochs``: stop after that many epochs and compare those (the first difference shows in the first epochs; the
+    folder stays resumable, so a later, longer verify goes on from there)."""
     path = RECORDS / protocol / f"{record_id}.json"
     if not path.exists():
         print(f"no record {path}", file=sys.stderr)
@@ -426,25 +433,56 @@ def verify(record_id: str, protocol: str) -> int:
     torch.set_num_threads(record["cpu_threads"])
     work = CACHE / protocol / "verify"
     root = work / folder(cfg, protocol).name
-    train(cfg, protocol, shared_scores(protocol), TRAIN_STAGES, root, f"distill.teacher_cache={work / 'teacher-logits'}")
-    now = collect(cfg, protocol, root)
-    items = [(f"environment.{k}", v, now["environment"].get(k)) for k, v in record.get("environment", {}).items()]
-    items += [(f"teacher.{k}", v, now["teacher"].get(k)) for k, v in record.get("teacher", {}).items()]
+    total = len(record["top1_by_epoch"])
+    wanted = min(epochs or total, total)
+    if len(_jsonl(root / "metrics.jsonl")) < wanted:
+        with interrupt_after(root / "metrics.jsonl", wanted) if wanted < total else nullcontext():
+            try:
+                train(cfg, protocol, shared_scores(protocol), TRAIN_STAGES, root, f"distill.teacher_cache={work / 'teacher-logits'}")
+            except Interrupted:
+                pass  # stopped after the epochs asked for
+    run = RunFolder(root)
+    env, teacher = json.loads((run / "env.json").read_text()), json.loads((run / "teacher.json").read_text())
+    now = [e["test_top1"] for e in _jsonl(run / "metrics.jsonl")][:wanted]
+    items = [(f"environment.{k}", v, env.get(k)) for k, v in record.get("environment", {}).items()]
+    items += [(f"teacher.{k}", v, teacher.get(k)) for k, v in record.get("teacher", {}).items()]
     differing = [(name, a, b) for name, a, b in items if a != b]
-    epochs = list(enumerate(zip(record["top1_by_epoch"], now["top1_by_epoch"]), 1))
+    compared = list(enumerate(zip(record["top1_by_epoch"], now), 1))
     print("| epoch | recorded top-1 | re-run top-1 | difference |\n| ---: | ---: | ---: | ---: |")
-    for e, (a, b) in epochs:
+    for e, (a, b) in compared:
         print(f"| {e} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
-    differing += [(f"epoch {e} test top-1", a, b) for e, (a, b) in epochs if a != b][:1]
+    differing += [(f"epoch {e} test top-1", a, b) for e, (a, b) in compared if a != b][:1]
     if "environment" not in record:
         print("the record holds no environment (made before records carried one): only the epochs can be compared")
     if not differing:
-        print(f"{record_id}: the re-run retraces the record to the last digit ({len(record['top1_by_epoch'])} epochs)")
+        print(f"{record_id}: the re-run retraces the record to the last digit ({len(compared)} of {len(record['top1_by_epoch'])} epochs)")
         return 0
     name, a, b = differing[0]
     print(f"{record_id}: first difference: {name}: recorded {a}, now {b}"
           + (f" (and {len(differing) - 1} more: {', '.join(n for n, *_ in differing[1:])})" if len(differing) > 1 else ""))
     return 1
+
+
+@contextmanager
+def interrupt_after(metrics: Path, epochs: int):
+    """Send this process SIGINT once ``metrics`` holds ``epochs`` lines: the training loop finishes its step,
+    checkpoints and raises Interrupted. Where in the next epoch the signal lands does not matter: the epochs
+    compared are finished and logged by then."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if len(_jsonl(metrics)) >= epochs:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 # ---------------------------------------------------------------- statistics
@@ -848,10 +886,11 @@ def main() -> int:
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu")
     ap.add_argument("--seed", type=int, action="append", default=[], help="train: only these seeds (repeatable)")
     ap.add_argument("--only", action="append", default=[], help="train: only configurations whose id contains this (repeatable)")
+    ap.add_argument("--epochs", type=int, help="verify: stop after this many epochs and compare those (default: all)")
     args = ap.parse_args()
     costs_path = RECORDS / args.protocol / "costs.json"
     if args.part == "verify":
-        return verify(args.id, args.protocol) if args.id else ap.error("verify needs a record id")
+        return verify(args.id, args.protocol, args.epochs) if args.id else ap.error("verify needs a record id")
     if args.part == "train":
         configs = [c for c in grid(args.protocol) if (not args.seed or c.seed in args.seed) and (not args.only or any(o in c.id for o in args.only))]
         todo = [c for c in configs if not finished(c, args.protocol)]
