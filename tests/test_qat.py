@@ -18,18 +18,20 @@ from test_resume import assert_same_weights, edgedistill, interrupted
 
 from edgedistill.cli import cli
 from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
-from edgedistill.models.students import build_student
+from edgedistill.models.students import build_student, zoo
 from edgedistill.recipe.schema import validate_recipe
 
 pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'edgedistill[qat]')")
 pytestmark = pytest.mark.usefixtures("isolated")
 
 SIZE = 16
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm students need the timm extra")
 
 
-def student() -> torch.nn.Module:
+def student(arch: str = "mobilenet_v3_small") -> torch.nn.Module:
     torch.manual_seed(0)
-    net = build_student("mobilenet_v3_small", 10, image_size=SIZE, width=0.5, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    net = build_student(arch, 10, image_size=SIZE, width=0.5 if arch == "mobilenet_v3_small" else 1.0, small_input=True,
+                        mean=(0.5,) * 3, std=(0.25,) * 3)
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in bns:  # BN statistics of the images it will see (not 0/1), so that folding them has something to get right
         m.reset_running_stats()
@@ -56,19 +58,49 @@ def changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_the_float_state_is_the_students_own_and_without_fake_quantisation_it_computes_the_same():
+# timm's students: its BatchNormAct2d layers and their own eps go through the same rewrite; a BatchNorm weight of 0
+# (RepViT starts its residual branches so): the rewrite divides by it
+@pytest.mark.parametrize("arch, zero_bn", [("mobilenet_v3_small", False), ("mobilenet_v3_small", True),
+                                           pytest.param("timm/lcnet_050", False, marks=needs_timm)],
+                         ids=["mobilenet_v3_small", "a-bn-weight-of-0", "timm-lcnet_050"])
+def test_the_float_state_is_the_students_own_and_without_fake_quantisation_it_computes_the_same(arch, zero_bn):
     from torchao.quantization.pt2e import disable_fake_quant
 
-    net = student()
+    net = student(arch)
+    if zero_bn:
+        bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][3]
+        with torch.no_grad():
+            bn.weight[: len(bn.weight) // 2] = 0
     fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), per_channel=True)
     state = fake.float_state()
     assert state.keys() == net.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if not zero_bn or "weight" not in k)
     fake.graph.apply(disable_fake_quant)
     x = images(8)
     with torch.no_grad():
         want, got = net(x), fake.eval()(x)
     torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", zoo())  # timm's curated students too, with the timm extra
+def test_every_student_trains_with_fake_quantisation(arch):
+    """Every registered student traces, computes its own logits with fake quantisation off, and takes a finite QAT
+    step with it on (minutes: -m slow)."""
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+    net = build_student(arch, 10, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    fake = FakeQuantStudent(copy.deepcopy(net), (32, 32), per_channel=True)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fake.graph.apply(disable_fake_quant)
+    with torch.no_grad():
+        want, got = net(x), fake.eval()(x)
+    torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=0)
+    fake.graph.apply(enable_fake_quant)
+    fake.calibrate(x.numpy())
+    loss = torch.nn.functional.cross_entropy(fake.train()(x), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in fake.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])

@@ -75,6 +75,7 @@ class FakeQuantStudent(nn.Module):
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
         self.keys = tuple(student.state_dict())
+        _nudge_zero_bn_weights(student)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         example = torch.rand(2, 3, *image_size, generator=torch.Generator().manual_seed(0))
         traced = torch.export.export(student.train(), (example,), dynamic_shapes=({0: batch},)).module()
@@ -140,6 +141,16 @@ def _stat(bn: torch.fx.Node) -> str:
     return bn.args[4].target
 
 
+def _nudge_zero_bn_weights(net: nn.Module, to: float = 1e-6) -> None:
+    """BatchNorm weights of exactly 0 become ``to``: the QAT rewrite of convolution + BatchNorm divides by them (the
+    whole network's output turns NaN: timm's RepViT initialises its residual branches' last BatchNorm at 0). What the
+    channel puts out moves by ``to`` times its normalised input, far below int8's rounding."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.masked_fill_(m.weight == 0, to)
+
+
 def _restore_bn_settings(graph: torch.fx.GraphModule, settings: dict[str, tuple[float, float]]) -> None:
     """Put each BatchNorm's own momentum and eps back where torchao's convolution + BatchNorm rewrite (0.18) wrote its
     defaults (0.1, 1e-5): in the op and in the ``running_var + eps`` that scales the folded weights. torchvision's
@@ -147,7 +158,7 @@ def _restore_bn_settings(graph: torch.fx.GraphModule, settings: dict[str, tuple[
     for bn in _batch_norms(graph):
         momentum, eps = settings[_stat(bn)]
         bn.args = (*bn.args[:6], momentum, eps, *bn.args[8:])
-        for user in bn.args[4].users:
+        for user in list(bn.args[4].users):
             if user.op == "call_function" and str(user.target) == "aten.add.Tensor" and user.args[0] is bn.args[4]:
                 user.args = (user.args[0], eps)
     graph.recompile()
