@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgedistill.base import fsio  # noqa: E402
-from edgedistill.base.errors import first_line  # noqa: E402
+from edgedistill.base.errors import InputError, first_line  # noqa: E402
 from edgedistill.base.timing import interleaved, spread  # noqa: E402
 from edgedistill.data.loading import ArrayImages  # noqa: E402
 from edgedistill.deploy.targets import TARGETS, OrtRunner, export_all, not_installed, onnx_metadata  # noqa: E402
@@ -99,6 +99,8 @@ def targets(out: Path, sizes: list[int]) -> None:
                     try:
                         summary = export_all(net, Path(td), ExportConfig(formats=[*target.requires, fmt]), image_size=size,
                                              calibration_images=calibration, metadata=meta)
+                        if fmt in summary["failed"]:  # the target refused the network: its reason is the finding
+                            raise InputError(summary["failed"][fmt])
                         v = validate_export(net, Path(td), {"variants": {fmt: summary["variants"][fmt]}}, test, VCFG)["variants"][fmt]
                         cell = {"precision": target.precision, "runs": v.get("error") is None and v["max_abs_diff"] is not None, "error": v.get("error"),
                                 "relative_diff": v["max_abs_diff"] / logit_scale if v["max_abs_diff"] is not None else None,
