@@ -110,24 +110,27 @@ def collect(root: Path, vid: str, cfg: bm.Config, granularity: str, variant: str
     }
 
 
-def table(records: list[dict]) -> str:
+def table(records: list[dict], planned: int) -> str:
     by = {(r["student"], r["granularity"], r["variant"]): [] for r in records}
     for r in records:
         by[(r["student"], r["granularity"], r["variant"])].append(r)
     lines = ["# int8 that keeps its accuracy: post-training, fallback and quantisation-aware distillation", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
-             "| student | weights | int8 by | seeds | ONNX Runtime | ExecuTorch | LiteRT | layers in float (ORT / ET / LiteRT) | QAT min |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+             *([f"**Status**: {len(records)} of {planned} variants recorded; the others are still to run, and their rows come as they are recorded.", ""]
+               if len(records) < planned else []),
+             "| student | weights | int8 by | seeds | ONNX Runtime | ExecuTorch | LiteRT | layers in float (ORT / ET / LiteRT) | MB (ORT / ET / LiteRT) | QAT min |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for (student, granularity, variant), rs in by.items():
         def cell(t: str) -> str:
             tops = [r["top1"][t] for r in rs]
             mean, delta = sum(tops) / len(tops), sum(r["delta"][t] for r in rs) / len(rs)
             return f"{mean:.2f}% ({delta:+.2f})"
         floats = " / ".join(str(rs[0]["float_layers"].get(t, "–")) for t in TARGETS)
+        sizes = " / ".join(f"{rs[0]['size_mb'][t]:.2f}" for t in TARGETS)
         qat = [r["qat_seconds"] for r in rs if r["qat_seconds"]]
         minutes = f"{sum(qat) / len(qat) / 60:.1f}" if qat else "–"
         lines.append(f"| {student} (fp32 {rs[0]['fp32_top1']:.2f}%) | {granularity} | {VARIANTS[variant][0]} | {len(rs)} | "
-                     + " | ".join(cell(t) for t in TARGETS) + f" | {floats} | {minutes} |")
+                     + " | ".join(cell(t) for t in TARGETS) + f" | {floats} | {sizes} | {minutes} |")
     lines += ["", "Cells: mean test top-1 of the int8 file in its runtime (its change against the fp32 student in PyTorch)."]
     return "\n".join(lines) + "\n"
 
@@ -152,7 +155,7 @@ def main() -> int:
             print(f"{vid}: recorded")
     records = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
     if records and args.protocol == "int8":
-        fsio.write_text(DOC, table(records))
+        fsio.write_text(DOC, table(records, len(variants(args.protocol))))
         print(f"wrote {DOC} ({len(records)} variants)")
     return 0
 
