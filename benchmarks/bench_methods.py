@@ -444,9 +444,13 @@ def verify(record_id: str, protocol: str, epochs: int | None = None) -> int:
     run = RunFolder(root)
     env, teacher = json.loads((run / "env.json").read_text()), json.loads((run / "teacher.json").read_text())
     now = [e["test_top1"] for e in _jsonl(run / "metrics.jsonl")][:wanted]
-    items = [(f"environment.{k}", v, env.get(k)) for k, v in record.get("environment", {}).items()]
+    # every command that trained the re-run (a longer verify resumes a shorter one's folder) against the record's
+    items = [(f"environment.{k}", v, c.get(k)) for c in (env, *env["history"]) for k, v in record.get("environment", {}).items()]
     items += [(f"teacher.{k}", v, teacher.get(k)) for k, v in record.get("teacher", {}).items()]
-    differing = [(name, a, b) for name, a, b in items if a != b]
+    differing: list[tuple] = []
+    for name, a, b in items:  # each item once, as the first command that differs has it
+        if a != b and name not in {n for n, *_ in differing}:
+            differing.append((name, a, b))
     compared = list(enumerate(zip(record["top1_by_epoch"], now), 1))
     print("| epoch | recorded top-1 | re-run top-1 | difference |\n| ---: | ---: | ---: | ---: |")
     for e, (a, b) in compared:

@@ -67,14 +67,18 @@ def test_the_float_state_is_the_students_own_and_without_fake_quantisation_it_co
     from torchao.quantization.pt2e import disable_fake_quant
 
     net = student(arch)
+    nudged = None
     if zero_bn:
-        bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)][3]
+        nudged, bn = [(f"{name}.weight", m) for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)][3]
         with torch.no_grad():
             bn.weight[: len(bn.weight) // 2] = 0
     fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), per_channel=True)
     state = fake.float_state()
     assert state.keys() == net.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if not zero_bn or "weight" not in k)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if k != nudged)
+    if zero_bn:  # the zeros, and only they, moved off 0
+        want = net.state_dict()[nudged]
+        torch.testing.assert_close(state[nudged], torch.where(want == 0, 1e-6, want), atol=0, rtol=0)
     fake.graph.apply(disable_fake_quant)
     x = images(8)
     with torch.no_grad():
