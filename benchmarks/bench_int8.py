@@ -7,7 +7,8 @@ tensor, and every file is validated in its own runtime (ONNX Runtime, ExecuTorch
 * ``ptq``: post-training int8, no fallback;
 * ``ptq_fallback``: post-training int8 with the automatic float fallback (``validate.max_int8_drop`` 1 point);
 * ``qat_ce``, ``qat_kd``, ``qat_energy_kd``: the qat stage (3 epochs) with cross-entropy alone, KD, Energy KD, two seeds,
-  no fallback (what QAT recovers by itself).
+  no fallback (what QAT recovers by itself); its weights rounded to ONNX Runtime's 7-bit grid, the coarsest of the
+  three targets.
 
 Each variant is its own copy of the distilled run folder with the stages from qat on redone, so the students are the
 same file. A variant's numbers go to ``benchmarks/records/int8/<id>.json`` (committed; a recorded variant is not run
@@ -98,6 +99,8 @@ def collect(root: Path, vid: str, cfg: bm.Config, granularity: str, variant: str
     run = RunFolder(root)
     validation, export = (json.loads((run / f).read_text()) for f in ("validation.json", "export.json"))
     qat = json.loads((run / "qat.json").read_text()) if (run / "qat.json").exists() else None
+    env = json.loads((run / "env.json").read_text())
+    latest = (env, *env["history"])[-1]  # the command that redid qat, export and validate
     rows = validation["variants"]
     return {
         "id": vid, "student": cfg.student, "granularity": granularity, "variant": variant, "seed": seed,
@@ -109,6 +112,8 @@ def collect(root: Path, vid: str, cfg: bm.Config, granularity: str, variant: str
         "export_seconds": {t: export["variants"][t]["seconds"] for t in TARGETS if t in export["variants"]},
         "qat_seconds": qat["seconds"] if qat and qat["trained"] else None,
         "qat_simulated_top1": qat["test_top1_simulated"] if qat and qat["trained"] else None,
+        "qat_weight_grid": qat.get("weight_grid") if qat and qat["trained"] else None,
+        "environment": {k: latest.get(k) for k in ("code", *bm.LIBRARIES)}, "export_versions": export["versions"],
         "seconds_note": "measured beside other work: an upper bound",
     }
 

@@ -17,6 +17,7 @@ from conftest import TINY
 from test_resume import assert_same_weights, edgedistill, interrupted
 
 from edgedistill.cli import cli
+from edgedistill.deploy.targets import qat_weight_grid
 from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
 from edgedistill.models.students import build_student, zoo
 from edgedistill.recipe.schema import validate_recipe
@@ -146,6 +147,26 @@ def test_a_qat_step_changes_only_what_it_should(per_channel):
     assert not changed(before, fake.float_state()) & stats
 
 
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize("formats, grid", [(["fp32", "int8", "executorch_int8"], (-64, 64)), (["executorch_int8", "litert_int8"], (-127, 127))],
+                         ids=["with-onnx-int8", "pt2e-only"])
+def test_qat_rounds_weights_to_the_coarsest_grid_among_the_runs_int8_targets(formats, grid, per_channel):
+    """ONNX Runtime's files use 7 of the 8 bits: with its target in the run, QAT trains against 129 levels, else 255."""
+    assert qat_weight_grid(formats) == grid and qat_weight_grid(["fp32", "fp16"]) is None
+    fake = FakeQuantStudent(student(), (SIZE, SIZE), per_channel=per_channel, weight_grid=grid)
+    fake.calibrate(images(32, seed=1).numpy())
+    seen = []
+    for rounder in fake.graph.modules():  # the weights' fake quantisers: the symmetric ones
+        if getattr(rounder, "qscheme", None) in (torch.per_channel_symmetric, torch.per_tensor_symmetric):
+            rounder.register_forward_hook(lambda m, args, out: seen.append((m.scale.detach(), out.detach())))
+    fake.eval()(images(2))
+    assert seen
+    for scale, rounded in seen:
+        levels = rounded / scale.reshape(-1, *[1] * (rounded.dim() - 1))
+        assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the grid
+        assert levels.round().abs().amax().item() == grid[1]  # and the largest weight on the grid's edge
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -154,11 +175,16 @@ def test_a_qat_step_changes_only_what_it_should(per_channel):
     ({"method": "qat", "qat": {"epochs": 2, "freeze_observers_after": 3}}, "freeze_observers_after: 3 is beyond epochs=2"),
     ({"method": "sometimes"}, "export.int8.method"),
 ])
-def test_qat_settings_are_checked_when_the_recipe_loads(int8, message):
+def test_qat_settings_are_checked_when_the_recipe_loads(int8, message, formats=("fp32", "int8")):
     raw = copy.deepcopy(TINY)
-    raw["export"] = {"formats": ["fp32", "int8"], "int8": int8}
+    raw["export"] = {"formats": list(formats), "int8": int8}
     with pytest.raises(Exception, match=message.replace("(", r"\(")):
         validate_recipe(raw)
+
+
+def test_qat_without_an_int8_target_is_refused_when_the_recipe_loads():
+    test_qat_settings_are_checked_when_the_recipe_loads(
+        {"method": "auto"}, "int8.method: auto trains for int8 files, and formats has none: add one of", formats=("fp32", "fp16"))
 
 
 # ---------------------------------------------------------------- the stage
@@ -208,6 +234,7 @@ def qat_run(distilled, tmp_path_factory) -> Path:
 def test_method_qat_trains_and_every_int8_file_is_made_from_the_qat_student(qat_run):
     info = json.loads((qat_run / "qat.json").read_text())
     assert info["trained"] and info["reason"] == "export.int8.method: qat" and info["epochs"] == 2
+    assert info["weight_grid"] == [-64, 64]  # ONNX Runtime's 7-bit weights: the coarsest of INT8_TARGETS
     plan = json.loads((qat_run / "plan.json").read_text())["qat"]  # what the budget reserves for it
     assert plan["epochs"] == 2 and plan["step_ratio"] > 0 and info["predicted_seconds"] == pytest.approx(60 * plan["predicted_minutes"])
     assert info["held_out_images"] == 32 and {"changed", "top1", "sqnr_db"} <= info["ptq"].keys() <= info["qat"].keys()

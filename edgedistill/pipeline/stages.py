@@ -31,7 +31,7 @@ from edgedistill.models.students import DEFAULT_TEACHER_ARCH
 from edgedistill.distill.objectives import CrossEntropyObjective
 from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table
-from edgedistill.deploy.targets import torch_logits
+from edgedistill.deploy.targets import qat_weight_grid, torch_logits
 from edgedistill.deploy.int8_fallback import judge
 from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, FakeQuantStudent, QatSchedule, qat_train_config
 from edgedistill.data.transforms import hw
@@ -291,11 +291,12 @@ def qat_stage(ctx: RunContext) -> dict:
     student = ctx.trained_student()
     calibration, held_out = ctx.int8_images()
     calibration = calibration[: cfg.calibration.samples]
-    fake = FakeQuantStudent(student, hw(ctx.image_size), per_channel=cfg.granularity == "per_channel")
+    grid = qat_weight_grid(ctx.recipe.export.formats)
+    fake = FakeQuantStudent(student, hw(ctx.image_size), per_channel=cfg.granularity == "per_channel", weight_grid=grid)
     fake.calibrate(calibration)
     reference = None if held_out is None else torch_logits(student, held_out)
     ptq = None if held_out is None else judge(torch_logits(fake.eval(), held_out), reference, held_out.labels)
-    info = {"method": cfg.method, "granularity": cfg.granularity, "limit": limit,
+    info = {"method": cfg.method, "granularity": cfg.granularity, "weight_grid": list(grid), "limit": limit,
             "held_out_images": None if held_out is None else len(held_out.labels),
             "float_top1": None if held_out is None else _top1(reference, held_out.labels), "ptq": None if ptq is None else ptq.to_dict()}
     if cfg.method == "auto" and (ptq is None or ptq.changed <= limit):

@@ -152,6 +152,15 @@ class ExportConfig(Section):
             raise ValueError("; ".join(absent))
         return v
 
+    @model_validator(mode="after")
+    def _qat_needs_int8(self) -> "ExportConfig":
+        from edgedistill.deploy.targets import TARGETS, qat_weight_grid
+
+        if self.int8.method != "ptq" and qat_weight_grid(self.formats) is None:
+            int8 = [name for name in TARGETS.names() if TARGETS.get(name).weight_grid is not None]
+            raise ValueError(f"int8.method: {self.int8.method} trains for int8 files, and formats has none: add one of {', '.join(int8)}")
+        return self
+
 
 class ValidateConfig(Section):
     atol: PositiveFloat = 1e-4

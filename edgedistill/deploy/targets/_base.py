@@ -91,6 +91,9 @@ class Target:
     deploy_to: tuple[str, ...] = ("server", "edge")
     #: the number format of its weights and arithmetic: what ``student.target.precision`` asks of a file
     precision: str = "fp32"
+    #: int8 targets: the integers its files round each weight to (symmetric, per channel or per tensor);
+    #: quantisation-aware training trains against the coarsest grid among the run's targets
+    weight_grid: tuple[int, int] | None = None
 
     def device_note(self) -> str:
         """Where this target pays off even when it measures slower than another here: the first paragraph of the
@@ -153,6 +156,13 @@ def build_order(names: list[str]) -> list[str]:
 def missing_requirements(names: list[str]) -> list[str]:
     """'X is required by Y' for every requirement of a target in ``names`` that is not in ``names``."""
     return [f"{dep} is required by {name}" for name in names for dep in TARGETS.get(name).requires if dep not in names]
+
+
+def qat_weight_grid(names: list[str]) -> tuple[int, int] | None:
+    """The coarsest weight grid among the int8 targets in ``names`` (None: there is none): what quantisation-aware
+    training rounds its weights to, so that every file rounds them as QAT did or more finely."""
+    grids = [g for name in names if (g := TARGETS.get(name).weight_grid) is not None]
+    return min(grids, key=lambda g: g[1] - g[0], default=None)
 
 
 def not_installed(names: list[str]) -> list[str]:

@@ -64,6 +64,7 @@ class ExecuTorchInt8(ExecuTorch):
     files = ("student.int8.pte",)
     packages = ("torch", "torchao", "executorch.version")
     precision = "int8"
+    weight_grid = (-127, 127)  # the PT2E quantizer's symmetric int8 weights
     max_drop_key = "max_int8_drop"
     quantizer_name = "XNNPACKQuantizer"
 

@@ -42,6 +42,7 @@ class Int8(OnnxTarget):
     files = ("student.int8.onnx",)
     requires = ("fp32",)
     precision = "int8"
+    weight_grid = (-64, 64)  # 7 bits (reduce_range): ONNX Runtime's reduced int8 range
     max_drop_key = "max_int8_drop"
     deploy_to = ("server", "edge")  # VNNI / AMX servers and ARM dot-product cores, NPUs and DSPs run int8
 

@@ -67,6 +67,7 @@ class LiteRTInt8(LiteRT):
     files = ("student.int8.tflite",)
     packages = ("torch", "torchao", "litert_torch", "ai_edge_litert")
     precision = "int8"
+    weight_grid = (-127, 127)  # the PT2E quantizer's symmetric int8 weights
     max_drop_key = "max_int8_drop"
     quantizer_name = "litert_torch PT2EQuantizer"
     fold_quantize = False  # litert-torch's converter reads float weights behind their quantize op
