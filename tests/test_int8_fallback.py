@@ -1,6 +1,7 @@
 """int8 that keeps its accuracy: the held-out judgement, per-layer sensitivity and float fallback (issue #34), exactly on
 made-up logits, then through ONNX Runtime on a tiny model with one layer made fragile on purpose."""
 
+import copy
 import json
 import math
 
@@ -112,9 +113,8 @@ def quadrant_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fragile_model() -> nn.Module:
-    """A trained two-conv classifier whose second conv has one output channel at +5000 that nothing reads: the float
-    model does not care, but 8-bit activations of that tensor lose everything else in it."""
+def trained_model() -> nn.Module:
+    """A two-conv classifier trained on the quadrant task."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(8 * SIZE * SIZE, 4))
@@ -124,6 +124,14 @@ def fragile_model() -> nn.Module:
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def fragile_model(trained_model) -> nn.Module:
+    """The trained classifier whose second conv has one output channel at +5000 that nothing reads: the float
+    model does not care, but 8-bit activations of that tensor lose everything else in it."""
+    net = copy.deepcopy(trained_model)
     with torch.no_grad():
         net[2].bias[0] = 5000.0
         net[5].weight.view(4, 8, SIZE * SIZE)[:, 0] = 0.0
@@ -171,6 +179,21 @@ def test_sensitivity_finds_the_fragile_layer_and_fallback_brings_the_gate_back(f
     assert row["passed"] and -row["delta_top1"] <= 1.0 and row["float_layers"] == info["float_layers"]
     # (what to ship names the layers kept in float: tests/test_recommend.py; here fp32 may be the faster file)
     assert sensitivity_plot({target: plain})[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(bool(not_installed(["executorch_int8"])), reason="executorch_int8: its extra is not installed")
+def test_a_layer_xnnpack_refuses_in_int8_stays_in_float_and_the_program_loads(trained_model, tmp_path):
+    """One output channel of the second conv with weights of 1e6 behind a bias that keeps it below 0 (ReLU reads 0):
+    its weight scale makes the requantisation scale far above XNNPACK's 256, and ExecuTorch could not load the program."""
+    net = copy.deepcopy(trained_model)
+    with torch.no_grad():
+        net[2].weight[0], net[2].bias[0] = 1e6, -1e9
+    summary = export(net, tmp_path, "executorch_int8")
+    row = validate(net, tmp_path, summary)["variants"]["executorch_int8"]
+    assert row["passed"], row  # it loads, and int8 elsewhere keeps the answers
+    settings = summary["variants"]["executorch_int8"]["quantization"]
+    assert list(settings["runtime_refused"]) == ["2+3"] and settings["runtime_refused"]["2+3"] >= 256
+    assert "2+3" in settings["float_layers"]
 
 
 def test_the_onnx_file_records_the_layers_it_keeps_in_float(fragile_model, tmp_path):

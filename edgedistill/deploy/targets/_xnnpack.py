@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 BATCH = 1
 CALIBRATION_BATCH = 32
+#: XNNPACK's int8 convolution and fully-connected operators need input scale × weight scale / output scale below this
+#: in every output channel (its operator creation returns xnn_status_unsupported_parameter at or above it)
+XNNPACK_MAX_REQUANTIZATION = 256.0
 
 
 def example(image_size, batch: int = BATCH) -> "torch.Tensor":
@@ -160,6 +163,34 @@ def pt2e_layers(net: "nn.Module", quantizer, image_size) -> list[str]:
     return ["+".join(ms) for ms in members.values()]
 
 
+def requantization_scales(graph: "torch.fx.GraphModule") -> dict[str, float]:
+    """For each int8 convolution and linear of a converted PT2E graph, by the module it came from: its largest
+    requantisation scale, input scale × weight scale / output scale over the output channels (the output quantised
+    right after it or after its fused ReLU / clamp). XNNPACK refuses to create the operator at :data:`XNNPACK_MAX_REQUANTIZATION`
+    and above, and ExecuTorch then cannot load the program at all."""
+    import torch
+
+    def scale(dq) -> "torch.Tensor | None":  # the scale a dequantize node uses (None: not a dequantize node)
+        if not (isinstance(dq, torch.fx.Node) and dq.op == "call_function" and "dequantize" in str(dq.target)):
+            return None
+        s = dq.args[1]
+        return torch.as_tensor(getattr(graph, s.target) if isinstance(s, torch.fx.Node) else s, dtype=torch.float64)
+
+    out = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in ("aten.conv2d.default", "aten.linear.default"):
+            continue
+        x, w = scale(node.args[0]), scale(node.args[1])
+        after = node
+        if len(node.users) == 1 and any(k in str(next(iter(node.users)).target) for k in ("relu", "hardtanh", "clamp")):
+            after = next(iter(node.users))
+        q = [u for u in after.users if "quantize_per_tensor" in str(u.target)]
+        if x is None or w is None or not q or owner(node) is None:
+            continue
+        out[owner(node)] = float((x * w / float(q[0].args[1])).max())
+    return out
+
+
 def file_metadata(metadata: Mapping[str, str], drop: tuple[str, ...] = (), **extra) -> dict[str, str]:
     """The run's metadata (see :func:`edgedistill.deploy.targets.onnx_metadata`) for a batch-1 phone file, less the keys
     in ``drop``, plus ``extra`` (values that are not strings are JSON)."""
@@ -177,6 +208,9 @@ class XnnpackTarget(Target):
     deploy_to = ("edge",)
     quantizer_name = ""  # int8 variants: the quantizer, in export.json
     fold_quantize = True  # int8 weights stored as int8 constants (False: float behind their quantize op)
+    #: int8 variants whose runtime refuses a convolution or linear at this requantisation scale and above (None: no
+    #: such limit): those layers stay in float (:func:`requantization_scales`)
+    max_requantization: float | None = None
 
     def quantizer(self, per_channel: bool = True):
         """The PT2E quantizer of an int8 variant (``export.int8.granularity``); ``None`` for fp32."""
@@ -216,31 +250,46 @@ class XnnpackTarget(Target):
     def _quantized(self, ctx: BuildContext, net: "nn.Module", file_name: str):
         """PT2E int8 of ``net``: plain, or fitted on the held-out images (:mod:`edgedistill.deploy.int8_fallback`, judged
         on the simulated int8 module in PyTorch; validation then runs the runtime's file). Returns the quantised
-        module, its quantizer, the settings and the fit (None without held-out images)."""
+        module, its quantizer, the settings and the fit (None without held-out images). Layers the runtime refuses in
+        int8 (:attr:`max_requantization`) stay in float whatever the fit decides."""
         from edgedistill.deploy.int8_fallback import Int8Fit
 
         cfg = ctx.cfg.int8
         per_channel = cfg.granularity == "per_channel"
         calibration = ctx.calibration_images[: cfg.calibration.samples]
+        layers = pt2e_layers(net, self.quantizer(per_channel), ctx.image_size)
+        refused: dict[str, float] = {}
         chosen: dict = {}
 
         def quantized(keep: frozenset[str] = frozenset(), only: str | None = None):
-            q = layer_filter(self.quantizer(per_channel), keep, only)
+            q = layer_filter(self.quantizer(per_channel), keep | refused.keys(), only)
             return q, quantize_pt2e(net, q, calibration, file_name, fold_quantize=self.fold_quantize)
+
+        plain = None  # every layer the runtime takes in int8
+        if self.max_requantization is not None:
+            plain = quantized()
+            over = {m: v for m, v in requantization_scales(plain[1]).items() if v >= self.max_requantization}
+            refused.update({next(layer for layer in layers if m in layer.split("+")): v for m, v in over.items()})
+            if refused:
+                plain = quantized()
+                ctx.progress(f"{self.name}: {len(refused)} layer(s) kept in float, where {self.runtime_name} refuses int8 "
+                             f"(requantisation scale ≥ {self.max_requantization:g}): "
+                             + ", ".join(f"{layer} ({v:.0f})" for layer, v in refused.items()))
+        refusals = {"runtime_refused": {layer: round(v, 2) for layer, v in refused.items()}} if refused else {}
+        if ctx.held_out is None:
+            q, qnet = plain or quantized()
+            return qnet, q, {**int8_settings(self.quantizer_name, len(calibration), per_channel, frozenset(refused)), **refusals}, None
 
         def keeping(layers: frozenset[str]) -> "np.ndarray":
             chosen.update(zip(("quantizer", "net", "keep"), (*quantized(layers), layers)))
             return torch_logits(chosen["net"], ctx.held_out, CALIBRATION_BATCH)
 
-        if ctx.held_out is None:
-            q, qnet = quantized()
-            return qnet, q, int8_settings(self.quantizer_name, len(calibration), per_channel), None
-        layers = pt2e_layers(net, self.quantizer(per_channel), ctx.image_size)
-        fit = Int8Fit(layers, keeping, lambda layer: torch_logits(quantized(only=layer)[1], ctx.held_out, CALIBRATION_BATCH),
+        fit = Int8Fit([layer for layer in layers if layer not in refused], keeping,
+                      lambda layer: torch_logits(quantized(only=layer)[1], ctx.held_out, CALIBRATION_BATCH),
                       ctx.held_out_reference, ctx.held_out.labels)
         fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
-        settings = int8_settings(self.quantizer_name, len(calibration), per_channel, chosen["keep"])
-        return chosen["net"], chosen["quantizer"], settings, {**fitted, "judged_on": "the PT2E module simulating int8 in PyTorch"}
+        settings = int8_settings(self.quantizer_name, len(calibration), per_channel, chosen["keep"] | refused.keys())
+        return chosen["net"], chosen["quantizer"], {**settings, **refusals}, {**fitted, "judged_on": "the PT2E module simulating int8 in PyTorch"}
 
 
 class Batch1Runner:

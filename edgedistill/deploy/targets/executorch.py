@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgedistill.deploy.targets._base import BuildContext, register
-from edgedistill.deploy.targets._xnnpack import Batch1Runner, XnnpackTarget, example, file_metadata
+from edgedistill.deploy.targets._xnnpack import XNNPACK_MAX_REQUANTIZATION, Batch1Runner, XnnpackTarget, example, file_metadata
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,6 +67,7 @@ class ExecuTorchInt8(ExecuTorch):
     weight_grid = (-127, 127)  # the PT2E quantizer's symmetric int8 weights
     max_drop_key = "max_int8_drop"
     quantizer_name = "XNNPACKQuantizer"
+    max_requantization = XNNPACK_MAX_REQUANTIZATION  # beyond it, the program does not load
 
     def quantizer(self, per_channel: bool = True):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
