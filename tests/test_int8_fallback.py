@@ -6,7 +6,9 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 import torch
 from torch import nn
 
@@ -199,6 +201,21 @@ def test_a_layer_xnnpack_refuses_in_int8_stays_in_float_and_the_program_loads(tr
 def test_the_onnx_file_records_the_layers_it_keeps_in_float(fragile_model, tmp_path):
     info = export(fragile_model, tmp_path)["variants"]["int8"]
     assert json.loads(read_metadata(tmp_path / "student.int8.onnx")["quantization"])["float_layers"] == info["float_layers"] != []
+
+
+def test_entropy_calibration_clips_an_outlier_minmax_keeps(fragile_model, tmp_path):
+    """ONNX Runtime's entropy calibration, as quantize_static runs it, is MinMax to the last digit (128 bins for 128
+    levels); with the histogram it needs, it clips the +5000 channel's range and keeps the rest of that tensor."""
+    def activation_scales(method: str) -> dict[str, float]:
+        export(fragile_model, tmp_path / method, fallback=False, calibration={"method": method})
+        graph = onnx.load(str(tmp_path / method / "student.int8.onnx")).graph
+        init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        return {n.input[0]: float(init[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear" and init[n.input[1]].size == 1}
+
+    minmax, entropy = activation_scales("minmax"), activation_scales("entropy")
+    assert minmax.keys() == entropy.keys()
+    outlier = max(minmax, key=minmax.get)  # the second conv's output, whose range the +5000 channel sets
+    assert minmax[outlier] > 5000 / 256 and entropy[outlier] < minmax[outlier] / 4
 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)

@@ -31,6 +31,7 @@ INT8_ACTIVATION_TYPE = "QUInt8"
 INT8_WEIGHT_TYPE = "QInt8"
 ACTIVATION_TYPES = {"quint8": "QUInt8", "qint8": "QInt8"}
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # recipe → ORT name
+ENTROPY_BINS = 2048  # histogram bins the entropy calibration searches its thresholds in (entropy_ranges)
 
 
 @register
@@ -139,12 +140,18 @@ def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = 
     fp32 = onnx.load(str(fp32_path))
     per_channel = granularity == "per_channel"
     settings = {"format": "QDQ", "weights": INT8_WEIGHT_TYPE, "weight_bits": 7, "activations": act,
-                "per_channel": per_channel, "calibration": method, "calibration_samples": int(len(calibration)),
+                "per_channel": per_channel, "calibration": method, **({"entropy_bins": ENTROPY_BINS} if method == "entropy" else {}),
+                "calibration_samples": int(len(calibration)),
                 **({"float_layers": sorted(exclude)} if exclude else {})}
     with tempfile.TemporaryDirectory(prefix="edgedistill-quant-") as td, quiet():
         pre, raw = preprocessed or preprocess(fp32_path, Path(td) / "preprocessed.onnx"), Path(td) / "quantized.onnx"
+        reader = ArrayReader(calibration, batch_size, fp32.graph.input[0].name)
+        if method == "entropy":
+            ranges_cache = ranges_cache or Path(td) / "ranges.json"
+            if not ranges_cache.is_file():
+                entropy_ranges(pre, reader, ranges_cache)
         quantize_static(
-            str(pre), str(raw), ArrayReader(calibration, batch_size, fp32.graph.input[0].name),
+            str(pre), str(raw), reader,
             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=True,
             activation_type=getattr(QuantType, act), weight_type=getattr(QuantType, INT8_WEIGHT_TYPE),
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
@@ -156,6 +163,24 @@ def quantize_int8(fp32_path, out_path, calibration: "np.ndarray", method: str = 
     set_metadata(q, {p.key: p.value for p in fp32.metadata_props})
     save_model(q, out_path, {"quantization": json.dumps(settings)})
     return settings
+
+
+def entropy_ranges(preprocessed: Path, reader: ArrayReader, cache: Path) -> None:
+    """ONNX Runtime's entropy (KL divergence) calibration over a 2048-bin histogram for 128 quantised bins (the
+    setting of TensorRT's calibrator, which ORT's follows), written where ``quantize_static`` reads its ranges.
+    ``quantize_static`` cannot pass a bin count and its default is 128 bins for 128 quantised bins: the search then
+    has one candidate, the full range, and gave exactly MinMax's scales (measured: the same files, the same top-1 on
+    three CIFAR-100-real students)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    with tempfile.TemporaryDirectory(prefix="edgedistill-entropy-") as td:
+        calibrator = create_calibrator(preprocessed, sorted({*QDQRegistry, *QLinearOpsRegistry}),
+                                       augmented_model_path=str(Path(td) / "augmented.onnx"), calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128})
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), cache)
+    reader.rewind()
 
 
 def preprocess(fp32_path, out: Path) -> Path:
