@@ -488,11 +488,11 @@ def test_make_batch_fixed_keeps_metadata(main_run, tmp_path):
     assert ort_out(tmp_path / "b4.onnx", images(4)).shape == (4, CLASSES[MAIN])
 
 
-@pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_other_calibration_methods(method, fp32_export, tmp_path):
+def test_percentile_calibration(fp32_export, tmp_path):
+    # (entropy: tests/test_int8_fallback.py, on a model small enough for its search, which runs in Python)
     _, path, _ = fp32_export("shufflenet_v2_x0_5")
-    info = quantize_int8(path, tmp_path / "q.onnx", images(8, seed=3), method, batch_size=4)
-    assert info["calibration"] == method
+    info = quantize_int8(path, tmp_path / "q.onnx", images(8, seed=3), "percentile", batch_size=4)
+    assert info["calibration"] == "percentile"
     out = ort_out(tmp_path / "q.onnx", images(2))
     assert out.shape == (2, CLASSES["shufflenet_v2_x0_5"]) and np.isfinite(out).all()
 
