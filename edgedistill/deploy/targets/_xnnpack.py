@@ -281,7 +281,8 @@ class XnnpackTarget(Target):
             return qnet, q, {**int8_settings(self.quantizer_name, len(calibration), per_channel, frozenset(refused)), **refusals}, None
 
         def keeping(layers: frozenset[str]) -> "np.ndarray":
-            chosen.update(zip(("quantizer", "net", "keep"), (*quantized(layers), layers)))
+            built = plain if plain is not None and not layers else quantized(layers)  # (the fit starts from all in int8)
+            chosen.update(zip(("quantizer", "net", "keep"), (*built, layers)))
             return torch_logits(chosen["net"], ctx.held_out, CALIBRATION_BATCH)
 
         fit = Int8Fit([layer for layer in layers if layer not in refused], keeping,
