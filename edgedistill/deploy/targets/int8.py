@@ -180,7 +180,6 @@ def entropy_ranges(preprocessed: Path, reader: ArrayReader, cache: Path) -> None
                                        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128})
         calibrator.collect_data(reader)
         save_tensors_data(calibrator.compute_data(), cache)
-    reader.rewind()
 
 
 def preprocess(fp32_path, out: Path) -> Path:
