@@ -15,7 +15,8 @@ same file. A variant's numbers go to ``benchmarks/records/int8/<id>.json`` (comm
 again) and the table to ``docs/benchmarks/int8.md``:
 
     python benchmarks/bench_methods.py train --protocol int8   # the distilled students (hours of CPU)
-    python benchmarks/bench_int8.py run [--only TEXT]            # every variant (needs the three runtimes: see docs/deploy.md)
+    python benchmarks/bench_int8.py run [--only TEXT]            # every variant (needs the three runtimes: see docs/deploy.md);
+                                                                 # a student known only from its record is trained again first
     python benchmarks/bench_int8.py table
     python benchmarks/bench_int8.py run --protocol smoke         # this script end to end on the smoke students (minutes)
 
@@ -156,9 +157,7 @@ def main() -> int:
             path = records / f"{vid}.json"
             if path.exists() or (args.only and not any(o in vid for o in args.only)):
                 continue
-            if not RunFolder(bm.folder(cfg, args.protocol)).done("distill"):
-                print(f"{vid}: its student is not distilled yet (bench_methods.py train --protocol {args.protocol})", file=sys.stderr)
-                continue
+            bm.ensure_distilled(cfg, args.protocol)
             fsio.write_json(path, run_variant(args.protocol, cfg, granularity, variant, seed))
             print(f"{vid}: recorded")
     records = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]

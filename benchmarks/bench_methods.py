@@ -331,16 +331,25 @@ def best_runs(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
+def ensure_distilled(cfg: Config, protocol: str) -> None:
+    """A configuration known only from its record (a fresh clone or machine: the cache is not committed) is trained
+    again; the same seed gives the same data order and initialisation, and the retrained top-1 is printed next to
+    the recorded one (``verify`` compares them epoch by epoch)."""
+    if RunFolder(folder(cfg, protocol)).done("distill"):
+        return
+    print(f"{cfg.id}: its run folder is not in this checkout's cache; training it again", flush=True)
+    train(cfg, protocol, shared_scores(protocol))
+    recorded = json.loads(record_path(cfg, protocol).read_text())["test_top1"] if record_path(cfg, protocol).exists() else None
+    print(f"{cfg.id}: retrained top-1 {collect(cfg, protocol)['test_top1']:.2f} %, recorded "
+          + (f"{recorded:.2f} %" if recorded is not None else "nothing"), flush=True)
+
+
 def deploy(protocol: str, rows: list[dict]) -> None:
-    """Export and validate the best run of each student (highest final test top-1), on the full test split. A best
-    run known only from its record is trained again first; the same seed gives the same data order and the same
-    initialisation, and the retrained top-1 is printed next to the recorded one."""
+    """Export and validate the best run of each student (highest final test top-1), on the full test split, training
+    again a best run known only from its record."""
     for student, best in best_runs(rows).items():
         cfg = Config(student, best["method"], best["seed"])
-        if not RunFolder(folder(cfg, protocol)).done("distill"):
-            print(f"{cfg.id}: its run folder is not in this checkout's cache; training it again", flush=True)
-            train(cfg, protocol, shared_scores(protocol))
-            print(f"{cfg.id}: retrained top-1 {collect(cfg, protocol)['test_top1']:.2f} %, recorded {best['test_top1']:.2f} %", flush=True)
+        ensure_distilled(cfg, protocol)
         ctx = open_run(recipe_for(cfg, protocol), folder(cfg, protocol), resume=True)
         for stage in ("export", "validate"):
             if not ctx.run.done(stage):
