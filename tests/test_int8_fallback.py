@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgedistill.data.loading import ArrayImages
-from edgedistill.deploy.int8_fallback import Int8Fit, judge, rank, smallest_fitting
+from edgedistill.deploy.int8_fallback import Int8Fit, Judgement, closest, judge, rank, smallest_fitting
 from edgedistill.deploy.int8_view import sensitivity_lines, sensitivity_plot
 from edgedistill.deploy.targets import export_all, not_installed, onnx_metadata, read_metadata
 from edgedistill.deploy.validate import validate_export
@@ -38,6 +38,13 @@ def test_judge_counts_changed_answers_accuracy_and_sqnr():
 def test_rank_puts_the_noisiest_layer_first_then_the_one_changing_most():
     alone = [judge(np.array([[1.0, 0.0]]) * s, np.array([[1.0, 0.0]]), np.array([0])) for s in (1.0, 0.5, 0.9)]
     assert rank(["a", "b", "c"], alone) == [1, 2, 0]
+
+
+def test_closest_takes_fewest_changed_answers_then_highest_sqnr_then_the_first_named():
+    j = lambda changed, sqnr: Judgement(changed, 50.0, sqnr)  # noqa: E731
+    assert closest({"a": j(2.0, 40.0), "b": j(1.0, 20.0), "c": j(1.5, 50.0)}) == "b"
+    assert closest({"a": j(1.0, 20.0), "b": j(1.0, 30.0), "c": j(1.0, 25.0)}) == "b"
+    assert closest({"a": j(1.0, math.inf), "b": j(1.0, math.inf)}) == "a"
 
 
 @pytest.mark.parametrize("n", [1, 7, 20, 64])
@@ -203,19 +210,29 @@ def test_the_onnx_file_records_the_layers_it_keeps_in_float(fragile_model, tmp_p
     assert json.loads(read_metadata(tmp_path / "student.int8.onnx")["quantization"])["float_layers"] == info["float_layers"] != []
 
 
-def test_entropy_calibration_clips_an_outlier_minmax_keeps(fragile_model, tmp_path):
+def test_entropy_calibration_clips_an_outlier_minmax_keeps_and_auto_keeps_the_closer_file(fragile_model, tmp_path):
     """ONNX Runtime's entropy calibration, as quantize_static runs it, is MinMax to the last digit (128 bins for 128
-    levels); with the histogram it needs, it clips the +5000 channel's range and keeps the rest of that tensor."""
-    def activation_scales(method: str) -> dict[str, float]:
-        export(fragile_model, tmp_path / method, fallback=False, calibration={"method": method})
+    levels); with the histogram it needs, it clips the +5000 channel's range and keeps the rest of that tensor. ``auto``
+    judges every method's file on the held-out images and keeps the one changing the fewest answers."""
+    def built(method: str) -> tuple[dict, dict[str, float]]:
+        info = export(fragile_model, tmp_path / method, fallback=False, calibration={"method": method})["variants"]["int8"]
         graph = onnx.load(str(tmp_path / method / "student.int8.onnx")).graph
         init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-        return {n.input[0]: float(init[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear" and init[n.input[1]].size == 1}
+        return info, {n.input[0]: float(init[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear" and init[n.input[1]].size == 1}
 
-    minmax, entropy = activation_scales("minmax"), activation_scales("entropy")
+    (_, minmax), (_, entropy), (auto, chosen) = built("minmax"), built("entropy"), built("auto")
     assert minmax.keys() == entropy.keys()
     outlier = max(minmax, key=minmax.get)  # the second conv's output, whose range the +5000 channel sets
     assert minmax[outlier] > 5000 / 256 and entropy[outlier] < minmax[outlier] / 4
+
+    judged = auto["calibration_auto"]["judged"]
+    assert list(judged) == ["minmax", "entropy", "percentile"]
+    assert judged["minmax"]["changed"] > 10  # the outlier's range costs minmax the answers the fallback test sees
+    best = auto["calibration_auto"]["chosen"]
+    assert auto["calibration"] == best and judged[best]["changed"] == min(j["changed"] for j in judged.values())
+    assert auto["held_out"]["int8"]["changed"] == judged[best]["changed"]  # the file that stays is the one judged
+    # percentile (99.999 %) still reaches into the outlier channel, an eighth of that tensor: entropy's clipping wins
+    assert best == "entropy" and chosen == entropy
 
 
 @pytest.mark.parametrize("target", INT8_TARGETS)

@@ -52,6 +52,13 @@ def rank(layers: Sequence[str], alone: Sequence[Judgement]) -> list[int]:
     return sorted(range(len(layers)), key=lambda i: (alone[i].sqnr_db, -alone[i].changed, i))
 
 
+def closest(judged: dict[str, Judgement]) -> str:
+    """The name of the variant closest to the float model: fewest answers changed, then highest SQNR (a few hundred
+    held-out images often tie on answers), then the first named."""
+    names = list(judged)
+    return min(names, key=lambda n: (judged[n].changed, -judged[n].sqnr_db, names.index(n)))
+
+
 def smallest_fitting(n: int, fits: Callable[[int], bool]) -> int | None:
     """The smallest k in 1..n with ``fits(k)`` (k = 0 is the caller's plain int8 file, known not to fit), assuming that
     a k that fits stays fitting for larger k; None when even k = n does not. Doubling, then bisection: about

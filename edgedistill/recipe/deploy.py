@@ -74,7 +74,8 @@ def check_precision(recipe) -> None:
 
 class CalibrationConfig(Section):
     samples: Annotated[int, Field(ge=1)] = 512
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime's; PT2E targets use their observers
+    # ONNX Runtime's (PT2E targets use their observers); auto: each judged on the held-out images, the closest kept
+    method: Literal["minmax", "entropy", "percentile", "auto"] = "minmax"
     # balanced: round-robin over the classes; energy: evenly over the teacher's energy ranking, so that confident and
     # uncertain images are both in it (edgedistill.distill.energy.spread_by_energy)
     select: Literal["balanced", "energy"] = "balanced"

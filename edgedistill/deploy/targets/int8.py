@@ -21,7 +21,7 @@ from edgedistill.base.errors import InputError
 from edgedistill.deploy.targets._base import BuildContext, check_images, register
 from edgedistill.base.console import quiet
 from edgedistill.deploy.targets._onnx import OnnxTarget
-from edgedistill.deploy.int8_fallback import Int8Fit
+from edgedistill.deploy.int8_fallback import Int8Fit, closest, judge
 from edgedistill.models.onnx_export import INPUT_NAME, export_onnx, save_model, set_metadata
 
 if TYPE_CHECKING:
@@ -57,16 +57,19 @@ class Int8(OnnxTarget):
         calibration = ctx.calibration_images[: cfg.calibration.samples]
         out = ctx.out_dir / self.files[0]
         with tempfile.TemporaryDirectory(prefix="edgedistill-int8-") as td:
-            cache, alone, pre, last = Path(td) / "ranges.json", Path(td) / "alone.onnx", Path(td) / "pre.onnx", {}
+            alone, pre, last = Path(td) / "alone.onnx", Path(td) / "pre.onnx", {}
             source = ctx.file_of("fp32")
             if ctx.qat:  # the weights quantisation-aware training left: a float graph of their own to quantise
                 source = Path(td) / "qat.onnx"
                 export_onnx(ctx.int8_model, source, image_size=ctx.image_size, opset=ctx.cfg.opset, metadata=ctx.metadata)
             preprocess(source, pre)  # once: every build of the fallback search quantises this graph
+            method, chosen_by = cfg.calibration.method, {}
+            if method == "auto":
+                method, chosen_by = self._calibration(ctx, source, pre, calibration, Path(td))
 
             def quantize(path: Path, **kw) -> dict:
-                return quantize_int8(source, path, calibration, cfg.calibration.method,
-                                     granularity=cfg.granularity, ranges_cache=cache, preprocessed=pre, **kw)
+                return {**quantize_int8(source, path, calibration, method, granularity=cfg.granularity,
+                                        ranges_cache=Path(td) / f"ranges-{method}.json", preprocessed=pre, **kw), **chosen_by}
 
             def keeping(layers: frozenset[str]) -> "np.ndarray":
                 last["settings"] = quantize(out, exclude=layers)  # the last build is the file that stays
@@ -81,6 +84,23 @@ class Int8(OnnxTarget):
             fit = Int8Fit(quantisable_layers(pre), keeping, only, ctx.held_out_reference, ctx.held_out.labels)
             fitted = fit.run(ctx.max_int8_drop, cfg.fallback, cfg.sensitivity, ctx.progress)
         return {**last["settings"], "held_out": fitted}
+
+    def _calibration(self, ctx: BuildContext, source: Path, pre: Path, calibration: "np.ndarray", td: Path) -> tuple[str, dict]:
+        """``calibration.method: auto``: every method's file judged on the held-out images, the one closest to the
+        float model kept (no method wins on every student: measured on three CIFAR-100 students, entropy gained 2.2
+        and 3.0 points over minmax on MobileNetV3-small and lost 1.2 on MobileNetV2). What export.json records under
+        ``calibration_auto``. Without held-out images there is nothing to choose on: minmax, and the record says why."""
+        if ctx.held_out is None:
+            return "minmax", {"calibration_auto": {"chosen": "minmax", "why": "no held-out images to choose on"}}
+        judged = {}
+        for m in CALIBRATION_METHODS:
+            quantize_int8(source, td / "candidate.onnx", calibration, m, granularity=ctx.cfg.int8.granularity,
+                          ranges_cache=td / f"ranges-{m}.json", preprocessed=pre)
+            judged[m] = judge(held_out_logits(td / "candidate.onnx", ctx.held_out), ctx.held_out_reference, ctx.held_out.labels)
+        chosen = closest(judged)
+        ctx.progress(f"{self.name}: calibration auto → {chosen} (held-out answers changed: "
+                     + ", ".join(f"{m} {j.changed:.2f} %" for m, j in judged.items()) + ")")
+        return chosen, {"calibration_auto": {"chosen": chosen, "judged": {m: j.to_dict() for m, j in judged.items()}}}
 
     def tolerance(self, cfg) -> float:
         return 2.0  # logits of O(10) move by ~0.5, at worst ~2, under 8-bit activations; the gate is on top-1
