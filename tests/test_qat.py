@@ -17,8 +17,8 @@ from conftest import TINY
 from test_resume import assert_same_weights, edgedistill, interrupted
 
 from edgedistill.cli import cli
-from edgedistill.deploy.targets import qat_weight_grid
-from edgedistill.distill.qat import FakeQuantStudent, QatSchedule
+from edgedistill.deploy.targets import not_installed, qat_target, qat_weight_grid
+from edgedistill.distill.qat import FakeQuantStudent, QatSchedule, quantizer
 from edgedistill.models.students import build_student, zoo
 from edgedistill.recipe.schema import validate_recipe
 
@@ -73,7 +73,7 @@ def test_the_float_state_is_the_students_own_and_without_fake_quantisation_it_co
         nudged, bn = [(f"{name}.weight", m) for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)][3]
         with torch.no_grad():
             bn.weight[: len(bn.weight) // 2] = 0
-    fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), per_channel=True)
+    fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), quantizer(True))
     state = fake.float_state()
     assert state.keys() == net.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if k != nudged)
@@ -95,7 +95,7 @@ def test_every_student_trains_with_fake_quantisation(arch):
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
     net = build_student(arch, 10, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
-    fake = FakeQuantStudent(copy.deepcopy(net), (32, 32), per_channel=True)
+    fake = FakeQuantStudent(copy.deepcopy(net), (32, 32), quantizer(True))
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fake.graph.apply(disable_fake_quant)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_every_student_trains_with_fake_quantisation(arch):
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
 def test_a_qat_step_changes_only_what_it_should(per_channel):
     """Before the freezes a step moves the weights, BN's statistics and the observed ranges; after them, the weights alone."""
-    fake = FakeQuantStudent(student(), (SIZE, SIZE), per_channel=per_channel)
+    fake = FakeQuantStudent(student(), (SIZE, SIZE), quantizer(per_channel))
     fake.calibrate(images(32, seed=1).numpy())
     keys = fake.float_state().keys()
     weights = {k for k in keys if "running" not in k and "num_batches" not in k and k not in ("mean", "std")}
@@ -147,13 +147,26 @@ def test_a_qat_step_changes_only_what_it_should(per_channel):
     assert not changed(before, fake.float_state()) & stats
 
 
+def run_quantizer(formats: list[str], per_channel: bool):
+    """The QAT quantizer a run with ``formats`` trains against (as ``RunContext.fake_quant_student`` builds it)."""
+    target = qat_target(formats)
+    return quantizer(per_channel, qat_weight_grid(formats), None if target is None else target.quantizer(per_channel, qat=True))
+
+
+def pt2e(formats: list[str], ids: str):
+    return pytest.param(formats, marks=pytest.mark.skipif(bool(not_installed(formats)), reason=f"{ids}: its extra is not installed"), id=ids)
+
+
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
-@pytest.mark.parametrize("formats, grid", [(["fp32", "int8", "executorch_int8"], (-64, 64)), (["executorch_int8", "litert_int8"], (-127, 127))],
-                         ids=["with-onnx-int8", "pt2e-only"])
+@pytest.mark.parametrize("formats, grid", [(["fp32", "int8"], (-64, 64)), (["fp32", "int8", "executorch_int8"], (-64, 64)),
+                                           (["executorch_int8", "litert_int8"], (-127, 127))],
+                         ids=["onnx-only", "with-onnx-int8", "pt2e-only"])
 def test_qat_rounds_weights_to_the_coarsest_grid_among_the_runs_int8_targets(formats, grid, per_channel):
     """ONNX Runtime's files use 7 of the 8 bits: with its target in the run, QAT trains against 129 levels, else 255."""
+    if not_installed(formats):
+        pytest.skip(f"{formats}: an extra is not installed")
     assert qat_weight_grid(formats) == grid and qat_weight_grid(["fp32", "fp16"]) is None
-    fake = FakeQuantStudent(student(), (SIZE, SIZE), per_channel=per_channel, weight_grid=grid)
+    fake = FakeQuantStudent(student(), (SIZE, SIZE), run_quantizer(formats, per_channel))
     fake.calibrate(images(32, seed=1).numpy())
     seen = []
     for rounder in fake.graph.modules():  # the weights' fake quantisers: the symmetric ones
@@ -165,6 +178,29 @@ def test_qat_rounds_weights_to_the_coarsest_grid_among_the_runs_int8_targets(for
         levels = rounded / scale.reshape(-1, *[1] * (rounded.dim() - 1))
         assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the grid
         assert levels.round().abs().amax().item() == grid[1]  # and the largest weight on the grid's edge
+
+
+@pytest.mark.parametrize("formats", [pt2e(["fp32", "int8", "executorch_int8"], "executorch"),
+                                     pt2e(["litert_int8", "executorch_int8"], "litert-first")])
+def test_qat_simulates_the_quantisation_points_of_the_runs_executorch_file(formats):
+    """QAT trains against the quantizer of the first PT2E int8 target in the run that has a QAT mode (ExecuTorch's:
+    LiteRT's fails under torch 2.14): its activation quantisers sit where that target's post-training file has its
+    own (torchao's x86 scheme places fewer: on MobileNetV3-small 65 of XNNPACK's 109), so the ranges and weights QAT
+    settles on are the ones the file rounds."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    target = qat_target(formats)
+    assert target.name == "executorch_int8" and qat_target(["fp32", "int8", "litert_int8"]) is None
+
+    def activation_points(graph) -> int:  # quantisers of activations (asymmetric; weights' are symmetric), not their observers
+        return sum(getattr(m, "qscheme", None) == torch.per_tensor_affine for m in graph.children())
+
+    net = student().eval()
+    fake = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), run_quantizer(formats, True))
+    traced = torch.export.export(copy.deepcopy(net), (images(2),)).module()
+    observed = prepare_pt2e(traced, target.quantizer(True))
+    x86 = FakeQuantStudent(copy.deepcopy(net), (SIZE, SIZE), quantizer(True))
+    assert activation_points(fake.graph) == activation_points(observed) > activation_points(x86.graph)
 
 
 # ---------------------------------------------------------------- the recipe

@@ -40,21 +40,24 @@ MAX_BATCH = 4096
 MODE_FLAGS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2, "aten.dropout_.default": 2}
 
 
-def quantizer(per_channel: bool, weight_grid: tuple[int, int] = (-127, 127)):
-    """The QAT quantizer: torchao's x86 scheme (uint8 asymmetric activations, symmetric int8 weights), per output
-    channel or, for ``per_tensor``, one weight scale a layer, the weights rounded to the integers of ``weight_grid``
-    (the coarsest of the run's int8 targets: ONNX Runtime's 7-bit (-64, 64), the PT2E quantizers' (-127, 127))."""
-    from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer, get_default_x86_inductor_quantization_config
+def quantizer(per_channel: bool, weight_grid: tuple[int, int] = (-127, 127), base=None):
+    """The QAT quantizer: ``base``, the run's PT2E int8 target's own quantizer in QAT mode (ExecuTorch's
+    XNNPACKQuantizer, LiteRT's PT2EQuantizer: the quantisation points its file will have), or without one torchao's
+    x86 scheme (uint8 asymmetric activations, symmetric int8 weights: ONNX Runtime's U8S8), per output channel or, for
+    ``per_tensor``, one weight scale a layer; the weights rounded to the integers of ``weight_grid`` (the coarsest of
+    the run's int8 targets: ONNX Runtime's 7-bit (-64, 64), the PT2E quantizers' (-127, 127))."""
+    if base is None:
+        from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
-    config = get_default_x86_inductor_quantization_config(is_qat=True)
-    low, high = weight_grid
-    weight = dataclasses.replace(config.weight, quant_min=low, quant_max=high)
-    if not per_channel:
-        weight = dataclasses.replace(
-            weight, qscheme=torch.per_tensor_symmetric, ch_axis=None,
-            observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=2**-12))
-    return X86InductorQuantizer().set_global(dataclasses.replace(config, weight=weight))
+        config = get_default_x86_inductor_quantization_config(is_qat=True)
+        if not per_channel:
+            config = dataclasses.replace(config, weight=dataclasses.replace(
+                config.weight, qscheme=torch.per_tensor_symmetric, ch_axis=None,
+                observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=2**-12)))
+        base = X86InductorQuantizer().set_global(config)
+    config, (low, high) = base.global_config, weight_grid
+    return base.set_global(dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=low, quant_max=high)))
 
 
 def qat_train_config(distill, qat):
@@ -68,7 +71,8 @@ def qat_train_config(distill, qat):
 
 
 class FakeQuantStudent(nn.Module):
-    """The student as a traced graph with fake quantisation, trainable by the ordinary loop.
+    """The student as a traced graph with fake quantisation by ``quantizer`` (:func:`quantizer`), trainable by the
+    ordinary loop.
 
     ``train()`` / ``eval()`` set the training flag of the graph's dropout and BatchNorm ops (a traced graph has no
     modules to switch), BatchNorm's off for good once :meth:`freeze_bn` was called. (Not torchao's
@@ -76,8 +80,7 @@ class FakeQuantStudent(nn.Module):
     on torchvision's MobileNetV3: logits of 10 for 0.01.) The observers' on/off flags are buffers, so a checkpoint
     restores them."""
 
-    def __init__(self, student: nn.Module, image_size: tuple[int, int], per_channel: bool,
-                 weight_grid: tuple[int, int] = (-127, 127)):
+    def __init__(self, student: nn.Module, image_size: tuple[int, int], quantizer):
         super().__init__()
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
@@ -87,7 +90,7 @@ class FakeQuantStudent(nn.Module):
         example = torch.rand(2, 3, *image_size, generator=torch.Generator().manual_seed(0))
         traced = torch.export.export(student.train(), (example,), dynamic_shapes=({0: batch},)).module()
         settings = {_stat(n): n.args[6:8] for n in _batch_norms(traced)}
-        self.graph = prepare_qat_pt2e(traced, quantizer(per_channel, weight_grid))
+        self.graph = prepare_qat_pt2e(traced, quantizer)
         _restore_bn_settings(self.graph, settings)
         self.bn_frozen = False
         self.train()

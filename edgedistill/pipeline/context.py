@@ -32,7 +32,9 @@ from edgedistill.models.teachers import TEACHERS, freeze, load_teacher
 from edgedistill.models.students import build_student
 from edgedistill.models.checkpoints import load_checkpoint, load_state
 from edgedistill.distill.objectives import Augmenter, DistillObjective
-from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE
+from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, FakeQuantStudent
+from edgedistill.distill.qat import quantizer as qat_quantizer
+from edgedistill.deploy.targets import qat_target, qat_weight_grid
 from edgedistill.deploy.pick import CHOICE_FILE, chosen_student
 from edgedistill.recipe.schema import Recipe
 from edgedistill.recipe.deploy import AUTO
@@ -150,6 +152,16 @@ class RunContext:
         student = self.build_student()
         load_state(student, load_checkpoint(path)["model"], str(path))
         return student.eval()
+
+    def fake_quant_student(self, student: nn.Module) -> tuple[FakeQuantStudent, str]:
+        """``student`` with int8 simulated as the qat stage trains it (and the plan prices it): the quantizer of the
+        run's first PT2E int8 target (or x86's, U8S8 like ONNX Runtime's), the weights on the coarsest grid of its
+        int8 targets. Returns it and the quantizer's name."""
+        formats, per_channel = self.recipe.export.formats, self.recipe.export.int8.granularity == "per_channel"
+        target = qat_target(formats)
+        base = None if target is None else target.quantizer(per_channel, qat=True)
+        q = qat_quantizer(per_channel, qat_weight_grid(formats), base)
+        return FakeQuantStudent(student, transforms.hw(self.image_size), q), type(q).__name__
 
     def train_set(self) -> ImageDataset:
         """The augmented training split, as every training stage sees it."""

@@ -20,7 +20,6 @@ from edgedistill.distill.objectives import Augmenter, CrossEntropyObjective
 from edgedistill.base.devices import Precision, preset, synchronizer
 from edgedistill.base.timing import interleaved
 from edgedistill.distill.train import build_optimizer, evaluate
-from edgedistill.data.transforms import hw
 
 UNTIMED_BATCHES = 2  # the first batches of every timed function: allocation, kernel selection
 # On the CPU, compilation (about a minute for a mobile student) is only tried for runs at least this long: its
@@ -151,12 +150,8 @@ def measure_qat(ctx: RunContext, cost: CostModel, bench: StepBench) -> dict | No
     int8, a = ctx.recipe.export.int8, ctx.recipe.augment
     if int8.method == "ptq":
         return None
-    from edgedistill.deploy.targets import qat_weight_grid
-    from edgedistill.distill.qat import FakeQuantStudent
-
     plain = ctx.timing_objective(None)
-    fake = FakeQuantStudent(ctx.build_student(), hw(ctx.image_size), per_channel=int8.granularity == "per_channel",
-                            weight_grid=qat_weight_grid(ctx.recipe.export.formats)).to(ctx.device)
+    fake = ctx.fake_quant_student(ctx.build_student())[0].to(ctx.device)
     float_step, fake_step = bench.timed(bench.stepper(bench.student(False), plain, False),
                                         bench.stepper(fake.train(), plain, False, Precision.for_device(ctx.device, False)))
     r = 1.0 if a.selection == "all" else a.budget.range[1] if a.fraction == "auto" else float(a.fraction)

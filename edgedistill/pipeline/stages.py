@@ -33,8 +33,7 @@ from edgedistill.pipeline.planning import measure_plan
 from edgedistill.pipeline.report import budget_line, energy_table, plan_table
 from edgedistill.deploy.targets import qat_weight_grid, torch_logits
 from edgedistill.deploy.int8_fallback import judge
-from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, FakeQuantStudent, QatSchedule, qat_train_config
-from edgedistill.data.transforms import hw
+from edgedistill.distill.qat import QAT_FILE, QAT_STUDENT_FILE, QatSchedule, qat_train_config
 from edgedistill.distill.train import class_tally, fit, top1_percent
 
 log = logging.getLogger("edgedistill")
@@ -292,11 +291,11 @@ def qat_stage(ctx: RunContext) -> dict:
     calibration, held_out = ctx.int8_images()
     calibration = calibration[: cfg.calibration.samples]
     grid = qat_weight_grid(ctx.recipe.export.formats)
-    fake = FakeQuantStudent(student, hw(ctx.image_size), per_channel=cfg.granularity == "per_channel", weight_grid=grid)
+    fake, quantizer = ctx.fake_quant_student(student)
     fake.calibrate(calibration)
     reference = None if held_out is None else torch_logits(student, held_out)
     ptq = None if held_out is None else judge(torch_logits(fake.eval(), held_out), reference, held_out.labels)
-    info = {"method": cfg.method, "granularity": cfg.granularity, "weight_grid": list(grid), "limit": limit,
+    info = {"method": cfg.method, "granularity": cfg.granularity, "quantizer": quantizer, "weight_grid": list(grid), "limit": limit,
             "held_out_images": None if held_out is None else len(held_out.labels),
             "float_top1": None if held_out is None else _top1(reference, held_out.labels), "ptq": None if ptq is None else ptq.to_dict()}
     if cfg.method == "auto" and (ptq is None or ptq.changed <= limit):

@@ -35,6 +35,7 @@ from edgedistill.deploy.targets._base import (
     missing_requirements,
     not_installed,
     parity_gate,
+    qat_target,
     qat_weight_grid,
     register,
     top1_drop_gate,
@@ -50,7 +51,7 @@ EXPORT_SUMMARY_FILE = "export.json"
 
 __all__ = [
     "EXPORT_SUMMARY_FILE", "TARGETS", "BuildContext", "OnnxTarget", "OrtRunner", "Runner", "Target", "build_order", "check_images",
-    "export_all", "missing_requirements", "not_installed", "onnx_metadata", "parity_gate", "qat_weight_grid", "read_metadata", "register", "top1_drop_gate",
+    "export_all", "missing_requirements", "not_installed", "onnx_metadata", "parity_gate", "qat_target", "qat_weight_grid", "read_metadata", "register", "top1_drop_gate",
 ]
 
 

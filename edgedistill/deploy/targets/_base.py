@@ -95,6 +95,11 @@ class Target:
     #: quantisation-aware training trains against the coarsest grid among the run's targets
     weight_grid: tuple[int, int] | None = None
 
+    def quantizer(self, per_channel: bool = True, qat: bool = False):
+        """The PT2E quantizer a PT2E int8 target builds its files with (``qat``: with fake quantisers, for training
+        against it); None for every other target."""
+        return None
+
     def device_note(self) -> str:
         """Where this target pays off even when it measures slower than another here: the first paragraph of the
         target class's own docstring (none: empty)."""
@@ -163,6 +168,14 @@ def qat_weight_grid(names: list[str]) -> tuple[int, int] | None:
     training rounds its weights to, so that every file rounds them as QAT did or more finely."""
     grids = [g for name in names if (g := TARGETS.get(name).weight_grid) is not None]
     return min(grids, key=lambda g: g[1] - g[0], default=None)
+
+
+def qat_target(names: list[str]) -> Target | None:
+    """The int8 target whose own quantizer quantisation-aware training simulates: the first one in ``names`` with a
+    PT2E quantizer that has a QAT mode (ExecuTorch's XNNPACKQuantizer; not LiteRT's, see its target), so that QAT
+    trains against the quantisation points its file has; None without one (QAT then uses torchao's x86 scheme, U8S8
+    like ONNX Runtime's)."""
+    return next((t for name in names if (t := TARGETS.get(name)).quantizer(qat=True) is not None), None)
 
 
 def not_installed(names: list[str]) -> list[str]:

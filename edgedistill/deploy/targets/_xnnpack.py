@@ -212,8 +212,9 @@ class XnnpackTarget(Target):
     #: such limit): those layers stay in float (:func:`requantization_scales`)
     max_requantization: float | None = None
 
-    def quantizer(self, per_channel: bool = True):
-        """The PT2E quantizer of an int8 variant (``export.int8.granularity``); ``None`` for fp32."""
+    def quantizer(self, per_channel: bool = True, qat: bool = False):
+        """The PT2E quantizer of an int8 variant (``export.int8.granularity``; ``qat``: with fake quantisers for
+        quantisation-aware training); ``None`` for fp32."""
         return None
 
     def check(self, ctx: BuildContext) -> None:

@@ -69,13 +69,13 @@ class ExecuTorchInt8(ExecuTorch):
     quantizer_name = "XNNPACKQuantizer"
     max_requantization = XNNPACK_MAX_REQUANTIZATION  # beyond it, the program does not load
 
-    def quantizer(self, per_channel: bool = True):
+    def quantizer(self, per_channel: bool = True, qat: bool = False):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
 
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat))
 
     def tolerance(self, cfg) -> float:
         return 2.0  # as ONNX int8: logits of O(10) move by ~0.5, at worst ~2; the gate is on top-1

@@ -72,7 +72,11 @@ class LiteRTInt8(LiteRT):
     quantizer_name = "litert_torch PT2EQuantizer"
     fold_quantize = False  # litert-torch's converter reads float weights behind their quantize op
 
-    def quantizer(self, per_channel: bool = True):
+    def quantizer(self, per_channel: bool = True, qat: bool = False):
+        """None for ``qat``: litert-torch 0.10's QAT annotation hands torchao 0.18's pattern matcher a plain function
+        where it takes a module, and fails on every convolution (QAT then simulates another target's scheme)."""
+        if qat:
+            return None
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
         return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
