@@ -198,7 +198,7 @@ def calibration_table(records: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=("run", "calibration", "table"))
-    ap.add_argument("--only", action="append", default=[], help="run: only variants whose id contains this (repeatable)")
+    ap.add_argument("--only", action="append", default=[], help="run, calibration: only variants whose id contains this (repeatable)")
     ap.add_argument("--protocol", choices=("int8", "smoke"), default="int8")
     args = ap.parse_args()
     records = records_dir(args.protocol)
@@ -214,7 +214,7 @@ def main() -> int:
     if args.part == "calibration":
         for cfg, granularity, method in calibration_variants(args.protocol):
             path = records / "calibration" / f"{cfg.student}-{granularity}-calibration_{method}.json"
-            if not path.exists():
+            if not path.exists() and (not args.only or any(o in path.stem for o in args.only)):
                 bm.ensure_distilled(cfg, args.protocol)
                 fsio.write_json(path, run_calibration(args.protocol, cfg, granularity, method))
                 print(f"{path.stem}: recorded")
