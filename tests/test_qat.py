@@ -159,7 +159,7 @@ def pt2e(formats: list[str], ids: str):
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
 @pytest.mark.parametrize("formats, grid", [(["fp32", "int8"], (-64, 64)), (["fp32", "int8", "executorch_int8"], (-64, 64)),
-                                           (["executorch_int8", "litert_int8"], (-127, 127))],
+                                           (["executorch_int8", "fp32"], (-127, 127))],
                          ids=["onnx-only", "with-onnx-int8", "pt2e-only"])
 def test_qat_rounds_weights_to_the_coarsest_grid_among_the_runs_int8_targets(formats, grid, per_channel):
     """ONNX Runtime's files use 7 of the 8 bits: with its target in the run, QAT trains against 129 levels, else 255."""

@@ -42,7 +42,7 @@ MODE_FLAGS = {"aten.batch_norm.default": 5, "aten.dropout.default": 2, "aten.dro
 
 def quantizer(per_channel: bool, weight_grid: tuple[int, int] = (-127, 127), base=None):
     """The QAT quantizer: ``base``, the run's PT2E int8 target's own quantizer in QAT mode (ExecuTorch's
-    XNNPACKQuantizer, LiteRT's PT2EQuantizer: the quantisation points its file will have), or without one torchao's
+    XNNPACKQuantizer: the quantisation points its file will have), or without one torchao's
     x86 scheme (uint8 asymmetric activations, symmetric int8 weights: ONNX Runtime's U8S8), per output channel or, for
     ``per_tensor``, one weight scale a layer; the weights rounded to the integers of ``weight_grid`` (the coarsest of
     the run's int8 targets: ONNX Runtime's 7-bit (-64, 64), the PT2E quantizers' (-127, 127))."""
