@@ -8,7 +8,9 @@ tensor, and every file is validated in its own runtime (ONNX Runtime, ExecuTorch
 * ``ptq_fallback``: post-training int8 with the automatic float fallback (``validate.max_int8_drop`` 1 point);
 * ``qat_ce``, ``qat_kd``, ``qat_energy_kd``: the qat stage (3 epochs) with cross-entropy alone, KD, Energy KD, two seeds,
   no fallback (what QAT recovers by itself); its weights rounded to ONNX Runtime's 7-bit grid, the coarsest of the
-  three targets.
+  three targets, with ONNX Runtime's file first in ``formats`` (QAT simulates torchao's x86 scheme, U8S8 like it);
+* ``qat_kd_xnnpack``, ``qat_energy_kd_xnnpack``: the same with ExecuTorch's file first, so that QAT trains against
+  its XNNPACKQuantizer (one seed): which scheme to train against, and what each file gains or loses by it.
 
 Each variant is its own copy of the distilled run folder with the stages from qat on redone, so the students are the
 same file. A variant's numbers go to ``benchmarks/records/int8/<id>.json`` (committed; a recorded variant is not run
@@ -48,12 +50,17 @@ STAGES = ("qat", "export", "validate")
 QUICK_VALIDATION = ("validate.rounds=3", "validate.seconds=0.5", "validate.latency_runs=5")
 # QAT's rows without the float fallback: what quantisation-aware training recovers by itself (fallback has its own row)
 QAT_ALONE = ("export.int8.method=qat", "export.int8.fallback=false")
+FORMATS = f"export.formats=[fp32, {', '.join(TARGETS)}]"  # ONNX Runtime's file first: QAT uses the x86 scheme, U8S8 like its
+ET_FIRST = "export.formats=[fp32, executorch_int8, int8, litert_int8]"
 VARIANTS = {
     "ptq": ("post-training", ("export.int8.method=ptq", "export.int8.fallback=false"), 1),
     "ptq_fallback": ("post-training + float fallback", ("export.int8.method=ptq", "export.int8.fallback=true"), 1),
     "qat_ce": ("QAT, cross-entropy", (*QAT_ALONE, "distill.loss={name: ce}"), 2),
     "qat_kd": ("QAT, KD", (*QAT_ALONE, f"distill.loss={bm.KD}"), 2),
     "qat_energy_kd": ("QAT, Energy KD", (*QAT_ALONE, f"distill.loss={bm.ENERGY_KD}"), 2),
+    # ExecuTorch's file first: QAT then trains against its XNNPACKQuantizer instead of the x86 scheme (qat_target)
+    "qat_kd_xnnpack": ("QAT, KD, ExecuTorch's quantizer", (*QAT_ALONE, f"distill.loss={bm.KD}", ET_FIRST), 1),
+    "qat_energy_kd_xnnpack": ("QAT, Energy KD, ExecuTorch's quantizer", (*QAT_ALONE, f"distill.loss={bm.ENERGY_KD}", ET_FIRST), 1),
 }
 GRANULARITIES = ("per_channel", "per_tensor")
 CALIBRATIONS = ("minmax", "entropy", "percentile", "auto")  # ONNX Runtime's calibration.method
@@ -104,8 +111,7 @@ def redo(protocol: str, cfg: bm.Config, vid: str, overrides: tuple[str, ...]) ->
 
 def run_variant(protocol: str, cfg: bm.Config, granularity: str, variant: str, seed: int) -> dict:
     vid = variant_id(cfg, granularity, variant, seed)
-    root = redo(protocol, cfg, vid, (*VARIANTS[variant][1], f"export.int8.granularity={granularity}",
-                                     f"export.formats=[fp32, {', '.join(TARGETS)}]", f"seed={seed}"))
+    root = redo(protocol, cfg, vid, (f"export.int8.granularity={granularity}", FORMATS, *VARIANTS[variant][1], f"seed={seed}"))
     return collect(root, vid, cfg, granularity, variant, seed)
 
 
@@ -146,6 +152,7 @@ def collect(root: Path, vid: str, cfg: bm.Config, granularity: str, variant: str
         "qat_seconds": qat["seconds"] if qat and qat["trained"] else None,
         "qat_simulated_top1": qat["test_top1_simulated"] if qat and qat["trained"] else None,
         "qat_weight_grid": qat.get("weight_grid") if qat and qat["trained"] else None,
+        "qat_quantizer": qat.get("quantizer") if qat and qat["trained"] else None,
         **environment(run, export),
         "seconds_note": "measured beside other work: an upper bound",
     }

@@ -154,9 +154,9 @@ class RunContext:
         return student.eval()
 
     def fake_quant_student(self, student: nn.Module) -> tuple[FakeQuantStudent, str]:
-        """``student`` with int8 simulated as the qat stage trains it (and the plan prices it): the quantizer of the
-        run's first PT2E int8 target (or x86's, U8S8 like ONNX Runtime's), the weights on the coarsest grid of its
-        int8 targets. Returns it and the quantizer's name."""
+        """``student`` with int8 simulated as the qat stage trains it (and the plan prices it): the scheme of the run's
+        first int8 target (:func:`edgedistill.deploy.targets.qat_target`), the weights on the coarsest grid of its int8
+        targets. Returns it and the quantizer's name."""
         formats, per_channel = self.recipe.export.formats, self.recipe.export.int8.granularity == "per_channel"
         target = qat_target(formats)
         base = None if target is None else target.quantizer(per_channel, qat=True)
