@@ -50,7 +50,7 @@ STAGES = ("qat", "export", "validate")
 QUICK_VALIDATION = ("validate.rounds=3", "validate.seconds=0.5", "validate.latency_runs=5")
 # QAT's rows without the float fallback: what quantisation-aware training recovers by itself (fallback has its own row)
 QAT_ALONE = ("export.int8.method=qat", "export.int8.fallback=false")
-FORMATS = f"export.formats=[fp32, {', '.join(TARGETS)}]"  # ONNX Runtime's file first: QAT uses the x86 scheme, U8S8 like its
+FORMATS = f"export.formats=[fp32, {', '.join(TARGETS)}]"  # ONNX Runtime's file first: QAT uses the x86 scheme (U8S8, as it)
 ET_FIRST = "export.formats=[fp32, executorch_int8, int8, litert_int8]"
 VARIANTS = {
     "ptq": ("post-training", ("export.int8.method=ptq", "export.int8.fallback=false"), 1),

@@ -203,7 +203,7 @@ def file_metadata(metadata: Mapping[str, str], drop: tuple[str, ...] = (), **ext
 class XnnpackTarget(Target):
     """A batch-1 file for a phone runtime on XNNPACK. ``build`` is shared: a prepared copy of the student (as the
     ONNX export prepares it), PT2E int8 when the variant has a ``quantizer``, the runtime's own conversion
-    (``convert``), one atomic write. Subclasses set ``convert`` and, for int8, ``quantizer``."""
+    (``convert``), one atomic write. Subclasses set ``convert`` and, for int8, ``quantizer`` (:meth:`Target.quantizer`)."""
 
     deploy_to = ("edge",)
     quantizer_name = ""  # int8 variants: the quantizer, in export.json
@@ -211,11 +211,6 @@ class XnnpackTarget(Target):
     #: int8 variants whose runtime refuses a convolution or linear at this requantisation scale and above (None: no
     #: such limit): those layers stay in float (:func:`requantization_scales`)
     max_requantization: float | None = None
-
-    def quantizer(self, per_channel: bool = True, qat: bool = False):
-        """The PT2E quantizer of an int8 variant (``export.int8.granularity``; ``qat``: with fake quantisers for
-        quantisation-aware training); ``None`` for fp32."""
-        return None
 
     def check(self, ctx: BuildContext) -> None:
         if self.quantizer_name:

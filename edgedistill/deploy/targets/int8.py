@@ -87,8 +87,9 @@ class Int8(OnnxTarget):
 
     def _calibration(self, ctx: BuildContext, source: Path, pre: Path, calibration: "np.ndarray", td: Path) -> tuple[str, dict]:
         """``calibration.method: auto``: every method's file judged on the held-out images, the one closest to the
-        float model kept (no method wins on every student: measured on three CIFAR-100 students, entropy gained 2.2
-        and 3.0 points over minmax on MobileNetV3-small and lost 1.2 on MobileNetV2). What export.json records under
+        float model kept (no method wins on every student: on CIFAR-100-real, entropy gained 2.2 and 3.0 points over
+        minmax on MobileNetV3-small per channel and per tensor, and lost 1.2 and 0.5 on MobileNetV2 ×0.5, where
+        minmax and percentile were best; benchmarks/bench_int8.py calibration). What export.json records under
         ``calibration_auto``. Without held-out images there is nothing to choose on: minmax, and the record says why."""
         if ctx.held_out is None:
             return "minmax", {"calibration_auto": {"chosen": "minmax", "why": "no held-out images to choose on"}}
